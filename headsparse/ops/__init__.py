@@ -1,0 +1,20 @@
+"""Kernels and the op layer: dispatcher, autograd, reference, backends.
+
+Nothing here imports the model-patching layer or the pipeline.
+"""
+from .attention import attention
+from .reference import attention_reference
+from .registry import BackendInfo, BackendUnavailableError, backends, register_backend
+from .stats import GateGradRecord, GateGradRecorder, record_gate_grads
+
+__all__ = [
+    "attention",
+    "attention_reference",
+    "backends",
+    "register_backend",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "record_gate_grads",
+    "GateGradRecorder",
+    "GateGradRecord",
+]

@@ -1,0 +1,173 @@
+"""Argument checking and the normalised description of one attention call.
+
+Every backend receives an :class:`AttentionProblem`: the inputs in a known
+layout plus the head bookkeeping (which query heads run, which need a
+backward, which KV head each reads). Checking happens once, here, so that the
+kernels can assume well-formed input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OUT_LAYOUTS = ("bhsd", "bshd")
+
+
+@dataclass
+class AttentionProblem:
+    """A validated attention call.
+
+    Shapes: q (B, Hq, Sq, D); k, v (B, Hkv, Skv, D). ``mask`` is either None,
+    a bool tensor (True = attend) or an additive float tensor, expanded (as a
+    view, no copy) to (B, Hq, Sq, Skv).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_head_index: torch.Tensor  # (Hq,) int64, on q's device
+    active_heads: torch.Tensor  # query heads that are computed (not pruned), int64
+    grad_heads: torch.Tensor  # query heads whose q/k/v get gradients, int64 (subset of active)
+    mask: Optional[torch.Tensor]
+    causal: bool
+    scale: float
+    out_layout: str
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def seq_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def seq_kv(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def causal_offset(self) -> int:
+        """Causal masks are aligned bottom-right: query i sees keys j <= i + offset."""
+        return self.seq_kv - self.seq_q
+
+
+def _head_mask(arg: Optional[torch.Tensor], name: str, num_heads: int, default: bool, device) -> torch.Tensor:
+    if arg is None:
+        return torch.full((num_heads,), default, dtype=torch.bool, device=device)
+    if not isinstance(arg, torch.Tensor):
+        raise ValueError(f"{name} must be a bool tensor of shape ({num_heads},) or None, got {type(arg).__name__}")
+    if arg.dtype != torch.bool:
+        raise ValueError(f"{name} must have dtype torch.bool, got {arg.dtype}")
+    if arg.shape != (num_heads,):
+        raise ValueError(f"{name} must have shape ({num_heads},) (one entry per query head), got {tuple(arg.shape)}")
+    return arg.to(device)
+
+
+def _check_mask(mask, b, hq, sq, skv, device) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"attention_mask must be bool (True = attend) or an additive float mask, got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"attention_mask is on {mask.device} but q is on {device}")
+    target = (b, hq, sq, skv)
+    if mask.dim() > 4:
+        raise ValueError(f"attention_mask must have at most 4 dims broadcastable to {target}, got {tuple(mask.shape)}")
+    try:
+        return mask.expand(target) if mask.shape != target else mask
+    except RuntimeError:
+        raise ValueError(
+            f"attention_mask of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Sq, Skv) = {target}"
+        ) from None
+
+
+def make_problem(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_heads: Optional[torch.Tensor] = None,
+    pruned_heads: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    kv_head_index: Optional[torch.Tensor] = None,
+    out_layout: str = "bhsd",
+) -> AttentionProblem:
+    """Check the arguments of :func:`headsparse.attention` and normalise them."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
+    b, hq, sq, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"k has batch {k.shape[0]} but q has batch {b}")
+    if k.shape[3] != d:
+        raise ValueError(f"k has head_dim {k.shape[3]} but q has head_dim {d}")
+    hkv, skv = k.shape[1], k.shape[2]
+    if min(b, hq, hkv, d) == 0:
+        raise ValueError(f"q and k must have non-empty batch, heads and head_dim, got q={tuple(q.shape)}, k={tuple(k.shape)}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
+    if out_layout not in OUT_LAYOUTS:
+        raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    device = q.device
+
+    if kv_head_index is None:
+        if hq % hkv != 0:
+            raise ValueError(
+                f"q has {hq} heads, not a multiple of k's {hkv}; pass kv_head_index (one KV head per query head) "
+                "for ragged groups"
+            )
+        kv_map = torch.arange(hq, device=device) // (hq // hkv)
+    else:
+        if not isinstance(kv_head_index, torch.Tensor):
+            raise ValueError(f"kv_head_index must be an integer tensor of shape ({hq},), got {type(kv_head_index).__name__}")
+        if kv_head_index.dtype.is_floating_point or kv_head_index.dtype == torch.bool or kv_head_index.is_complex():
+            raise ValueError(f"kv_head_index must have an integer dtype, got {kv_head_index.dtype}")
+        if kv_head_index.shape != (hq,):
+            raise ValueError(f"kv_head_index must have shape ({hq},) (one KV head per query head), got {tuple(kv_head_index.shape)}")
+        kv_map = kv_head_index.to(device=device, dtype=torch.int64)
+        if hq and (int(kv_map.min()) < 0 or int(kv_map.max()) >= hkv):
+            raise ValueError(f"kv_head_index entries must lie in [0, {hkv}), got range [{int(kv_map.min())}, {int(kv_map.max())}]")
+
+    grad = _head_mask(grad_heads, "grad_heads", hq, True, device)
+    pruned = _head_mask(pruned_heads, "pruned_heads", hq, False, device)
+    active = ~pruned
+    grad = grad & active  # a pruned head has nothing to differentiate
+    mask = _check_mask(attention_mask, b, hq, sq, skv, device)
+    return AttentionProblem(
+        q=q, k=k, v=v, kv_head_index=kv_map,
+        active_heads=active.nonzero().flatten(), grad_heads=grad.nonzero().flatten(),
+        mask=mask, causal=causal, scale=float(scale), out_layout=out_layout,
+    )

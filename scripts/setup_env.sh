@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install headsparse into it.
+# Idempotent: a second run only re-checks. Usage: bash scripts/setup_env.sh [venv-dir]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${1:-${HEADSPARSE_VENV:-$ROOT/.venv}}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[headsparse] creating virtual environment in $VENV"
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.headsparse-deps"
+REQ="$ROOT/requirements-dev.txt"
+if [ ! -f "$STAMP" ] || ! cmp -s "$REQ" "$STAMP"; then
+  echo "[headsparse] installing dependencies (first run takes about 2 minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  "$VENV/bin/python" -m pip install -q -r "$REQ"
+  cp "$REQ" "$STAMP"
+fi
+echo "[headsparse] installing headsparse (editable)"
+"$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
