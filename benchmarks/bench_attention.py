@@ -1,0 +1,258 @@
+"""Attention speed and saved-activation memory: SDPA, FlexAttention, headsparse dense and head-sparse.
+
+Claim under test (issue 2): dense headsparse is as fast as SDPA's flash backend,
+and the backward of a call with a fraction f of heads in ``grad_heads`` costs
+about f of the dense backward and saves about f of its activations.
+
+Usage (GPU)::
+
+    python benchmarks/bench_attention.py --out benchmarks/results/attention_h100
+
+Usage (CPU smoke run, torch backend, tiny shapes)::
+
+    python benchmarks/bench_attention.py --device cpu --quick
+
+Each row: one provider at one (S, D, causal). Batch = tokens // S, heads =
+hidden // D. FLOPs follow the FlashAttention convention: forward
+4*B*H*S*S*D (halved when causal), backward 2.5x forward; for a grad fraction
+f the backward FLOPs are scaled by f (the work that is actually needed), so
+TFLOP/s columns compare useful throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import headsparse as hs  # noqa: E402
+
+GRAD_FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
+
+
+def _timer(device: str):
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100))
+
+    def cpu_time(fn, reps=3):
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best * 1e3
+
+    return cpu_time
+
+
+def _saved_bytes(fn) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def _providers(args, heads: int, causal: bool):
+    """(name, grad fraction, fn(q, k, v) -> out) for every provider that runs here."""
+    out = []
+    if args.device == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        out.append(("sdpa-flash", 1.0, sdpa))
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            flex = torch.compile(flex_attention, dynamic=False)
+            cache = {}
+
+            def flex_fn(q, k, v):
+                if not causal:
+                    return flex(q, k, v)
+                key = (q.shape[2], k.shape[2])
+                if key not in cache:
+                    cache[key] = create_block_mask(lambda b, h, i, j: i >= j, None, None, key[0], key[1],
+                                                   device=q.device)
+                return flex(q, k, v, block_mask=cache[key])
+
+            out.append(("flex", 1.0, flex_fn))
+        except Exception as exc:  # reported, not hidden
+            print(f"FlexAttention unavailable: {exc}", file=sys.stderr)
+    else:
+        out.append(("sdpa", 1.0, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal)))
+    for backend in args.backends:
+        out.append((f"hs-{backend}-dense", 1.0,
+                    lambda q, k, v, b=backend: hs.attention(q, k, v, causal=causal, backend=b)))
+        for frac in GRAD_FRACTIONS:
+            n = round(frac * heads)
+            mask = torch.zeros(heads, dtype=torch.bool, device=args.device)
+            mask[torch.randperm(heads, device=args.device)[:n]] = True
+            out.append((f"hs-{backend}-grad{frac:g}", n / heads,
+                        lambda q, k, v, b=backend, m=mask: hs.attention(q, k, v, grad_heads=m, causal=causal,
+                                                                        backend=b)))
+    return out
+
+
+def bench_one(args, seq: int, head_dim: int, causal: bool, timer):
+    batch = max(1, args.tokens // seq)
+    heads = args.hidden // head_dim
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    shape = (batch, heads, seq, head_dim)
+    q, k, v = (torch.randn(shape, device=args.device, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
+    do = torch.randn(shape, device=args.device, dtype=dtype, generator=gen)
+    fwd_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+    rows = []
+    for name, frac, fn in _providers(args, heads, causal):
+        row = dict(provider=name, seq=seq, head_dim=head_dim, causal=causal, batch=batch, heads=heads,
+                   grad_fraction=frac, dtype=args.dtype)
+        try:
+            with torch.no_grad():
+                row["fwd_ms"] = timer(lambda: fn(q, k, v))
+            out = fn(q, k, v)
+            if out.requires_grad:
+                row["bwd_ms"] = timer(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True,
+                                                                  allow_unused=True))
+
+                def step():
+                    o = fn(q, k, v)
+                    torch.autograd.grad(o, (q, k, v), do, allow_unused=True)
+
+                row["fwd_bwd_ms"] = timer(step)
+            else:  # grad fraction 0: the backward has nothing to do
+                row["bwd_ms"] = 0.0
+                row["fwd_bwd_ms"] = timer(lambda: fn(q, k, v))
+            del out
+            row["saved_bytes"] = _saved_bytes(lambda: fn(q, k, v))
+            row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+            bwd_flops = 2.5 * fwd_flops * frac
+            row["bwd_tflops"] = bwd_flops / row["bwd_ms"] / 1e9 if row["bwd_ms"] > 0 else None
+            row["fwd_bwd_tflops"] = (fwd_flops + bwd_flops) / row["fwd_bwd_ms"] / 1e9
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(x, digits=2):
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def markdown(rows, meta) -> str:
+    lines = [
+        f"# bench_attention ({meta['device_name']})",
+        "",
+        f"- date: {meta['date']}, commit: {meta['commit']}",
+        f"- torch {meta['torch']}, triton {meta.get('triton')}, python {meta['python']}",
+        f"- dtype {meta['dtype']}, about {meta['tokens']} tokens per batch, hidden {meta['hidden']}",
+        "- times in ms; saved = bytes the autograd graph keeps for the backward; "
+        "TFLOP/s count only the backward work a grad fraction needs",
+        "",
+        "| S | D | causal | provider | grad frac | fwd ms | bwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s "
+        "| saved MiB | bwd / dense bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    dense_bwd = {}
+    for r in rows:
+        if r["provider"].endswith("-dense") and "bwd_ms" in r:
+            dense_bwd[(r["seq"], r["head_dim"], r["causal"], r["provider"][:-6])] = r["bwd_ms"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['seq']} | {r['head_dim']} | {r['causal']} | {r['provider']} | - | error: "
+                         f"{r['error']} | | | | | | |")
+            continue
+        base = dense_bwd.get((r["seq"], r["head_dim"], r["causal"], r["provider"].rsplit("-", 1)[0]))
+        ratio = r["bwd_ms"] / base if base and r["provider"].startswith("hs-") else None
+        lines.append(
+            f"| {r['seq']} | {r['head_dim']} | {r['causal']} | {r['provider']} | {r['grad_fraction']:.2f} "
+            f"| {_fmt(r['fwd_ms'], 3)} | {_fmt(r['bwd_ms'], 3)} | {_fmt(r['fwd_bwd_ms'], 3)} "
+            f"| {_fmt(r['fwd_tflops'])} | {_fmt(r['fwd_bwd_tflops'])} | {r['saved_bytes'] / 2**20:.1f} "
+            f"| {_fmt(ratio)} |")
+    return "\n".join(lines) + "\n"
+
+
+def metadata(args) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    return dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), commit=commit,
+                device=args.device, device_name=name, torch=torch.__version__, triton=triton_version,
+                python=platform.python_version(), dtype=args.dtype, tokens=args.tokens, hidden=args.hidden,
+                backends=args.backends, headsparse_backends={k: v.reason for k, v in hs.backends().items()})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per batch (batch = tokens // S)")
+    ap.add_argument("--hidden", type=int, default=2048, help="heads = hidden // D")
+    ap.add_argument("--backends", nargs="+", default=None, help="headsparse backends (default: triton on GPU)")
+    ap.add_argument("--quick", action="store_true", help="tiny CPU-sized shapes, to check the script runs")
+    ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.backends is None:
+        args.backends = ["triton"] if args.device == "cuda" else ["torch"]
+    if args.quick:
+        args.seqs, args.head_dims, args.tokens, args.hidden = [128, 256], [64], 512, 640
+    timer = _timer(args.device)
+    causal_opts = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    rows = []
+    for d in args.head_dims:
+        for s in args.seqs:
+            for c in causal_opts:
+                rows.extend(bench_one(args, s, d, c, timer))
+                print(f"done S={s} D={d} causal={c}", file=sys.stderr)
+    meta = metadata(args)
+    table = markdown(rows, meta)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        os.replace(tmp, out.with_suffix(".json"))
+        out.with_suffix(".md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()

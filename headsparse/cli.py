@@ -1,0 +1,48 @@
+"""The ``headsparse`` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(batch=args.batch, q_heads=args.heads, kv_heads=args.kv_heads, seq=args.seq, head_dim=args.head_dim,
+             grad_fraction=args.grad_fraction, backend=args.backend)
+    return 0
+
+
+def _cmd_backends(args) -> int:
+    from .ops import backends
+
+    for name, info in backends().items():
+        print(f"{name:7s} {'usable' if info.usable else 'unusable':8s} devices={','.join(info.devices):10s} "
+              f"{info.reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="headsparse", description="Head-sparse attention and fine-tuning.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="dense vs head-sparse attention on the CPU: agreement, saved bytes, time")
+    demo.add_argument("--batch", type=int, default=4)
+    demo.add_argument("--heads", type=int, default=16)
+    demo.add_argument("--kv-heads", type=int, default=4)
+    demo.add_argument("--seq", type=int, default=512)
+    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--grad-fraction", type=float, default=0.1)
+    demo.add_argument("--backend", default="auto")
+    demo.set_defaults(func=_cmd_demo)
+    bk = sub.add_parser("backends", help="which attention backends are usable here, and why not")
+    bk.set_defaults(func=_cmd_backends)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
