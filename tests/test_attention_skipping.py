@@ -154,3 +154,12 @@ def test_nothing_recorded_outside_the_context():
     (out * do).sum().backward()
     assert rec.records == []
     assert math.isfinite(float(q.grad.sum()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_path_matches_and_keeps_no_graph(backend):
+    (q, k, v), _, kw = _leaves(Case(b=2, hq=4, hkv=2, sq=19, skv=25, causal=True, mask="bool"))
+    with torch.no_grad():
+        nbytes, out = saved_bytes(lambda: hs.attention(q, k, v, backend=backend, **kw))
+    assert nbytes == 0 and not out.requires_grad
+    torch.testing.assert_close(out, hs.attention(q, k, v, backend=backend, **kw), atol=0, rtol=0)

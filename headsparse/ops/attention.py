@@ -5,7 +5,7 @@ from typing import Hashable, Optional
 
 import torch
 
-from .autograd import HeadSparseAttentionFn
+from .autograd import HeadSparseAttentionFn, run_forward
 from .problem import make_problem
 from .registry import resolve
 from .stats import current_recorder
@@ -63,6 +63,9 @@ def attention(
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {type(backend).__name__}")
     kernels = resolve(backend, problem)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Inference or below the gradient horizon: no graph, so nothing to gather or save.
+        return run_forward(problem, kernels)[0]
     recorder = current_recorder() if torch.is_grad_enabled() else None
     if recorder is not None:
         stats_key = recorder._next_key(stats_key)

@@ -34,16 +34,24 @@ def _allocate_output(p: AttentionProblem) -> torch.Tensor:
     return out
 
 
+def run_forward(p: AttentionProblem, kernels):
+    """The forward alone (no autograd bookkeeping); returns (output, log-sum-exp or None)."""
+    out = _allocate_output(p)
+    lse = None
+    if p.active_heads.numel() > 0:
+        lse = kernels.forward(p.q, p.k, p.v, p.active_heads, p.kv_head_index[p.active_heads], p.active_heads,
+                              p.mask, p.causal, p.scale, out)
+    return out, lse
+
+
 class HeadSparseAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, problem: AttentionProblem, kernels, recorder: Optional[GateGradRecorder],
                 stats_key: Hashable):
         p = problem
-        out = _allocate_output(p)
+        out, lse = run_forward(p, kernels)
         active = p.active_heads
         mask_arg = p.mask
-        if active.numel() > 0:
-            lse = kernels.forward(q, k, v, active, p.kv_head_index[active], active, mask_arg, p.causal, p.scale, out)
         grad_idx = p.grad_heads
         ctx.grad_count = grad_idx.numel() if any(ctx.needs_input_grad[:3]) else 0
         ctx.shapes = (q.shape, k.shape)
