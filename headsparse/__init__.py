@@ -13,6 +13,9 @@ from .ops import (
     backends,
     record_gate_grads,
 )
+from .plan import HeadMode, HeadPlan
+from .patch import load_delta, save_delta, unpatch
+from .patch import patch  # noqa: E402  (the function; the subpackage stays importable as headsparse.patch.core etc.)
 
 __version__ = "0.1.0"
 
@@ -25,5 +28,11 @@ __all__ = [
     "GateGradRecord",
     "BackendInfo",
     "BackendUnavailableError",
+    "HeadPlan",
+    "HeadMode",
+    "patch",
+    "unpatch",
+    "save_delta",
+    "load_delta",
     "__version__",
 ]

@@ -1,0 +1,24 @@
+"""Hugging Face integration: ``patch`` / ``unpatch`` a model for head-sparse training.
+
+This layer imports ``headsparse.ops`` and ``headsparse.plan``, never the pipeline.
+"""
+from .core import (
+    ATTN_NAME,
+    headsparse_attention_forward,
+    is_patched,
+    merged_layer_weights,
+    model_shape,
+    patch,
+    patch_info,
+    register,
+    unpatch,
+)
+from .delta import load_delta, read_delta_plan, save_delta
+from .families import FAMILIES, SUPPORTED
+from .linear import HeadSlicedOutput, HeadSlicedProjection
+
+__all__ = [
+    "patch", "unpatch", "save_delta", "load_delta", "read_delta_plan", "is_patched", "patch_info",
+    "model_shape", "register", "headsparse_attention_forward", "ATTN_NAME", "FAMILIES", "SUPPORTED",
+    "HeadSlicedProjection", "HeadSlicedOutput", "merged_layer_weights",
+]

@@ -1,0 +1,499 @@
+"""Shared logic of ``headsparse.patch`` / ``headsparse.unpatch``.
+
+What ``patch(model, plan)`` does, per layer ``i`` of the plan:
+
+1. Head layout. Query heads are reordered "TRAIN heads first, then the
+   others" (keeping their relative order), KV heads "trainable first"; PRUNED
+   query heads are removed, and a KV head is removed when its whole group is
+   pruned. Attention is equivariant to a consistent permutation of heads, so
+   the Q/K/V rows, the O columns and the query-to-KV map (``kv_head_index`` of
+   :func:`headsparse.attention`) are permuted together and the layer computes
+   the same function. (A layer whose heads are all pruned keeps one head,
+   passed to the op as pruned: output 0.)
+2. Projections are replaced as modules by :class:`HeadSlicedProjection` /
+   :class:`HeadSlicedOutput`: only the trainable slice is a parameter with
+   ``requires_grad``; every other parameter of the model is frozen (except
+   the modules named in ``train_modules``).
+3. Attention goes through :func:`headsparse.attention` (registered with
+   transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` as
+   "headsparse"), with the layer's grad heads:
+   - ``grad="exact"``: every unpruned head above the lowest trainable layer
+     (the gradient of a layer's input sums over all heads); in the lowest
+     trainable layer only the TRAIN heads and the query heads reading a
+     trainable KV head;
+   - ``grad="sparse"``: that smaller set in every layer (frozen heads are
+     constants: an approximation of the gradient below the top layer).
+4. Gradient horizon: layers below the lowest trainable layer run under
+   ``torch.no_grad()``: no graph, no saved activations.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..ops import attention as hs_attention
+from ..plan import HeadMode, HeadPlan
+from .families import Family, find_family
+from .linear import HeadSlicedOutput, HeadSlicedProjection
+
+ATTN_NAME = "headsparse"
+GRAD_MODES = ("exact", "sparse")
+_STATE_ATTR = "_headsparse_layer"
+_PATCH_ATTR = "_headsparse_patch"
+_NO_GRAD_FLAG = "_headsparse_no_grad"
+
+
+# ---------------------------------------------------------------- model shape
+def _dims(family: Family, config) -> Tuple[int, int, int, int]:
+    nq = int(config.num_attention_heads)
+    nkv = getattr(config, "num_key_value_heads", None) if not family.fused_qkv else None
+    nkv = int(nkv) if nkv else nq
+    hidden = int(config.hidden_size)
+    head_dim = getattr(config, "head_dim", None) or hidden // nq
+    return nq, nkv, int(head_dim), hidden
+
+
+def model_shape(model) -> Tuple[str, int, int, int]:
+    """(family, num layers, query heads per layer, KV heads per layer) of a supported model."""
+    info = getattr(model, _PATCH_ATTR, None)
+    if info is not None:
+        return info.family.name, info.num_layers, info.num_q_heads, info.num_kv_heads
+    family, base = find_family(model)
+    nq, nkv, _, _ = _dims(family, model.config)
+    return family.name, len(family.layers(base)), nq, nkv
+
+
+# ------------------------------------------------------------- per-layer state
+@dataclass
+class LayerState:
+    """What the attention function needs for one layer (attached to its attention module)."""
+
+    layer: int
+    q_order: List[int]  # original query head of each patched position
+    kv_order: List[int]  # original KV head of each patched position
+    kv_head_index: List[int]  # patched query position -> patched KV position
+    n_train_q: int  # the first n_train_q patched query heads are TRAIN
+    n_train_kv: int  # the first n_train_kv patched KV heads are trainable
+    pruned_kept: List[bool]  # patched heads kept only to avoid an empty layer (op: pruned)
+    grad_heads: Optional[List[bool]]  # None = all
+    no_grad: bool  # below the gradient horizon
+    _cache: Dict = field(default_factory=dict, repr=False)
+
+    def tensors(self, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        key = str(device)
+        hit = self._cache.get(key)
+        if hit is None:
+            nq, nkv = len(self.q_order), len(self.kv_order)
+            grad = None if self.grad_heads is None or all(self.grad_heads) else torch.tensor(self.grad_heads, device=device)
+            pruned = torch.tensor(self.pruned_kept, device=device) if any(self.pruned_kept) else None
+            standard = nq % nkv == 0 and self.kv_head_index == [p // (nq // nkv) for p in range(nq)]
+            kvi = None if standard else torch.tensor(self.kv_head_index, dtype=torch.long, device=device)
+            hit = self._cache[key] = (grad, pruned, kvi)
+        return hit
+
+
+@dataclass
+class PatchInfo:
+    plan: HeadPlan
+    grad: str
+    family: Family
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    attn_impl_before: Optional[str]
+    requires_grad_before: Dict[str, bool]
+    train_modules: Tuple[str, ...]
+    originals: Dict[str, Dict] = field(default_factory=dict)  # per slot path: class and attrs of the replaced module
+    restore_attrs: List[Tuple[nn.Module, str, object]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------- attention hook
+_warned_dropout = False
+
+
+def headsparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                 scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """transformers attention function: (B, Hq, S, D) inputs -> ((B, S, Hq, D) output, None)."""
+    global _warned_dropout
+    state: Optional[LayerState] = getattr(module, _STATE_ATTR, None)
+    grad, pruned, kvi = state.tensors(query.device) if state is not None else (None, None, None)
+    if dropout and module.training and not _warned_dropout:
+        warnings.warn("headsparse attention does not apply attention-probability dropout "
+                      f"(module asked for p={dropout}); it runs without it", stacklevel=2)
+        _warned_dropout = True
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", False))
+    mask = attention_mask
+    if mask is not None:
+        if mask.dim() == 4 and mask.shape[-1] > key.shape[-2]:
+            mask = mask[..., : key.shape[-2]]
+        causal = False  # a mask from transformers already holds the causal part
+    else:
+        causal = bool(is_causal)
+    out = hs_attention(query, key, value, grad_heads=grad, pruned_heads=pruned, causal=causal, attention_mask=mask,
+                       scale=scaling, kv_head_index=kvi, out_layout="bshd",
+                       stats_key=getattr(module, "layer_idx", None))
+    return out.transpose(1, 2), None
+
+
+def register() -> None:
+    """Register "headsparse" with transformers' attention and mask interfaces (idempotent)."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # pragma: no cover - very old transformers
+        from transformers.modeling_utils import AttentionInterface
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as exc:  # pragma: no cover - depends on the installed version
+        raise RuntimeError(
+            "headsparse.patch needs transformers.masking_utils.AttentionMaskInterface and sdpa_mask "
+            "(transformers >= 4.53); without them padding masks would be dropped silently"
+        ) from exc
+    AttentionInterface.register(ATTN_NAME, headsparse_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _set_attn_impl(model: nn.Module, name: Optional[str]) -> None:
+    if name is None:
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # pragma: no cover - older transformers
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = name
+
+
+# ------------------------------------------------------------- weights access
+def _get(slot) -> nn.Module:
+    parent, name = slot
+    return getattr(parent, name)
+
+
+def _linear_weights(module: nn.Module, conv1d: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight (out, in), bias) of a Linear or Conv1D, detached."""
+    w = module.weight.detach()
+    b = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    return (w.t() if conv1d else w), b
+
+
+def _rows(head_list: Sequence[int], head_dim: int, offset: int, device) -> torch.Tensor:
+    idx = [offset + h * head_dim + d for h in head_list for d in range(head_dim)]
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def _take(w: torch.Tensor, b: Optional[torch.Tensor], rows: torch.Tensor):
+    return w.index_select(0, rows), (b.index_select(0, rows) if b is not None else None)
+
+
+def _empty_like_rows(w: torch.Tensor, b: Optional[torch.Tensor]):
+    return w.new_empty((0, w.shape[1])), (b.new_empty((0,)) if b is not None else None)
+
+
+# -------------------------------------------------------------- layer layout
+def _layer_state(plan: HeadPlan, i: int, grad: str, lowest: Optional[int]) -> LayerState:
+    modes = plan.modes[i]
+    g = plan.group_size
+    kv_train = plan.kv_trainable(i)
+    kept = [h for h in range(plan.num_q_heads) if modes[h] != HeadMode.PRUNED]
+    pruned_kept_heads = set()
+    if not kept:  # keep one head so the layer's shapes stay valid; the op treats it as pruned
+        kept = [0]
+        pruned_kept_heads = {0}
+    q_order = [h for h in kept if modes[h] == HeadMode.TRAIN] + [h for h in kept if modes[h] != HeadMode.TRAIN]
+    n_train_q = sum(modes[h] == HeadMode.TRAIN for h in q_order)
+    kv_needed = sorted({h // g for h in kept})
+    kv_order = [k for k in kv_needed if kv_train[k]] + [k for k in kv_needed if not kv_train[k]]
+    n_train_kv = sum(kv_train[k] for k in kv_order)
+    pos = {k: p for p, k in enumerate(kv_order)}
+    kv_head_index = [pos[h // g] for h in q_order]
+    # Heads whose backward runs when only the trainable part needs it: TRAIN heads and readers of trainable KV.
+    narrow = [modes[h] == HeadMode.TRAIN or kv_train[h // g] for h in q_order]
+    below = lowest is None or i < lowest
+    if below:
+        grad_heads = [False] * len(q_order)
+    elif grad == "sparse" or i == lowest:
+        grad_heads = narrow
+    else:
+        grad_heads = None
+    return LayerState(i, q_order, kv_order, kv_head_index, n_train_q, n_train_kv,
+                      [h in pruned_kept_heads for h in q_order], grad_heads, below)
+
+
+def _build_projections(family: Family, slots, st: LayerState, nq: int, nkv: int, head_dim: int):
+    """New modules for the layer's slots, per the layout in ``st``."""
+    d = head_dim
+    tq, fq = st.q_order[: st.n_train_q], st.q_order[st.n_train_q:]
+    tkv, fkv = st.kv_order[: st.n_train_kv], st.kv_order[st.n_train_kv:]
+    new = {}
+    if family.fused_qkv:
+        w, b = _linear_weights(_get(slots["qkv"]), family.conv1d)
+        dev = w.device
+        blocks_t, blocks_f, segs = [], [], []
+        rt = rf = 0
+        for part, (th, fh) in enumerate(((tq, fq), (tkv, fkv), (tkv, fkv))):
+            off = part * nq * d
+            for heads, blocks, kind in ((th, blocks_t, "t"), (fh, blocks_f, "f")):
+                if not heads:
+                    continue
+                blocks.append(_take(w, b, _rows(heads, d, off, dev)))
+                n = len(heads) * d
+                if kind == "t":
+                    segs.append(("t", rt, rt + n)); rt += n
+                else:
+                    segs.append(("f", rf, rf + n)); rf += n
+
+        def cat(blocks):
+            if not blocks:
+                return _empty_like_rows(w, b)
+            ws = torch.cat([x[0] for x in blocks]); bs = torch.cat([x[1] for x in blocks]) if b is not None else None
+            return ws, bs
+
+        new["qkv"] = HeadSlicedProjection(*cat(blocks_t), *cat(blocks_f), segs)
+    else:
+        for name, th, fh in (("q", tq, fq), ("k", tkv, fkv), ("v", tkv, fkv)):
+            w, b = _linear_weights(_get(slots[name]), family.conv1d)
+            dev = w.device
+            wt, bt = _take(w, b, _rows(th, d, 0, dev)) if th else _empty_like_rows(w, b)
+            wf, bf = _take(w, b, _rows(fh, d, 0, dev)) if fh else _empty_like_rows(w, b)
+            segs = [("t", 0, len(th) * d), ("f", 0, len(fh) * d)]
+            new[name] = HeadSlicedProjection(wt, bt, wf, bf, segs)
+    w, b = _linear_weights(_get(slots["o"]), family.conv1d)
+    dev = w.device
+    wt = w.index_select(1, _rows(tq, d, 0, dev))
+    wf = w.index_select(1, _rows(fq, d, 0, dev))
+    new["o"] = HeadSlicedOutput(wt, wf, b)
+    return new
+
+
+# ------------------------------------------------------------------- horizon
+# Forward hooks rather than a wrapped ``forward``: they survive ``copy.deepcopy``
+# and ``torch.save`` of a patched model (no closure over the original module).
+def _horizon_pre_hook(module, args):
+    stack = module.__dict__.setdefault(_NO_GRAD_FLAG, [])
+    stack.append(torch.is_grad_enabled())
+    torch.set_grad_enabled(False)
+
+
+def _horizon_post_hook(module, args, output):
+    stack = module.__dict__.get(_NO_GRAD_FLAG)
+    torch.set_grad_enabled(stack.pop() if stack else True)
+
+
+def _wrap_no_grad(layer: nn.Module) -> None:
+    layer.__dict__[_NO_GRAD_FLAG] = []
+    layer.register_forward_pre_hook(_horizon_pre_hook)
+    try:
+        layer.register_forward_hook(_horizon_post_hook, always_call=True)
+    except TypeError:  # pragma: no cover - torch without always_call
+        layer.register_forward_hook(_horizon_post_hook)
+
+
+def _unwrap_no_grad(layer: nn.Module) -> None:
+    for hooks, fn in ((layer._forward_pre_hooks, _horizon_pre_hook), (layer._forward_hooks, _horizon_post_hook)):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            getattr(layer, "_forward_hooks_always_called", {}).pop(key, None)
+    layer.__dict__.pop(_NO_GRAD_FLAG, None)
+
+
+# --------------------------------------------------------------------- patch
+def is_patched(model) -> bool:
+    return getattr(model, _PATCH_ATTR, None) is not None
+
+
+def patch_info(model) -> PatchInfo:
+    info = getattr(model, _PATCH_ATTR, None)
+    if info is None:
+        raise ValueError("model is not patched by headsparse.patch")
+    return info
+
+
+def _slot_path(names: Dict[int, str], module: nn.Module, attr: str) -> str:
+    name = names[id(module)]
+    return f"{name}.{attr}" if name else attr
+
+
+def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: Sequence[str] = ()) -> nn.Module:
+    """Patch a Hugging Face model in place for head-sparse training; returns the model.
+
+    Args:
+        model: a supported transformers model (see ``families.SUPPORTED``).
+        plan: a :class:`HeadPlan` that fits the model (layers, query and KV heads, family).
+        grad: "exact" (default; true gradient of the trainable slices) or "sparse"
+            (frozen heads are constants at every layer: less backward work, approximate).
+        train_modules: names of modules (as in ``model.named_modules()``, e.g.
+            "classifier" or "score") whose parameters stay trainable, for task
+            heads that must be trained; everything else outside the head slices is frozen.
+    """
+    if not isinstance(plan, HeadPlan):
+        raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    if isinstance(train_modules, str):
+        train_modules = (train_modules,)
+    family, base = find_family(model)
+    if is_patched(model):
+        raise ValueError("model is already patched by headsparse; call headsparse.unpatch(model) first")
+    plan.check_model(model)
+    modules = dict(model.named_modules())
+    for name in train_modules:
+        if name not in modules:
+            raise ValueError(f"train_modules: model has no module named {name!r}")
+    register()
+    nq, nkv, head_dim, _ = _dims(family, model.config)
+    layers = family.layers(base)
+    lowest = plan.lowest_trainable_layer
+    info = PatchInfo(plan, grad, family, len(layers), nq, nkv, head_dim,
+                     getattr(model.config, "_attn_implementation", None),
+                     {n: p.requires_grad for n, p in model.named_parameters()}, tuple(train_modules))
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in train_modules:
+        for p in modules[name].parameters():
+            p.requires_grad_(True)
+
+    names = {id(m): n for n, m in modules.items()}
+    for i, layer in enumerate(layers):
+        st = _layer_state(plan, i, grad, lowest)
+        slots = family.slots(layer)
+        new = _build_projections(family, slots, st, nq, nkv, head_dim)
+        for key, module in new.items():
+            parent, attr = slots[key]
+            old = getattr(parent, attr)
+            info.originals[_slot_path(names, parent, attr)] = {
+                "cls": type(old), "bias": getattr(old, "bias", None) is not None,
+                "in": old.weight.shape[0] if family.conv1d else old.weight.shape[1],
+                "out": old.weight.shape[1] if family.conv1d else old.weight.shape[0],
+            }
+            setattr(parent, attr, module)
+        attn = family.attention(layer)
+        setattr(attn, _STATE_ATTR, st)
+        if family.fused_qkv:
+            info.restore_attrs.append((attn, "split_size", attn.split_size))
+            attn.split_size = len(st.q_order) * head_dim
+        if st.no_grad:
+            _wrap_no_grad(layer)
+    setattr(model, _PATCH_ATTR, info)
+    _set_attn_impl(model, ATTN_NAME)
+    return model
+
+
+# ------------------------------------------------------------------- unpatch
+def _new_module(orig: Dict, w: torch.Tensor, b: Optional[torch.Tensor], conv1d: bool) -> nn.Module:
+    cls = orig["cls"]
+    if conv1d:
+        m = cls(orig["out"], orig["in"])
+        m.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w.t())
+            if b is not None:
+                m.bias.copy_(b)
+        return m
+    m = nn.Linear(orig["in"], orig["out"], bias=orig["bias"], device=w.device, dtype=w.dtype)
+    if cls is not nn.Linear:
+        m.__class__ = cls  # pragma: no cover - subclasses of Linear keep their type
+    with torch.no_grad():
+        m.weight.copy_(w)
+        if b is not None:
+            m.bias.copy_(b)
+    return m
+
+
+def _full_rows(proj: HeadSlicedProjection):
+    """(weight, bias) of a sliced projection in its patched row order (segments concatenated)."""
+    ws, bs = [], []
+    for kind, s, e in proj.segments:
+        w = proj.weight_train if kind == "t" else proj.weight_frozen
+        b = proj.bias_train if kind == "t" else proj.bias_frozen
+        ws.append(w.detach()[s:e])
+        bs.append(b.detach()[s:e] if b is not None else None)
+    return torch.cat(ws), (torch.cat(bs) if bs[0] is not None else None)
+
+
+def merged_layer_weights(info: PatchInfo, layer: nn.Module, st: LayerState):
+    """Full-size (out, in) weights of q/k/v (or qkv) and o, with pruned heads zeroed."""
+    family, d, nq, nkv = info.family, info.head_dim, info.num_q_heads, info.num_kv_heads
+    slots = family.slots(layer)
+    modes = info.plan.modes[st.layer]
+    pruned_q = [h for h in range(nq) if modes[h] == HeadMode.PRUNED]
+    out = {}
+
+    def scatter(w_patched, b_patched, order, n_heads):
+        w = w_patched.new_zeros((n_heads * d, w_patched.shape[1]))
+        b = w_patched.new_zeros((n_heads * d,)) if b_patched is not None else None
+        rows = _rows(order, d, 0, w.device)
+        w.index_copy_(0, rows, w_patched)
+        if b is not None:
+            b.index_copy_(0, rows, b_patched)
+        return w, b
+
+    def zero_heads(w, b, heads, n_heads_dim_axis=0):
+        if heads:
+            rows = _rows(heads, d, 0, w.device)
+            w.index_fill_(n_heads_dim_axis, rows, 0)
+            if b is not None and n_heads_dim_axis == 0:
+                b.index_fill_(0, rows, 0)
+
+    if family.fused_qkv:
+        w, b = _full_rows(_get(slots["qkv"]))
+        nqp, nkvp = len(st.q_order) * d, len(st.kv_order) * d
+        parts = [(w[:nqp], b[:nqp] if b is not None else None, st.q_order, nq),
+                 (w[nqp:nqp + nkvp], b[nqp:nqp + nkvp] if b is not None else None, st.kv_order, nkv),
+                 (w[nqp + nkvp:], b[nqp + nkvp:] if b is not None else None, st.kv_order, nkv)]
+        full = [scatter(*p) for p in parts]
+        zero_heads(*full[0], pruned_q)
+        out["qkv"] = (torch.cat([f[0] for f in full]), torch.cat([f[1] for f in full]) if b is not None else None)
+    else:
+        for name, order, n in (("q", st.q_order, nq), ("k", st.kv_order, nkv), ("v", st.kv_order, nkv)):
+            w, b = _full_rows(_get(slots[name]))
+            out[name] = scatter(w, b, order, n)
+        zero_heads(*out["q"], pruned_q)
+    o = _get(slots["o"])
+    parts = [x.detach() for x in (o.weight_train, o.weight_frozen) if x is not None]
+    wo_p = torch.cat(parts, dim=1)
+    wo = wo_p.new_zeros((wo_p.shape[0], nq * d))
+    wo.index_copy_(1, _rows(st.q_order, d, 0, wo.device), wo_p)
+    if pruned_q:
+        wo.index_fill_(1, _rows(pruned_q, d, 0, wo.device), 0)
+    out["o"] = (wo, o.bias.detach() if o.bias is not None else None)
+    return out
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch` in place: standard projections with the tuned weights merged; returns the model.
+
+    The architecture is the original one. Pruned heads stay in it, zeroed:
+    their Q rows and O columns are 0 (and the K/V rows of KV heads whose whole
+    group was pruned), so the standard model computes the same logits, and
+    ``save_pretrained`` / ``from_pretrained`` reproduce them.
+    """
+    info = patch_info(model)
+    family = info.family
+    base = model.base_model
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer in family.layers(base):
+        attn = family.attention(layer)
+        st: LayerState = getattr(attn, _STATE_ATTR)
+        merged = merged_layer_weights(info, layer, st)
+        slots = family.slots(layer)
+        for key, (w, b) in merged.items():
+            parent, attr = slots[key]
+            orig = info.originals[_slot_path(names, parent, attr)]
+            setattr(parent, attr, _new_module(orig, w, b, family.conv1d))
+        delattr(attn, _STATE_ATTR)
+        _unwrap_no_grad(layer)
+    for obj, attr, val in info.restore_attrs:
+        setattr(obj, attr, val)
+    for n, p in model.named_parameters():
+        p.requires_grad_(info.requires_grad_before.get(n, True))
+    delattr(model, _PATCH_ATTR)
+    _set_attn_impl(model, info.attn_impl_before)
+    return model

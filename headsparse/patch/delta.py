@@ -1,0 +1,104 @@
+"""Compact delta files: only the tuned head slices (and ``train_modules``), plus the plan.
+
+A delta is a safetensors file. Its tensors are the trainable parameters of a
+patched model under their patched names (``...q_proj.weight_train``,
+``...o_proj.weight_train``, ...); its metadata holds the plan JSON, the grad
+mode and the ``train_modules``. Applied to a fresh copy of the base model,
+:func:`load_delta` patches it with the same plan (the head layout is a
+deterministic function of plan and model) and copies the slices in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from ..plan import HeadPlan
+from .core import is_patched, patch, patch_info
+
+_FORMAT = "headsparse.delta"
+_VERSION = "1"
+
+
+def _trainable_names(model: nn.Module, info):
+    names = []
+    prefixes = tuple(f"{m}." for m in info.train_modules)
+    for n, p in model.named_parameters():
+        if n.endswith(".weight_train") or n.endswith(".bias_train") or n.startswith(prefixes):
+            names.append(n)
+    return names
+
+
+def save_delta(model: nn.Module, path) -> None:
+    """Write the tuned slices of a patched model to ``path`` (safetensors; temp file + rename)."""
+    from safetensors.torch import save_file
+
+    info = patch_info(model)
+    params = dict(model.named_parameters())
+    tensors = {n: params[n].detach().to("cpu").contiguous() for n in _trainable_names(model, info)}
+    meta = {
+        "format": _FORMAT, "version": _VERSION, "plan": info.plan.to_json(), "grad": info.grad,
+        "train_modules": json.dumps(list(info.train_modules)), "model_family": info.family.name,
+    }
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".delta-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_delta_plan(path) -> HeadPlan:
+    """The plan stored in a delta file."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a headsparse delta file (metadata format={meta.get('format')!r})")
+    return HeadPlan.from_json(meta["plan"])
+
+
+def load_delta(model: nn.Module, path) -> nn.Module:
+    """Apply a delta to ``model``; returns the (patched) model.
+
+    An unpatched model is patched first with the delta's plan, grad mode and
+    train_modules; a patched one must carry the same plan.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a headsparse delta file (metadata format={meta.get('format')!r})")
+        if meta.get("version") != _VERSION:
+            raise ValueError(f"unsupported headsparse delta version {meta.get('version')!r}; this reads {_VERSION}")
+        plan = HeadPlan.from_json(meta["plan"])
+        if is_patched(model):
+            if patch_info(model).plan != plan:
+                raise ValueError("model is patched with a different plan than the delta's; unpatch it first")
+        else:
+            patch(model, plan, grad=meta.get("grad", "exact"),
+                  train_modules=tuple(json.loads(meta.get("train_modules", "[]"))))
+        params = dict(model.named_parameters())
+        expected = set(_trainable_names(model, patch_info(model)))
+        keys = set(f.keys())
+        if keys != expected:
+            missing, extra = sorted(expected - keys), sorted(keys - expected)
+            raise ValueError(f"delta does not match the patched model: missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for name in keys:
+                t = f.get_tensor(name)
+                p = params[name]
+                if t.shape != p.shape:
+                    raise ValueError(f"delta tensor {name} has shape {tuple(t.shape)}, model expects {tuple(p.shape)}")
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
+    return model

@@ -1,0 +1,93 @@
+"""Projections split into a trainable head slice and a frozen remainder.
+
+``HeadSlicedProjection`` replaces Q, K, V (or GPT-2's fused QKV): its output
+rows are split into a trainable block (``weight_train``, ``bias_train``:
+``nn.Parameter`` with ``requires_grad=True``) and a frozen block
+(``weight_frozen``, ``bias_frozen``: parameters with ``requires_grad=False``).
+Each block is one matmul. Autograd computes a weight gradient only for the
+trainable block; the frozen block contributes to the input gradient only (it
+saves its weight, not its input). The output is the concatenation of
+segments of the two blocks' outputs, so a layer can be laid out
+"trainable heads first" without a gather.
+
+``HeadSlicedOutput`` replaces O: its input columns are split the same way,
+``y = x_t W_t^T + x_f W_f^T + b`` (the bias stays frozen: it is not per head).
+
+Gradient and optimizer-state bytes are therefore proportional to the
+trainable heads.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Segment = Tuple[str, int, int]  # ("t" | "f", start, end) along the block's output
+
+
+def _param(t: Optional[torch.Tensor], trainable: bool) -> Optional[nn.Parameter]:
+    if t is None:
+        return None
+    return nn.Parameter(t.detach().clone().contiguous(), requires_grad=trainable)
+
+
+class HeadSlicedProjection(nn.Module):
+    """y = x W^T + b with W's rows in a trainable and a frozen block (see the module docstring).
+
+    Args:
+        weight_train, bias_train: rows of the trainable block, (Rt, in) and (Rt,) (Rt may be 0).
+        weight_frozen, bias_frozen: rows of the frozen block, (Rf, in) and (Rf,).
+        segments: the output, as ("t" | "f", start, end) ranges of the blocks' outputs, in order.
+    """
+
+    def __init__(self, weight_train, bias_train, weight_frozen, bias_frozen, segments: Sequence[Segment]):
+        super().__init__()
+        self.in_features = (weight_train if weight_train.shape[0] else weight_frozen).shape[1]
+        self.rows_train = weight_train.shape[0]
+        self.rows_frozen = weight_frozen.shape[0]
+        self.weight_train = _param(weight_train, True) if self.rows_train else None
+        self.bias_train = _param(bias_train, True) if self.rows_train else None
+        self.weight_frozen = _param(weight_frozen, False) if self.rows_frozen else None
+        self.bias_frozen = _param(bias_frozen, False) if self.rows_frozen else None
+        self.segments: List[Segment] = [s for s in segments if s[2] > s[1]]
+        self.out_features = sum(e - s for _, s, e in self.segments)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        yt = F.linear(x, self.weight_train, self.bias_train) if self.rows_train else None
+        yf = F.linear(x, self.weight_frozen, self.bias_frozen) if self.rows_frozen else None
+        if len(self.segments) == 1:
+            kind, s, e = self.segments[0]
+            y = yt if kind == "t" else yf
+            return y if (s == 0 and e == y.shape[-1]) else y[..., s:e]
+        return torch.cat([(yt if kind == "t" else yf)[..., s:e] for kind, s, e in self.segments], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, rows_train={self.rows_train}, rows_frozen={self.rows_frozen}"
+
+
+class HeadSlicedOutput(nn.Module):
+    """y = x[..., :Ct] W_t^T + x[..., Ct:] W_f^T + b: the O projection with trainable columns first."""
+
+    def __init__(self, weight_train, weight_frozen, bias):
+        super().__init__()
+        self.cols_train = weight_train.shape[1]
+        self.cols_frozen = weight_frozen.shape[1]
+        self.out_features = (weight_train if self.cols_train else weight_frozen).shape[0]
+        self.in_features = self.cols_train + self.cols_frozen
+        self.weight_train = _param(weight_train, True) if self.cols_train else None
+        self.weight_frozen = _param(weight_frozen, False) if self.cols_frozen else None
+        self.bias = _param(bias, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ct = self.cols_train
+        if not ct:
+            return F.linear(x, self.weight_frozen, self.bias)
+        if not self.cols_frozen:
+            return F.linear(x, self.weight_train, self.bias)
+        y = F.linear(x[..., ct:], self.weight_frozen, self.bias)
+        return y + F.linear(x[..., :ct], self.weight_train)
+
+    def extra_repr(self) -> str:
+        return f"cols_train={self.cols_train}, cols_frozen={self.cols_frozen}, out_features={self.out_features}"

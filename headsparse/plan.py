@@ -1,0 +1,368 @@
+"""``HeadPlan``: which attention heads are trained, frozen or pruned.
+
+A plan is kept at query-head granularity: for every layer and every query head
+one :class:`HeadMode`. Key/value heads (shared by a group of query heads under
+grouped-query attention) follow from a policy:
+
+- ``"any"`` (default): a KV head's K/V rows are trainable if any query head of
+  its group is TRAIN;
+- ``"all"``: only if every unpruned query head of its group is TRAIN;
+- ``"none"``: K/V rows are never trainable (only Q rows and O columns are).
+
+A KV head is physically removed only when every query head of its group is
+pruned.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from enum import Enum
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+KV_POLICIES = ("any", "all", "none")
+_FORMAT_VERSION = 1
+
+
+class HeadMode(str, Enum):
+    """The role of one query head."""
+
+    TRAIN = "train"
+    FROZEN = "frozen"
+    PRUNED = "pruned"
+
+    @classmethod
+    def parse(cls, value) -> "HeadMode":
+        if isinstance(value, HeadMode):
+            return value
+        if isinstance(value, str):
+            v = value.strip().lower()
+            for m in cls:
+                if v in (m.value, m.name.lower(), m.value[0]):
+                    return m
+        raise ValueError(f"head mode must be one of {[m.value for m in cls]} (or T/F/P), got {value!r}")
+
+
+_SYMBOL = {HeadMode.TRAIN: "T", HeadMode.FROZEN: ".", HeadMode.PRUNED: "x"}
+
+
+class HeadPlan:
+    """Per layer, per query head: TRAIN / FROZEN / PRUNED.
+
+    Args:
+        modes: one sequence per layer, one entry per query head (HeadMode or
+            its string value "train"/"frozen"/"pruned").
+        num_kv_heads: KV heads per layer (default: as many as query heads).
+            The query heads must split into equal groups: query head h reads
+            KV head ``h // (num_q_heads // num_kv_heads)``.
+        kv_policy: "any", "all" or "none" (see the module docstring).
+        model_family: the Hugging Face ``model_type`` the plan was made for
+            ("llama", "gpt2", ...), or None for any.
+    """
+
+    def __init__(
+        self,
+        modes: Sequence[Sequence],
+        num_kv_heads: Optional[int] = None,
+        kv_policy: str = "any",
+        model_family: Optional[str] = None,
+    ) -> None:
+        if isinstance(modes, (str, bytes)) or not isinstance(modes, Iterable):
+            raise ValueError(f"modes must be a sequence of per-layer sequences of head modes, got {type(modes).__name__}")
+        layers = [[HeadMode.parse(m) for m in layer] for layer in modes]
+        if not layers:
+            raise ValueError("modes must hold at least one layer")
+        nq = len(layers[0])
+        if nq == 0:
+            raise ValueError("modes: layer 0 has no heads")
+        for i, layer in enumerate(layers):
+            if len(layer) != nq:
+                raise ValueError(f"modes: layer {i} has {len(layer)} heads but layer 0 has {nq}; every layer needs the same count")
+        if num_kv_heads is None:
+            num_kv_heads = nq
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or nq % num_kv_heads:
+            raise ValueError(f"num_kv_heads must be a positive divisor of the {nq} query heads, got {num_kv_heads!r}")
+        if kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
+        if model_family is not None and not isinstance(model_family, str):
+            raise ValueError(f"model_family must be a string or None, got {type(model_family).__name__}")
+        self.modes: List[List[HeadMode]] = layers
+        self.num_kv_heads = num_kv_heads
+        self.kv_policy = kv_policy
+        self.model_family = model_family
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_layers(self) -> int:
+        return len(self.modes)
+
+    @property
+    def num_q_heads(self) -> int:
+        return len(self.modes[0])
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    def kv_of(self, head: int) -> int:
+        """The KV head read by query head ``head``."""
+        return head // self.group_size
+
+    def _layer(self, layer: int) -> List[HeadMode]:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return self.modes[layer]
+
+    def heads(self, layer: int, mode) -> List[int]:
+        """Query heads of ``layer`` in ``mode``."""
+        mode = HeadMode.parse(mode)
+        return [h for h, m in enumerate(self._layer(layer)) if m == mode]
+
+    def train_mask(self, layer: int) -> torch.Tensor:
+        return torch.tensor([m == HeadMode.TRAIN for m in self._layer(layer)], dtype=torch.bool)
+
+    def pruned_mask(self, layer: int) -> torch.Tensor:
+        return torch.tensor([m == HeadMode.PRUNED for m in self._layer(layer)], dtype=torch.bool)
+
+    def kv_trainable(self, layer: int) -> List[bool]:
+        """For each KV head of ``layer``: are its K/V rows trainable (per the KV policy)?"""
+        modes = self._layer(layer)
+        out = []
+        for g in range(self.num_kv_heads):
+            group = [m for m in modes[g * self.group_size:(g + 1) * self.group_size] if m != HeadMode.PRUNED]
+            if self.kv_policy == "none" or not group:
+                out.append(False)
+            elif self.kv_policy == "any":
+                out.append(any(m == HeadMode.TRAIN for m in group))
+            else:
+                out.append(all(m == HeadMode.TRAIN for m in group))
+        return out
+
+    def kv_pruned(self, layer: int) -> List[bool]:
+        """For each KV head: are all query heads of its group pruned (so it can be removed)?"""
+        modes = self._layer(layer)
+        return [all(m == HeadMode.PRUNED for m in modes[g * self.group_size:(g + 1) * self.group_size])
+                for g in range(self.num_kv_heads)]
+
+    def layer_has_trainable(self, layer: int) -> bool:
+        return any(m == HeadMode.TRAIN for m in self._layer(layer)) or any(self.kv_trainable(layer))
+
+    @property
+    def lowest_trainable_layer(self) -> Optional[int]:
+        """Index of the lowest layer holding anything trainable, or None if nothing trains."""
+        for i in range(self.num_layers):
+            if self.layer_has_trainable(i):
+                return i
+        return None
+
+    def count(self, mode) -> int:
+        mode = HeadMode.parse(mode)
+        return sum(m == mode for layer in self.modes for m in layer)
+
+    @property
+    def trainable_fraction(self) -> float:
+        """Fraction of all query heads that are TRAIN."""
+        return self.count(HeadMode.TRAIN) / (self.num_layers * self.num_q_heads)
+
+    @property
+    def pruned_fraction(self) -> float:
+        return self.count(HeadMode.PRUNED) / (self.num_layers * self.num_q_heads)
+
+    # ----------------------------------------------------------- constructors
+    @classmethod
+    def uniform(cls, num_layers: int, num_q_heads: int, num_kv_heads: Optional[int] = None, mode="train",
+                kv_policy: str = "any", model_family: Optional[str] = None) -> "HeadPlan":
+        """Every head of every layer in one mode."""
+        for name, v in (("num_layers", num_layers), ("num_q_heads", num_q_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        m = HeadMode.parse(mode)
+        return cls([[m] * num_q_heads for _ in range(num_layers)], num_kv_heads, kv_policy, model_family)
+
+    @classmethod
+    def for_model(cls, model, mode="train", kv_policy: str = "any") -> "HeadPlan":
+        """A uniform plan shaped for a Hugging Face ``model``."""
+        from .patch.core import model_shape  # lazy: the plan does not need transformers otherwise
+
+        family, nl, nq, nkv = model_shape(model)
+        return cls.uniform(nl, nq, nkv, mode, kv_policy, family)
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores,
+        *,
+        top_fraction: Optional[float] = None,
+        top_k_per_layer: Optional[int] = None,
+        prune_fraction: Optional[float] = None,
+        prune_threshold: Optional[float] = None,
+        num_kv_heads: Optional[int] = None,
+        kv_policy: str = "any",
+        model_family: Optional[str] = None,
+    ) -> "HeadPlan":
+        """Build a plan from per-head importance scores (higher = more important).
+
+        Args:
+            scores: (num_layers, num_q_heads) array-like of finite numbers.
+            top_fraction: TRAIN the globally highest-scoring fraction of heads
+                (at least one head when > 0), or
+            top_k_per_layer: TRAIN the k highest-scoring heads of every layer.
+                Exactly one of the two must be given.
+            prune_fraction: PRUNE the globally lowest-scoring fraction of heads
+                (never a TRAIN head), and/or
+            prune_threshold: PRUNE every non-TRAIN head scoring below it.
+            Everything else is FROZEN. Ties break towards the lower layer/head index.
+        """
+        try:
+            s = torch.as_tensor(scores, dtype=torch.float64)
+        except Exception as exc:
+            raise ValueError(f"scores must be a (num_layers, num_q_heads) array of numbers: {exc}") from None
+        if s.dim() != 2 or s.shape[0] == 0 or s.shape[1] == 0:
+            raise ValueError(f"scores must have shape (num_layers, num_q_heads), got {tuple(s.shape)}")
+        if not torch.isfinite(s).all():
+            raise ValueError("scores must be finite (no NaN or inf)")
+        if (top_fraction is None) == (top_k_per_layer is None):
+            raise ValueError("give exactly one of top_fraction and top_k_per_layer")
+        nl, nq = s.shape
+        total = nl * nq
+        train = torch.zeros(nl, nq, dtype=torch.bool)
+        if top_fraction is not None:
+            if isinstance(top_fraction, bool) or not isinstance(top_fraction, (int, float)) or not 0 <= top_fraction <= 1:
+                raise ValueError(f"top_fraction must be a number in [0, 1], got {top_fraction!r}")
+            k = 0 if top_fraction == 0 else max(1, int(round(top_fraction * total)))
+            order = _stable_order(s.flatten(), descending=True)
+            train.view(-1)[order[:k]] = True
+        else:
+            if isinstance(top_k_per_layer, bool) or not isinstance(top_k_per_layer, int) or not 0 <= top_k_per_layer <= nq:
+                raise ValueError(f"top_k_per_layer must be an int in [0, {nq}], got {top_k_per_layer!r}")
+            for i in range(nl):
+                train[i, _stable_order(s[i], descending=True)[:top_k_per_layer]] = True
+        pruned = torch.zeros_like(train)
+        if prune_fraction is not None:
+            if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, (int, float)) or not 0 <= prune_fraction <= 1:
+                raise ValueError(f"prune_fraction must be a number in [0, 1], got {prune_fraction!r}")
+            k = int(round(prune_fraction * total))
+            cand = [int(i) for i in _stable_order(s.flatten(), descending=False) if not train.view(-1)[i]]
+            pruned.view(-1)[torch.tensor(cand[:k], dtype=torch.long)] = True
+        if prune_threshold is not None:
+            if isinstance(prune_threshold, bool) or not isinstance(prune_threshold, (int, float)) or not math.isfinite(prune_threshold):
+                raise ValueError(f"prune_threshold must be a finite number, got {prune_threshold!r}")
+            pruned |= (s < prune_threshold) & ~train
+        modes = [[HeadMode.TRAIN if train[i, h] else HeadMode.PRUNED if pruned[i, h] else HeadMode.FROZEN
+                  for h in range(nq)] for i in range(nl)]
+        return cls(modes, num_kv_heads, kv_policy, model_family)
+
+    # --------------------------------------------------------------- checking
+    def check_model(self, model) -> None:
+        """Raise ValueError naming the mismatch if this plan does not fit ``model``."""
+        from .patch.core import model_shape
+
+        family, nl, nq, nkv = model_shape(model)
+        problems = []
+        if self.model_family is not None and self.model_family != family:
+            problems.append(f"model family: plan is for {self.model_family!r}, model is {family!r}")
+        if self.num_layers != nl:
+            problems.append(f"num layers: plan has {self.num_layers}, model has {nl}")
+        if self.num_q_heads != nq:
+            problems.append(f"query heads per layer: plan has {self.num_q_heads}, model has {nq}")
+        if self.num_kv_heads != nkv:
+            problems.append(f"KV heads per layer: plan has {self.num_kv_heads}, model has {nkv}")
+        if problems:
+            raise ValueError("plan does not fit the model: " + "; ".join(problems))
+
+    # ----------------------------------------------------------- persistence
+    def to_dict(self) -> Dict:
+        return {
+            "format": "headsparse.HeadPlan",
+            "version": _FORMAT_VERSION,
+            "model_family": self.model_family,
+            "num_layers": self.num_layers,
+            "num_q_heads": self.num_q_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "kv_policy": self.kv_policy,
+            "modes": ["".join(_SYMBOL[m] for m in layer) for layer in self.modes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "HeadPlan":
+        if not isinstance(d, dict) or d.get("format") != "headsparse.HeadPlan":
+            raise ValueError("not a headsparse HeadPlan (missing format='headsparse.HeadPlan')")
+        if d.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"unsupported HeadPlan version {d.get('version')!r}; this headsparse reads {_FORMAT_VERSION}")
+        inverse = {v: k for k, v in _SYMBOL.items()}
+        try:
+            modes = [[inverse[c] for c in row] for row in d["modes"]]
+        except KeyError as exc:
+            raise ValueError(f"HeadPlan modes may only hold 'T', '.', 'x', got {exc}") from None
+        plan = cls(modes, d.get("num_kv_heads"), d.get("kv_policy", "any"), d.get("model_family"))
+        for key, val in (("num_layers", plan.num_layers), ("num_q_heads", plan.num_q_heads)):
+            if key in d and d[key] != val:
+                raise ValueError(f"HeadPlan file says {key}={d[key]} but its modes have {val}")
+        return plan
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HeadPlan":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"HeadPlan JSON does not parse: {exc}") from None
+        return cls.from_dict(d)
+
+    def save(self, path) -> None:
+        """Write the plan as JSON (to a temporary file in the same folder, then renamed)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".headplan-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "HeadPlan":
+        with open(os.fspath(path)) as f:
+            return cls.from_json(f.read())
+
+    # ----------------------------------------------------------------- display
+    def summary(self) -> str:
+        """One line per layer: T = train, . = frozen, x = pruned, then the KV heads' trainability."""
+        lines = [
+            f"HeadPlan family={self.model_family or 'any'} layers={self.num_layers} q_heads={self.num_q_heads} "
+            f"kv_heads={self.num_kv_heads} kv_policy={self.kv_policy}",
+            f"train {self.count('train')} ({100 * self.trainable_fraction:.1f}%), "
+            f"frozen {self.count('frozen')}, pruned {self.count('pruned')}; "
+            f"lowest trainable layer: {self.lowest_trainable_layer}",
+        ]
+        width = len(str(self.num_layers - 1))
+        for i, layer in enumerate(self.modes):
+            kv = "".join("T" if t else ("x" if p else ".") for t, p in zip(self.kv_trainable(i), self.kv_pruned(i)))
+            lines.append(f"layer {i:>{width}}: {''.join(_SYMBOL[m] for m in layer)}  kv {kv}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"HeadPlan(layers={self.num_layers}, q_heads={self.num_q_heads}, kv_heads={self.num_kv_heads}, "
+                f"train={self.count('train')}, pruned={self.count('pruned')}, family={self.model_family!r})")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, HeadPlan):
+            return NotImplemented
+        return (self.modes == other.modes and self.num_kv_heads == other.num_kv_heads
+                and self.kv_policy == other.kv_policy and self.model_family == other.model_family)
+
+    __hash__ = None
+
+
+def _stable_order(x: torch.Tensor, descending: bool) -> List[int]:
+    """Indices sorting x, ties broken by index (lower index first)."""
+    vals = x.tolist()
+    return sorted(range(len(vals)), key=lambda i: (-vals[i] if descending else vals[i], i))

@@ -1,0 +1,152 @@
+"""HeadPlan: construction, KV policy, scores, persistence, checks against models."""
+import json
+import os
+
+import pytest
+import torch
+
+import headsparse as hs
+from headsparse import HeadMode, HeadPlan
+
+
+def test_modes_parse_and_shape():
+    p = HeadPlan([["train", "F", HeadMode.PRUNED, "frozen"], ["t", "t", "f", "p"]], num_kv_heads=2, model_family="llama")
+    assert p.num_layers == 2 and p.num_q_heads == 4 and p.num_kv_heads == 2 and p.group_size == 2
+    assert p.modes[0] == [HeadMode.TRAIN, HeadMode.FROZEN, HeadMode.PRUNED, HeadMode.FROZEN]
+    assert p.heads(1, "train") == [0, 1] and p.heads(1, HeadMode.PRUNED) == [3]
+    assert p.train_mask(0).tolist() == [True, False, False, False]
+    assert p.pruned_mask(1).tolist() == [False, False, False, True]
+    assert p.count("train") == 3 and p.count("pruned") == 2
+    assert p.trainable_fraction == pytest.approx(3 / 8)
+    assert p.pruned_fraction == pytest.approx(2 / 8)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "at least one layer"),
+    ([[]], "no heads"),
+    ([["t", "f"], ["t"]], "layer 1 has 1 heads"),
+    ([["t", "q"]], "head mode"),
+    ("tf", "sequence"),
+])
+def test_bad_modes(bad, match):
+    with pytest.raises(ValueError, match=match):
+        HeadPlan(bad)
+
+
+def test_bad_kv_and_policy():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        HeadPlan([["t", "f", "f", "f"]], num_kv_heads=3)
+    with pytest.raises(ValueError, match="kv_policy"):
+        HeadPlan([["t", "f"]], kv_policy="some")
+
+
+def test_kv_policies_and_pruned_groups():
+    modes = [["t", "f", "f", "f", "p", "p"], ["t", "t", "p", "f", "f", "f"]]
+    any_ = HeadPlan(modes, num_kv_heads=3, kv_policy="any")
+    all_ = HeadPlan(modes, num_kv_heads=3, kv_policy="all")
+    none = HeadPlan(modes, num_kv_heads=3, kv_policy="none")
+    assert any_.kv_trainable(0) == [True, False, False]
+    assert all_.kv_trainable(0) == [False, False, False]
+    assert any_.kv_trainable(1) == [True, False, False]
+    assert all_.kv_trainable(1) == [True, False, False]  # group 1: only head 3 is unpruned and it is frozen
+    assert none.kv_trainable(1) == [False, False, False]
+    assert any_.kv_pruned(0) == [False, False, True] and any_.kv_pruned(1) == [False, False, False]
+    assert any_.kv_of(5) == 2
+
+
+def test_lowest_trainable_layer():
+    p = HeadPlan([["f", "f"], ["p", "f"], ["f", "t"], ["t", "t"]])
+    assert p.lowest_trainable_layer == 2
+    assert HeadPlan([["f", "p"]]).lowest_trainable_layer is None
+    assert not p.layer_has_trainable(1) and p.layer_has_trainable(3)
+
+
+def test_from_scores_global_top_fraction_and_prune():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.8, 0.05, 0.7, 0.6]])
+    p = HeadPlan.from_scores(scores, top_fraction=0.25, prune_fraction=0.25, num_kv_heads=2)
+    assert p.heads(0, "train") == [1] and p.heads(1, "train") == [0]
+    assert sorted((i, h) for i in range(2) for h in p.heads(i, "pruned")) == [(0, 0), (1, 1)]
+    assert p.count("frozen") == 4
+    # threshold prunes below it but never a TRAIN head
+    q = HeadPlan.from_scores(scores, top_fraction=0.25, prune_threshold=0.85)
+    assert q.heads(0, "pruned") == [0, 2, 3] and q.heads(0, "train") == [1]
+
+
+def test_from_scores_per_layer_and_ties():
+    scores = [[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]]
+    p = HeadPlan.from_scores(scores, top_k_per_layer=1)
+    assert p.heads(0, "train") == [0] and p.heads(1, "train") == [1]  # ties break towards the lower index
+    assert HeadPlan.from_scores(scores, top_fraction=0.01).count("train") == 1  # at least one head
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(), "exactly one"),
+    (dict(top_fraction=0.5, top_k_per_layer=1), "exactly one"),
+    (dict(top_fraction=1.5), "top_fraction"),
+    (dict(top_k_per_layer=9), "top_k_per_layer"),
+    (dict(top_fraction=0.5, prune_fraction=-1), "prune_fraction"),
+    (dict(top_fraction=0.5, prune_threshold=float("nan")), "prune_threshold"),
+])
+def test_from_scores_bad_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HeadPlan.from_scores([[1.0, 2.0], [3.0, 4.0]], **kwargs)
+
+
+def test_from_scores_bad_scores():
+    with pytest.raises(ValueError, match="shape"):
+        HeadPlan.from_scores([1.0, 2.0], top_fraction=0.5)
+    with pytest.raises(ValueError, match="finite"):
+        HeadPlan.from_scores([[1.0, float("nan")]], top_fraction=0.5)
+
+
+def test_save_load_roundtrip(tmp_path):
+    p = HeadPlan([["t", "f", "p", "f"], ["f", "f", "t", "t"]], num_kv_heads=2, kv_policy="all", model_family="qwen2")
+    path = tmp_path / "plan.json"
+    p.save(path)
+    d = json.loads(path.read_text())
+    assert d["model_family"] == "qwen2" and d["num_layers"] == 2 and d["num_q_heads"] == 4 and d["num_kv_heads"] == 2
+    q = HeadPlan.load(path)
+    assert q == p and q is not p
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # temp file renamed away
+
+
+def test_load_rejects_bad_files(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="does not parse"):
+        HeadPlan.load(path)
+    path.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a headsparse HeadPlan"):
+        HeadPlan.load(path)
+    d = HeadPlan([["t", "f"]]).to_dict()
+    d["num_layers"] = 3
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="num_layers=3"):
+        HeadPlan.load(path)
+
+
+def test_summary_is_per_layer():
+    p = HeadPlan([["t", "f", "p", "f"], ["f", "f", "f", "f"]], num_kv_heads=2)
+    s = p.summary()
+    assert "layer 0: T.x.  kv T." in s and "layer 1: ....  kv .." in s
+    assert "lowest trainable layer: 0" in s and "train 1 (12.5%)" in s
+
+
+def test_uniform_and_check_model():
+    from _hs_models import tiny_model
+
+    m = tiny_model("llama", layers=2)
+    p = HeadPlan.for_model(m, "frozen")
+    assert (p.num_layers, p.num_q_heads, p.num_kv_heads, p.model_family) == (2, 4, 2, "llama")
+    p.check_model(m)
+    with pytest.raises(ValueError, match="num layers: plan has 3, model has 2"):
+        HeadPlan.uniform(3, 4, 2).check_model(m)
+    with pytest.raises(ValueError, match="query heads per layer: plan has 8"):
+        HeadPlan.uniform(2, 8, 2).check_model(m)
+    with pytest.raises(ValueError, match="KV heads per layer: plan has 4, model has 2"):
+        HeadPlan.uniform(2, 4, 4).check_model(m)
+    with pytest.raises(ValueError, match="model family: plan is for 'gpt2'"):
+        HeadPlan.uniform(2, 4, 2, model_family="gpt2").check_model(m)
+    with pytest.raises(ValueError, match="num_layers"):
+        HeadPlan.uniform(0, 4)
+    assert hs.HeadPlan is HeadPlan
