@@ -73,6 +73,26 @@ def _torch_check(p: AttentionProblem) -> Optional[str]:
     return None
 
 
+def _cpu_status() -> Tuple[bool, str]:
+    from . import extension
+
+    return extension.cpu_status()
+
+
+def _cuda_status() -> Tuple[bool, str]:
+    from . import extension
+
+    return extension.cuda_status()
+
+
+def _cuda_check(p: AttentionProblem) -> Optional[str]:
+    if p.q.dtype == torch.float64:
+        return "compiled CUDA kernels support float16, bfloat16 and float32, not float64"
+    if p.head_dim > 256:
+        return f"compiled CUDA kernels support head_dim <= 256, got {p.head_dim}"
+    return None
+
+
 @dataclass(frozen=True)
 class _Entry:
     module: str
@@ -84,6 +104,9 @@ class _Entry:
 _REGISTRY: Dict[str, _Entry] = {
     "torch": _Entry("headsparse.ops.torch_backend", _torch_status, lambda: ("cpu", "cuda", "mps"), _torch_check),
     "triton": _Entry("headsparse.ops.triton_backend", _triton_status, _triton_devices, _triton_check),
+    # Compiled extension (csrc/, docs/extension.md). Not in the auto order: see docs/extension.md.
+    "cpu": _Entry("headsparse.ops.cpu_backend", _cpu_status, lambda: ("cpu",), _torch_check),
+    "cuda": _Entry("headsparse.ops.cuda_backend", _cuda_status, lambda: ("cuda",), _cuda_check),
 }
 
 # Preference order of ``backend="auto"`` per device type, fastest first.
