@@ -8,9 +8,14 @@ from .ops import (
     BackendUnavailableError,
     GateGradRecord,
     GateGradRecorder,
+    HeadStats,
     attention,
     attention_reference,
     backends,
+    cross_head_inner,
+    gram,
+    head_gram_blocks,
+    head_stats,
     record_gate_grads,
 )
 from .plan import HeadMode, HeadPlan
@@ -34,5 +39,10 @@ __all__ = [
     "unpatch",
     "save_delta",
     "load_delta",
+    "head_stats",
+    "gram",
+    "head_gram_blocks",
+    "cross_head_inner",
+    "HeadStats",
     "__version__",
 ]

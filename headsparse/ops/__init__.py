@@ -3,6 +3,7 @@
 Nothing here imports the model-patching layer or the pipeline.
 """
 from .attention import attention
+from .head_stats import HeadStats, cross_head_inner, gram, head_gram_blocks, head_stats
 from .reference import attention_reference
 from .registry import BackendInfo, BackendUnavailableError, backends, register_backend
 from .stats import GateGradRecord, GateGradRecorder, record_gate_grads
@@ -17,4 +18,9 @@ __all__ = [
     "record_gate_grads",
     "GateGradRecorder",
     "GateGradRecord",
+    "head_stats",
+    "gram",
+    "head_gram_blocks",
+    "cross_head_inner",
+    "HeadStats",
 ]
