@@ -1,0 +1,343 @@
+"""The compiled extension's ``cpu`` backend and statistics ops against float64 references.
+
+Skipped as a whole only when the extension was deliberately not built
+(HEADSPARSE_SKIP_EXT=1); otherwise a missing or broken build fails here.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+import headsparse as hs
+from headsparse.ops import extension, registry
+from headsparse.ops.head_stats import gram_torch, head_stats_torch
+
+if os.environ.get("HEADSPARSE_SKIP_EXT", "0") not in ("", "0"):
+    pytest.skip("HEADSPARSE_SKIP_EXT=1: the compiled extension is not built", allow_module_level=True)
+
+TOL = {  # absolute tolerances for outputs and gradients (values are O(1))
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 5e-5),
+    torch.float16: (4e-3, 1.5e-2),
+    torch.bfloat16: (3e-2, 8e-2),
+}
+
+
+@dataclass
+class Case:
+    b: int = 2
+    hq: int = 4
+    hkv: int = 2
+    sq: int = 37
+    skv: int = 53
+    d: int = 64
+    causal: bool = False
+    mask: Optional[str] = None  # None, "bool", "empty_rows", "additive", "per_head"
+    grad: Optional[str] = None  # e.g. "1001": grad heads
+    pruned: Optional[str] = None
+    kv_map: Optional[tuple] = None
+
+    def __str__(self):
+        s = f"b{self.b}-h{self.hq}x{self.hkv}-s{self.sq}x{self.skv}-d{self.d}"
+        for name in ("mask", "grad", "pruned", "kv_map"):
+            if getattr(self, name) is not None:
+                s += f"-{name}{getattr(self, name)}"
+        return s + ("-causal" if self.causal else "")
+
+
+def _bits(s):
+    return None if s is None else torch.tensor([c == "1" for c in s])
+
+
+def make_inputs(case: Case, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(case.b, case.hq, case.sq, case.d, generator=gen).to(dtype)
+    k = torch.randn(case.b, case.hkv, case.skv, case.d, generator=gen).to(dtype)
+    v = torch.randn(case.b, case.hkv, case.skv, case.d, generator=gen).to(dtype)
+    do = torch.randn(case.b, case.hq, case.sq, case.d, generator=gen).to(dtype)
+    shape = (case.b, 1, case.sq, case.skv)
+    mask = None
+    if case.mask == "bool":
+        mask = torch.rand(shape, generator=gen) > 0.3
+    elif case.mask == "empty_rows":
+        mask = torch.rand(shape, generator=gen) > 0.3
+        mask[0, :, 1] = False  # a row that sees nothing
+        mask[-1, :, -1] = False
+        mask[-1, :, :, :3] = False  # left padding of the keys
+    elif case.mask == "additive":
+        mask = torch.randn(shape, generator=gen)
+        mask[torch.rand(shape, generator=gen) > 0.7] = float("-inf")
+        mask[0, 0, 2] = float("-inf")  # an additive row that sees nothing
+    elif case.mask == "per_head":
+        mask = torch.rand((case.b, case.hq, case.sq, case.skv), generator=gen) > 0.4
+    kw = dict(causal=case.causal, attention_mask=mask, grad_heads=_bits(case.grad), pruned_heads=_bits(case.pruned))
+    if case.kv_map is not None:
+        kw["kv_head_index"] = torch.tensor(case.kv_map)
+    return q, k, v, do, kw
+
+
+def compare(case: Case, dtype, seed=0, backend="cpu"):
+    q, k, v, do, kw = make_inputs(case, dtype, seed)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = hs.attention(*leaves, backend=backend, **kw)
+    grads = torch.autograd.grad(out, leaves, do, allow_unused=True)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_kw = dict(kw)
+    if ref_kw["attention_mask"] is not None and ref_kw["attention_mask"].is_floating_point():
+        ref_kw["attention_mask"] = ref_kw["attention_mask"].double()
+    ref = hs.attention_reference(*ref_leaves, **ref_kw)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double(), allow_unused=True)
+    atol_o, atol_g = TOL[dtype]
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=atol_o, rtol=0, msg=lambda m: f"{case} output: {m}")
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        g = torch.zeros_like(rg) if g is None else g.double()
+        rg = torch.zeros_like(g) if rg is None else rg
+        assert torch.isfinite(g).all(), f"{case}: d{name} not finite"
+        torch.testing.assert_close(g, rg, atol=atol_g, rtol=0, msg=lambda m: f"{case} d{name}: {m}")
+    return out, grads
+
+
+CASES = [
+    Case(),  # GQA 2, Sq < Skv, odd lengths
+    Case(b=1, hq=3, hkv=3, sq=1, skv=29),  # GQA 1, decode step
+    Case(b=1, hq=3, hkv=1, sq=41, skv=41, causal=True),  # GQA 3
+    Case(b=3, hq=8, hkv=2, sq=17, skv=33, causal=True),  # GQA 4, bottom-right causal
+    Case(b=2, hq=4, hkv=2, sq=33, skv=21, causal=True),  # Sq > Skv: first rows see nothing
+    Case(b=2, hq=4, hkv=4, sq=37, skv=37, mask="bool"),
+    Case(b=2, hq=4, hkv=2, sq=37, skv=45, mask="empty_rows", causal=True),
+    Case(b=2, hq=4, hkv=2, sq=23, skv=23, mask="additive"),
+    Case(b=2, hq=4, hkv=2, sq=23, skv=31, mask="per_head"),
+    Case(b=2, hq=5, hkv=2, sq=19, skv=19, kv_map=(0, 0, 0, 1, 1), causal=True),  # ragged groups
+    Case(b=2, hq=5, hkv=3, sq=19, skv=26, kv_map=(2, 0, 2, 2, 1), mask="bool"),  # ragged, unsorted
+    Case(b=2, hq=8, hkv=2, sq=21, skv=21, grad="10000010"),
+    Case(b=2, hq=8, hkv=4, sq=21, skv=21, pruned="01100001", grad="10100100"),
+    Case(b=1, hq=4, hkv=2, sq=16, skv=16, grad="0000"),
+    Case(b=1, hq=4, hkv=2, sq=16, skv=16, pruned="1111"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_backend_matches_reference(case, dtype):
+    compare(case, dtype)
+
+
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+def test_cpu_backend_head_dims(d):
+    compare(Case(b=2, hq=4, hkv=2, sq=13, skv=20, d=d, causal=True, mask="bool"), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    Case(b=1, hq=4, hkv=2, sq=9, skv=15),
+    Case(b=2, hq=4, hkv=2, sq=11, skv=17, mask="empty_rows", causal=True),
+    Case(b=1, hq=8, hkv=4, sq=7, skv=7, pruned="01100001", grad="10100100", d=128),
+], ids=str)
+def test_cpu_backend_half(case, dtype):
+    compare(case, dtype)
+
+
+def test_cpu_backend_strided_inputs_and_bshd_output():
+    """HF-style (B, S, H, D) buffers viewed as (B, H, S, D), and a bshd output."""
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, s, d = 2, 4, 2, 19, 64
+    q = torch.randn(b, s, hq, d, generator=gen).transpose(1, 2)
+    k = torch.randn(b, s, hkv, d, generator=gen).transpose(1, 2)
+    v = torch.randn(b, s, hkv, d, generator=gen).transpose(1, 2)
+    assert not q.is_contiguous()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = hs.attention(*leaves, causal=True, backend="cpu", out_layout="bshd")
+    do = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, leaves, do)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = hs.attention_reference(*ref_leaves, causal=True)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=0)
+
+
+def test_cpu_backend_pruned_heads_never_read():
+    case = Case(b=2, hq=6, hkv=3, sq=15, skv=22, causal=True, pruned="010011", grad="100100")
+    q, k, v, do, kw = make_inputs(case, torch.float32)
+    q_nan = q.clone()
+    q_nan[:, [1, 4, 5]] = float("nan")
+    k_nan = k.clone()
+    k_nan[:, 2] = float("nan")  # KV head 2 is read only by pruned heads 4 and 5
+    v_nan = v.clone()
+    v_nan[:, 2] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (q_nan, k_nan, v_nan)]
+    out = hs.attention(*leaves, backend="cpu", **kw)
+    assert torch.isfinite(out).all()
+    assert (out[:, [1, 4, 5]] == 0).all()
+    clean = hs.attention(q, k, v, backend="cpu", **kw)
+    assert torch.equal(out, clean)  # exactly: the NaN heads were never touched
+    dq, dk, dv = torch.autograd.grad(out, leaves, do)
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert (dq[:, [1, 2, 4, 5]] == 0).all()  # not in grad_heads / pruned
+    assert (dk[:, 2] == 0).all() and (dv[:, 2] == 0).all()  # KV head 2: no grad head reads it
+    assert dq[:, [0, 3]].abs().sum() > 0 and dk[:, 0].abs().sum() > 0
+
+
+def test_cpu_backend_fully_masked_rows():
+    case = Case(b=2, hq=2, hkv=1, sq=9, skv=12, mask="empty_rows")
+    out, grads = compare(case, torch.float32)
+    assert (out[0, :, 1] == 0).all()  # the row with nothing to attend
+    assert (grads[0][0, :, 1] == 0).all()
+
+
+@pytest.mark.parametrize("grad", [None, "0110"])
+def test_cpu_backend_gate_grad_stats(grad):
+    case = Case(b=3, hq=4, hkv=2, sq=13, skv=18, causal=True, mask="bool", grad=grad)
+    q, k, v, do, kw = make_inputs(case, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with hs.record_gate_grads() as rec:
+        out = hs.attention(*leaves, backend="cpu", stats_key="layer0", **kw)
+        out.backward(do)
+    stats = rec.by_key()["layer0"]
+    expect = (out.detach().double() * do.double()).sum(dim=(2, 3))
+    grad_heads = torch.ones(4, dtype=torch.bool) if grad is None else _bits(grad)
+    torch.testing.assert_close(stats[:, grad_heads].double(), expect[:, grad_heads], atol=1e-4, rtol=1e-5)
+    assert torch.isnan(stats[:, ~grad_heads]).all()
+
+
+def test_cpu_backend_matches_torch_backend_exactly_in_float64():
+    case = Case(b=2, hq=6, hkv=2, sq=25, skv=31, causal=True, mask="additive", grad="110010")
+    out_cpu, g_cpu = compare(case, torch.float64, backend="cpu")
+    out_t, g_t = compare(case, torch.float64, backend="torch")
+    torch.testing.assert_close(out_cpu, out_t, atol=1e-12, rtol=0)
+    for a, b in zip(g_cpu, g_t):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------- registry and loader
+
+def test_backends_report_extension_status():
+    info = hs.backends()
+    assert info["cpu"].usable, info["cpu"].reason
+    assert "headsparse._C" in info["cpu"].reason
+    assert info["cpu"].devices == ("cpu",)
+    assert not info["cuda"].usable  # no GPU here / built without CUDA / not validated
+    assert info["cuda"].reason
+
+
+def test_explicit_cuda_backend_on_cpu_raises_with_reason():
+    q = torch.randn(1, 2, 4, 32)
+    with pytest.raises(hs.BackendUnavailableError, match="cuda"):
+        hs.attention(q, q, q, backend="cuda")
+    with pytest.raises(hs.BackendUnavailableError, match="cuda"):
+        hs.head_stats(q[0], None, 1, backend="cuda")
+
+
+def test_auto_never_picks_the_cuda_backend():
+    for order in registry._AUTO_ORDER.values():
+        assert "cuda" not in order
+
+
+def test_extension_abi_matches():
+    mod = extension.get()
+    assert mod.ABI_VERSION == extension.ABI_VERSION
+    assert isinstance(mod.with_cuda(), bool)
+
+
+# ---------------------------------------------------------------- statistics ops
+
+def _stats_inputs(dtype, b=3, s=11, h=4, d=16, seed=0, strided=False):
+    gen = torch.Generator().manual_seed(seed)
+    if strided:  # a (B, S, C) view with non-unit channel stride
+        x = torch.randn(b, h * d, s, generator=gen).to(dtype).transpose(1, 2)
+        g = torch.randn(b, h * d, s, generator=gen).to(dtype).transpose(1, 2)
+    else:
+        x = torch.randn(b, s, h * d, generator=gen).to(dtype)
+        g = torch.randn(b, s, h * d, generator=gen).to(dtype)
+    mask = torch.rand(b, s, generator=gen) > 0.3
+    mask[0, :] = False  # a sample with no tokens
+    mask[1, 0] = True
+    return x, g, mask
+
+
+STATS_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+def _check_stats(res, x, g, mask, h, dtype):
+    ref = head_stats_torch(x.double(), None if g is None else g.double(), h, mask)
+    rtol = STATS_TOL[dtype]
+    fields = ["x_sq", "abs_x"] + ([] if g is None else ["xg", "g_sq", "abs_g"])
+    for f in fields:
+        torch.testing.assert_close(getattr(res, f).double(), getattr(ref, f), rtol=rtol, atol=rtol * 10,
+                                   msg=lambda m: f"{f}: {m}")
+    if g is None:
+        assert res.xg is None and res.g_sq is None and res.abs_g is None
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_head_stats_match_float64(backend, dtype, strided):
+    x, g, mask = _stats_inputs(dtype, strided=strided)
+    res = hs.head_stats(x, g, num_heads=4, token_mask=mask, backend=backend)
+    _check_stats(res, x, g, mask, 4, dtype)
+    assert (res.xg[0] == 0).all() and (res.x_sq[0] == 0).all()  # sample 0 has no tokens
+    # definitions, spelled out independently
+    xd, gd = x.double() * mask[..., None], g.double() * mask[..., None]
+    xg = (xd.view(3, 11, 4, 16) * gd.view(3, 11, 4, 16)).sum(dim=(1, 3))
+    torch.testing.assert_close(res.xg.double(), xg, rtol=1e-5, atol=1e-4)
+    apt = (xd.abs().sum(dim=(0, 1)) * gd.abs().sum(dim=(0, 1))).view(4, 16).sum(-1)
+    torch.testing.assert_close(res.apt_salience().double(), apt, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_head_stats_without_g_and_mask(backend):
+    x, _, _ = _stats_inputs(torch.float32, b=2, s=7, h=3, d=8)
+    res = hs.head_stats(x, num_heads=3, backend=backend)
+    _check_stats(res, x, None, None, 3, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gram_matches_float64(backend, dtype, masked):
+    x, _, mask = _stats_inputs(dtype, b=3, s=13, h=3, d=8, strided=True)
+    m = mask if masked else None
+    res = hs.gram(x, token_mask=m, backend=backend)
+    rows = x.double().reshape(-1, 24)
+    if m is not None:
+        rows = rows[m.reshape(-1)]
+    ref = rows.T @ rows
+    assert res.shape == (24, 24)
+    torch.testing.assert_close(res.double(), ref, rtol=STATS_TOL[dtype], atol=STATS_TOL[dtype] * 10)
+    blocks = hs.head_gram_blocks(res, 3)
+    assert blocks.shape == (3, 8, 8)
+    torch.testing.assert_close(blocks[1].double(), ref[8:16, 8:16], rtol=1e-5, atol=1e-4)
+    cross = hs.cross_head_inner(res, 3)
+    xh = rows.view(-1, 3, 8)
+    torch.testing.assert_close(cross.double(), torch.einsum("nid,njd->ij", xh, xh), rtol=1e-5, atol=1e-4)
+
+
+def test_gram_cpu_many_tokens_accumulates_over_blocks():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3000, 16, generator=gen)  # 9000 tokens: more than one 4096-token block
+    mask = torch.rand(3, 3000, generator=gen) > 0.2
+    ref = gram_torch(x.double(), mask)
+    torch.testing.assert_close(hs.gram(x, mask, backend="cpu").double(), ref, rtol=1e-4, atol=1e-2)
+
+
+def test_stats_bad_input():
+    x = torch.randn(2, 5, 12)
+    with pytest.raises(ValueError, match="num_heads"):
+        hs.head_stats(x, num_heads=5)
+    with pytest.raises(ValueError, match="token_mask"):
+        hs.head_stats(x, num_heads=3, token_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="g must match"):
+        hs.head_stats(x, torch.randn(2, 5, 6), num_heads=3)
+    with pytest.raises(ValueError, match="3 dims"):
+        hs.gram(x[0])
+    with pytest.raises(ValueError, match="backend"):
+        hs.gram(x, backend="fast")
