@@ -21,6 +21,7 @@ from .ops import (
 from .plan import HeadMode, HeadPlan
 from .patch import load_delta, save_delta, unpatch
 from .patch import patch  # noqa: E402  (the function; the subpackage stays importable as headsparse.patch.core etc.)
+from .scoring import HeadScores, score_heads  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -44,5 +45,7 @@ __all__ = [
     "head_gram_blocks",
     "cross_head_inner",
     "HeadStats",
+    "score_heads",
+    "HeadScores",
     "__version__",
 ]
