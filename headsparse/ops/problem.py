@@ -7,14 +7,56 @@ kernels can assume well-formed input.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OUT_LAYOUTS = ("bhsd", "bshd")
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Index tensors that describe which heads run and which take part in the backward.
+
+    Built on the host from the head masks and cached, so a model that calls
+    the op with the same plan every step pays for it once and never makes the
+    device synchronise (no ``nonzero``/``unique`` on device tensors per call).
+    """
+
+    kv_head_index: torch.Tensor  # (Hq,) KV head read by each query head
+    active: torch.Tensor  # query heads that are computed (not pruned)
+    pruned: torch.Tensor  # query heads that are not computed
+    grad: torch.Tensor  # query heads in the backward (subset of active)
+    kv_needed: torch.Tensor  # KV heads read by some grad head, sorted
+    kv_pos: torch.Tensor  # for each grad head, the position of its KV head in kv_needed
+    lse_pos: torch.Tensor  # for each grad head, its position among the active heads
+    all_q: bool  # every query head is in the backward
+    all_kv: bool  # every KV head is in the backward
+
+
+@functools.lru_cache(maxsize=512)
+def _head_layout(grad: Tuple[bool, ...], active: Tuple[bool, ...], kv_map: Tuple[int, ...], hkv: int,
+                 device: torch.device) -> HeadLayout:
+    grad = tuple(g and a for g, a in zip(grad, active))  # a pruned head has nothing to differentiate
+    active_idx = [h for h, a in enumerate(active) if a]
+    grad_idx = [h for h, g in enumerate(grad) if g]
+    kv_needed = sorted({kv_map[h] for h in grad_idx})
+    kv_rank = {kv: i for i, kv in enumerate(kv_needed)}
+    active_rank = {h: i for i, h in enumerate(active_idx)}
+
+    def idx(values):
+        return torch.tensor(values, dtype=torch.int64).to(device)
+
+    return HeadLayout(
+        kv_head_index=idx(list(kv_map)), active=idx(active_idx),
+        pruned=idx([h for h, a in enumerate(active) if not a]), grad=idx(grad_idx), kv_needed=idx(kv_needed),
+        kv_pos=idx([kv_rank[kv_map[h]] for h in grad_idx]), lse_pos=idx([active_rank[h] for h in grad_idx]),
+        all_q=len(grad_idx) == len(grad), all_kv=len(kv_needed) == hkv,
+    )
 
 
 @dataclass
@@ -29,13 +71,23 @@ class AttentionProblem:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    kv_head_index: torch.Tensor  # (Hq,) int64, on q's device
-    active_heads: torch.Tensor  # query heads that are computed (not pruned), int64
-    grad_heads: torch.Tensor  # query heads whose q/k/v get gradients, int64 (subset of active)
+    heads: HeadLayout
     mask: Optional[torch.Tensor]
     causal: bool
     scale: float
     out_layout: str
+
+    @property
+    def kv_head_index(self) -> torch.Tensor:
+        return self.heads.kv_head_index
+
+    @property
+    def active_heads(self) -> torch.Tensor:
+        return self.heads.active
+
+    @property
+    def grad_heads(self) -> torch.Tensor:
+        return self.heads.grad
 
     @property
     def batch(self) -> int:
@@ -67,16 +119,16 @@ class AttentionProblem:
         return self.seq_kv - self.seq_q
 
 
-def _head_mask(arg: Optional[torch.Tensor], name: str, num_heads: int, default: bool, device) -> torch.Tensor:
+def _head_mask(arg: Optional[torch.Tensor], name: str, num_heads: int, default: bool) -> Tuple[bool, ...]:
     if arg is None:
-        return torch.full((num_heads,), default, dtype=torch.bool, device=device)
+        return (default,) * num_heads
     if not isinstance(arg, torch.Tensor):
         raise ValueError(f"{name} must be a bool tensor of shape ({num_heads},) or None, got {type(arg).__name__}")
     if arg.dtype != torch.bool:
         raise ValueError(f"{name} must have dtype torch.bool, got {arg.dtype}")
     if arg.shape != (num_heads,):
         raise ValueError(f"{name} must have shape ({num_heads},) (one entry per query head), got {tuple(arg.shape)}")
-    return arg.to(device)
+    return tuple(arg.tolist())  # a CPU tensor costs no device synchronisation here
 
 
 def _check_mask(mask, b, hq, sq, skv, device) -> Optional[torch.Tensor]:
@@ -149,7 +201,7 @@ def make_problem(
                 f"q has {hq} heads, not a multiple of k's {hkv}; pass kv_head_index (one KV head per query head) "
                 "for ragged groups"
             )
-        kv_map = torch.arange(hq, device=device) // (hq // hkv)
+        kv_map = tuple(h // (hq // hkv) for h in range(hq))
     else:
         if not isinstance(kv_head_index, torch.Tensor):
             raise ValueError(f"kv_head_index must be an integer tensor of shape ({hq},), got {type(kv_head_index).__name__}")
@@ -157,17 +209,14 @@ def make_problem(
             raise ValueError(f"kv_head_index must have an integer dtype, got {kv_head_index.dtype}")
         if kv_head_index.shape != (hq,):
             raise ValueError(f"kv_head_index must have shape ({hq},) (one KV head per query head), got {tuple(kv_head_index.shape)}")
-        kv_map = kv_head_index.to(device=device, dtype=torch.int64)
-        if hq and (int(kv_map.min()) < 0 or int(kv_map.max()) >= hkv):
-            raise ValueError(f"kv_head_index entries must lie in [0, {hkv}), got range [{int(kv_map.min())}, {int(kv_map.max())}]")
+        kv_map = tuple(kv_head_index.tolist())
+        if min(kv_map) < 0 or max(kv_map) >= hkv:
+            raise ValueError(f"kv_head_index entries must lie in [0, {hkv}), got range [{min(kv_map)}, {max(kv_map)}]")
 
-    grad = _head_mask(grad_heads, "grad_heads", hq, True, device)
-    pruned = _head_mask(pruned_heads, "pruned_heads", hq, False, device)
-    active = ~pruned
-    grad = grad & active  # a pruned head has nothing to differentiate
+    grad = _head_mask(grad_heads, "grad_heads", hq, True)
+    active = tuple(not x for x in _head_mask(pruned_heads, "pruned_heads", hq, False))
     mask = _check_mask(attention_mask, b, hq, sq, skv, device)
     return AttentionProblem(
-        q=q, k=k, v=v, kv_head_index=kv_map,
-        active_heads=active.nonzero().flatten(), grad_heads=grad.nonzero().flatten(),
+        q=q, k=k, v=v, heads=_head_layout(grad, active, kv_map, hkv, device),
         mask=mask, causal=causal, scale=float(scale), out_layout=out_layout,
     )

@@ -97,7 +97,8 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
     common = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, MASK_KIND=mask_kind, **_flags(q))
 
     # Query heads of each KV head, as a CSR list, so that dK/dV need no atomics.
-    counts = torch.bincount(kv_heads, minlength=r)
+    # (index_add_ rather than bincount, which would synchronise with the device to size its output)
+    counts = torch.zeros(r, dtype=torch.int64, device=q.device).index_add_(0, kv_heads, torch.ones_like(kv_heads))
     qh_ptr = torch.zeros(r + 1, dtype=torch.int64, device=q.device)
     qh_ptr[1:] = torch.cumsum(counts, 0)
     qh_idx = torch.argsort(kv_heads, stable=True)
