@@ -160,7 +160,8 @@ def per_sample_loss(model, info: ModelInfo, batch: Dict[str, torch.Tensor]) -> t
             tgt = batch["input_ids"].masked_fill(~mask, -100)
         else:
             tgt = tgt.masked_fill(~mask, -100)
-        lg, tg = logits[:, :-1], tgt[:, 1:]
+        # a target counts only if the position predicting it is a real token too (left padding)
+        lg, tg = logits[:, :-1], tgt[:, 1:].masked_fill(~mask[:, :-1], -100)
     else:
         if logits is None:
             hidden = out.last_hidden_state
