@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import headsparse as hs  # noqa: E402
+from headsparse.ops.memory import saved_tensor_bytes  # noqa: E402
 
 GRAD_FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
 
@@ -54,19 +55,6 @@ def _timer(device: str):
         return best * 1e3
 
     return cpu_time
-
-
-def _saved_bytes(fn) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 def _providers(args, heads: int, causal: bool):
@@ -144,7 +132,7 @@ def bench_one(args, seq: int, head_dim: int, causal: bool, timer):
                 row["bwd_ms"] = 0.0
                 row["fwd_bwd_ms"] = timer(lambda: fn(q, k, v))
             del out
-            row["saved_bytes"] = _saved_bytes(lambda: fn(q, k, v))
+            row["saved_bytes"] = saved_tensor_bytes(lambda: fn(q, k, v))[0]
             row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
             bwd_flops = 2.5 * fwd_flops * frac
             row["bwd_tflops"] = bwd_flops / row["bwd_ms"] / 1e9 if row["bwd_ms"] > 0 else None

@@ -11,19 +11,7 @@ import time
 import torch
 
 from .ops import attention, backends
-
-
-def _saved_bytes(fn):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return total, out
+from .ops.memory import saved_tensor_bytes
 
 
 def _time_step(fn, inputs, grad_out, reps: int) -> float:
@@ -62,8 +50,8 @@ def run_demo(batch=4, q_heads=16, kv_heads=4, seq=512, head_dim=64, grad_fractio
     def sparse():
         return attention(q, k, v, grad_heads=grad_heads, causal=True, backend=backend)
 
-    dense_bytes, out_dense = _saved_bytes(dense)
-    sparse_bytes, out_sparse = _saved_bytes(sparse)
+    dense_bytes, out_dense = saved_tensor_bytes(dense)
+    sparse_bytes, out_sparse = saved_tensor_bytes(sparse)
     max_diff = (out_dense - out_sparse).abs().max().item()
     g_dense = torch.autograd.grad(out_dense, (q, k, v), grad_out)
     g_sparse = torch.autograd.grad(out_sparse, (q, k, v), grad_out, allow_unused=True)

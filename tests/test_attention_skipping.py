@@ -6,25 +6,12 @@ import torch
 
 import headsparse as hs
 from headsparse.ops import torch_backend, triton_backend
+from headsparse.ops.memory import saved_tensor_bytes as saved_bytes
 
 from attention_cases import Case, make_inputs
 
 BACKENDS = ["torch", "triton"]
 BACKEND_MODULES = {"torch": torch_backend, "triton": triton_backend}
-
-
-def saved_bytes(fn):
-    """Bytes of every tensor the autograd graph saves while ``fn`` runs (and the result)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return total, out
 
 
 def _leaves(case, dtype=torch.float32, seed=0):

@@ -41,6 +41,13 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(base, rows, offs_d, stride_s, stride_d, n_rows, HEAD_DIM: tl.constexpr):
+    """Rows ``rows`` of one head's (S, D) slice; rows >= n_rows and columns >= HEAD_DIM read as 0."""
+    msk = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride_s + offs_d[None, :] * stride_d, mask=msk, other=0.0)
+
+
+@triton.jit
 def _masked_scores(s, offs_m, offs_n, M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk,
                    seq_q, seq_kv, causal_offset,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
@@ -84,8 +91,7 @@ def _attn_fwd(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < seq_q) & d_ok, other=0.0)
+    q = _load_tile(Q + b * stride_qb + hq * stride_qh, offs_m, offs_d, stride_qs, stride_qd, seq_q, HEAD_DIM)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -97,9 +103,8 @@ def _attn_fwd(
         hi = tl.minimum(seq_kv, (start_m + 1) * BLOCK_M + causal_offset)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        kv_mask = (offs_n[:, None] < seq_kv) & d_ok
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, offs_n, offs_d, stride_ks, stride_kd, seq_kv, HEAD_DIM)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vs, stride_vd, seq_kv, HEAD_DIM)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         s = _masked_scores(s, offs_m, offs_n, M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk,
                            seq_q, seq_kv, causal_offset, CAUSAL, MASK_KIND)
@@ -167,10 +172,8 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
     kv_mask = (offs_n[:, None] < seq_kv) & d_ok
-    k = tl.load(K + b * stride_kb + r * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + r * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    k = _load_tile(K + b * stride_kb + r * stride_kh, offs_n, offs_d, stride_ks, stride_kd, seq_kv, HEAD_DIM)
+    v = _load_tile(V + b * stride_vb + r * stride_vh, offs_n, offs_d, stride_vs, stride_vd, seq_kv, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = 0
@@ -187,10 +190,8 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, seq_q, BLOCK_M):
             offs_m = start_m + offs_m0
             row_ok = offs_m < seq_q
-            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & d_ok, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-                         mask=row_ok[:, None] & d_ok, other=0.0)
+            q = _load_tile(q_base, offs_m, offs_d, stride_qs, stride_qd, seq_q, HEAD_DIM)
+            do = _load_tile(do_base, offs_m, offs_d, stride_ds, stride_dd, seq_q, HEAD_DIM)
             lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
             s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
@@ -202,12 +203,11 @@ def _attn_bwd_dkdv(
             ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST, IEEE)
     dk = dk * sm_scale
-    out_mask = kv_mask
     # DK and DV are fresh contiguous (B, R, Skv, D) buffers.
     base = (b * num_kv_heads + r) * seq_kv * HEAD_DIM
     ptrs = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
+    tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -233,10 +233,8 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m < seq_q
-    q = tl.load(Q + b * stride_qb + g * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok, other=0.0)
-    do = tl.load(DO + b * stride_db + g * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-                 mask=row_ok[:, None] & d_ok, other=0.0)
+    q = _load_tile(Q + b * stride_qb + g * stride_qh, offs_m, offs_d, stride_qs, stride_qd, seq_q, HEAD_DIM)
+    do = _load_tile(DO + b * stride_db + g * stride_dh, offs_m, offs_d, stride_ds, stride_dd, seq_q, HEAD_DIM)
     lse = tl.load(LSE + pid * seq_q + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid * seq_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + r * stride_kh
@@ -247,9 +245,8 @@ def _attn_bwd_dq(
         hi = tl.minimum(seq_kv, (start_m + 1) * BLOCK_M + causal_offset)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        kv_mask = (offs_n[:, None] < seq_kv) & d_ok
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, offs_n, offs_d, stride_ks, stride_kd, seq_kv, HEAD_DIM)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vs, stride_vd, seq_kv, HEAD_DIM)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         s = _masked_scores(s, offs_m, offs_n, M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk,
                            seq_q, seq_kv, causal_offset, CAUSAL, MASK_KIND)
