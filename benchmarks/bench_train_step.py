@@ -1,0 +1,369 @@
+"""One training step (forward, backward, AdamW): time and peak memory, per fine-tuning method.
+
+Methods:
+  full               every parameter trainable (sdpa attention)
+  lora16             LoRA r=16 (alpha 32) on q/k/v/o via peft (sdpa attention); needs ``pip install peft``
+  hs-exact-spread    headsparse, 10% of heads TRAIN, spread over all layers, grad="exact"
+  hs-sparse-spread   same plan, grad="sparse"
+  hs-exact-top       headsparse, 10% of heads TRAIN, all in the top half of the layers, grad="exact"
+  hs-sparse-top      same plan, grad="sparse"
+
+Each method runs in its own subprocess (fresh memory). Memory:
+  - CUDA: ``torch.cuda.max_memory_allocated()`` during the steps minus the allocation before the first step.
+  - CPU: peak resident set size (VmHWM from /proc/self/status, reset through /proc/self/clear_refs) during the
+    steps minus the RSS before the first step. This is process RSS, so it includes allocator caching; it is not
+    tracemalloc (which does not see torch's allocations).
+  Also reported, exactly: bytes of gradients + AdamW state, and bytes saved for backward in one forward
+  (``torch.autograd.graph.saved_tensors_hooks``).
+Time: the median of the measured steps after one warm-up step.
+
+Usage:
+  python benchmarks/bench_train_step.py --model smollm2 --batch 2 --seq 256 --steps 3          # CPU
+  python benchmarks/bench_train_step.py --model smollm2-random,llama-1b --batch 1 --seq 2048   # GPU
+Writes JSON (--out) and markdown (--md) and prints the markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+METHODS = ("full", "lora16", "hs-exact-spread", "hs-sparse-spread", "hs-exact-top", "hs-sparse-top")
+MODELS = ("smollm2", "smollm2-random", "llama-1b", "tiny")
+TRAIN_FRACTION = 0.10
+
+
+# ------------------------------------------------------------------ worker side
+def _build_model(name: str, dtype, device):
+    import torch
+    import transformers
+
+    if name == "smollm2":
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from _hs_models import smollm2_dir
+
+        return transformers.LlamaForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype,
+                                                             attn_implementation="sdpa").to(device)
+    if name == "smollm2-random":  # SmolLM2-135M's shape, random weights (same time and memory)
+        cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                       tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+    elif name == "llama-1b":  # Llama-3.2-1B's shape, random weights
+        cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                                       tie_word_embeddings=True, rope_theta=500000.0)
+    elif name == "tiny":
+        cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2)
+    else:
+        raise ValueError(f"--model must be one of {MODELS}, got {name!r}")
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def _plan(model, where: str):
+    import torch
+
+    import headsparse as hs
+
+    c = model.config
+    nl, nq = c.num_hidden_layers, c.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(nl, nq, generator=g)
+    if where == "top":  # only heads in the top half of the layers can be chosen
+        scores[: nl // 2] -= 10.0
+    return hs.HeadPlan.from_scores(scores, top_fraction=TRAIN_FRACTION, num_kv_heads=c.num_key_value_heads,
+                                   model_family="llama")
+
+
+def _setup(method: str, model):
+    if method == "full":
+        return model, None
+    if method == "lora16":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        return get_peft_model(model, cfg), None
+    import headsparse as hs
+
+    _, grad, where = method.split("-")
+    plan = _plan(model, where)
+    hs.patch(model, plan, grad=grad)
+    return model, plan
+
+
+class _CpuPeak:
+    """Peak RSS via /proc (VmHWM after clear_refs), with a sampling thread as the fallback."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.use_hwm = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.use_hwm = self._hwm() is not None
+        except OSError:
+            pass
+        self.samples = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _hwm():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    def start(self):
+        self.base = self.proc.memory_info().rss
+        if self.use_hwm:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        else:
+            self._peak = self.base
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        if self.use_hwm:
+            return self._hwm() - self.base
+        self._stop.set()
+        self._thread.join()
+        return self._peak - self.base
+
+
+def worker(args) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = _build_model(args.model, dtype, device)
+    model, plan = _setup(args.method, model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+
+    # saved-for-backward bytes of one forward (exact, backend independent)
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    gc.collect()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        meter = _CpuPeak()
+        meter.start()
+    times = []
+    for i in range(args.steps + 1):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else meter.stop()
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                      if torch.is_tensor(t) and t.dim() > 0)
+    return {
+        "method": args.method, "model": args.model, "device": str(device), "dtype": args.dtype,
+        "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "step_s_median": statistics.median(times), "step_s_all": times,
+        "peak_mem_bytes": int(peak),
+        "peak_mem_kind": "cuda max_memory_allocated delta" if device.type == "cuda" else
+        ("RSS VmHWM delta" if meter.use_hwm else "RSS sampled delta"),
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "grad_plus_adam_bytes": grad_bytes + state_bytes,
+        "saved_activation_bytes": saved[0],
+        "trainable_head_fraction": None if plan is None else plan.trainable_fraction,
+        "lowest_trainable_layer": None if plan is None else plan.lowest_trainable_layer,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------ driver side
+def _versions():
+    import torch
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import peft
+
+        v["peft"] = peft.__version__
+    except ImportError:
+        v["peft"] = None
+    return v
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except Exception:
+        return "unknown"
+
+
+def _mb(b):
+    return f"{b / 2**20:,.1f}"
+
+
+def markdown(results, meta) -> str:
+    lines = [
+        f"# One training step: {meta['date']}",
+        "",
+        f"device: {meta['device_name']}; torch {meta['versions']['torch']}, transformers "
+        f"{meta['versions']['transformers']}, peft {meta['versions']['peft']}; commit {meta['commit']}",
+        f"peak memory = {results[0]['peak_mem_kind'] if results else '-'} over the state before the first step "
+        "(CPU: process RSS, includes allocator caching); grad+Adam and saved activations are exact tensor bytes.",
+        f"headsparse methods train {int(TRAIN_FRACTION * 100)}% of the query heads (spread = anywhere, top = top half "
+        "of the layers); exact = true gradient, sparse = frozen heads treated as constants. full and lora16 use "
+        "sdpa attention, headsparse its own op.",
+        "",
+    ]
+    for (model, batch, seq, dtype), rows in _group(results).items():
+        lines += [f"## {model}, batch {batch}, seq {seq}, {dtype}", "",
+                  "| method | step time (s) | peak mem (MB) | grad+Adam (MB) | saved activations (MB) | trainable params |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | |")
+                continue
+            lines.append(f"| {r['method']} | {r['step_s_median']:.2f} | {_mb(r['peak_mem_bytes'])} | "
+                         f"{_mb(r['grad_plus_adam_bytes'])} | {_mb(r['saved_activation_bytes'])} | "
+                         f"{r['trainable_params']:,} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _group(results):
+    out = {}
+    for r in results:
+        out.setdefault((r["model"], r["batch"], r["seq"], r["dtype"]), []).append(r)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help=f"comma-separated, from {MODELS}")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("--md", default=None, help="markdown output path")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown methods {bad}; choose from {METHODS}")
+    results = []
+    for model in args.model.split(","):
+        if model not in MODELS:
+            ap.error(f"unknown model {model!r}; choose from {MODELS}")
+        for method in methods:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--model", model,
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+                   "--device", args.device, "--dtype", args.dtype]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                r = {"method": method, "model": model, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+                     "error": err}
+            else:
+                r = json.loads(line[-1][len("RESULT "):])
+            results.append(r)
+            print(json.dumps({k: r.get(k) for k in ("model", "method", "step_s_median", "peak_mem_bytes", "error")}),
+                  file=sys.stderr, flush=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device_name": _device_name(args.device), "versions": _versions(), "commit": _commit(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    md = markdown(results, meta)
+    print(md)
+    for path, text in ((args.out, json.dumps({"meta": meta, "results": results}, indent=1)), (args.md, md)):
+        if path:
+            d = os.path.dirname(os.path.abspath(path))
+            os.makedirs(d, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
