@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     bk = sub.add_parser("backends", help="which attention backends are usable here, and why not")
     bk.set_defaults(func=_cmd_backends)
+    from .scoring.cli import add_parser as _add_score_parser
+
+    _add_score_parser(sub)
     return ap
 
 

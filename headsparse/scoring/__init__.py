@@ -54,8 +54,13 @@ def score_heads(model, data, method: str = "gradient", *, tokenizer=None, batch_
     opts = resolve_options(method, options)
     info = model_info(model)
     device = next(model.parameters()).device
+    total = None
+    if isinstance(data, (list, tuple)):
+        texts = bool(data) and all(isinstance(t, str) for t in data)
+        n = min(len(data), max_samples) if texts and max_samples else len(data)
+        total = -(-n // batch_size) if texts else len(data)
     counter = M._Counter(iter_batches(data, tokenizer, batch_size, max_length, device, max_samples), progress,
-                         desc=f"scoring heads ({method})")
+                         desc=f"scoring heads ({method})", total=total)
     extra = {}
     if method == "gradient":
         scores, extra = M.score_gradient(model, info, counter, loss_fn, opts)

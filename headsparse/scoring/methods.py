@@ -64,14 +64,14 @@ def resolve_options(method: str, options: Dict) -> Dict:
 class _Counter:
     """Wraps a batch iterator: counts samples and non-padding tokens."""
 
-    def __init__(self, batches, progress: bool = False, desc: str = "scoring"):
+    def __init__(self, batches, progress: bool = False, desc: str = "scoring", total: Optional[int] = None):
         self.samples = 0
         self.tokens = 0
         self._it = batches
         if progress:
             from tqdm.auto import tqdm
 
-            self._it = tqdm(batches, desc=desc, unit="batch")
+            self._it = tqdm(batches, desc=desc, unit="batch", total=total)
 
     def __iter__(self):
         for b in self._it:
