@@ -187,78 +187,109 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
+// Two passes, each free of races and parallel over many tasks (FlashAttention-2's split):
+//   A: over (batch, grad head, block of query rows): dQ of those rows;
+//   B: over (batch, compact KV head, block of keys): dK/dV of those keys, visiting
+//      only the grad heads that read that KV head.
+// Both recompute P = exp(S - lse) from the saved log-sum-exp.
 template <typename scalar_t>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& o, const at::Tensor& lse, const int64_t* kv_pos, const int64_t* mask_heads,
-                   const MaskView& mask, bool causal, double scale_d, at::Tensor* stats, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv) {
+                   const at::Tensor& delta_t, const at::Tensor& lse, const int64_t* kv_pos, const int64_t* mask_heads,
+                   const MaskView& mask, bool causal, double scale_d, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t B = q.size(0), G = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t R = k.size(1), Skv = k.size(2);
   const int64_t off = Skv - Sq;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const scalar_t* qd = q.data_ptr<scalar_t>();
-  const scalar_t* kd = k.data_ptr<scalar_t>();
-  const scalar_t* vd = v.data_ptr<scalar_t>();
-  const scalar_t* od = o.data_ptr<scalar_t>();
-  const scalar_t* dod = dout.data_ptr<scalar_t>();
+  // q, k, v, dout: contiguous accumulator-type copies (made by the caller).
+  const acc_t* qd = q.data_ptr<acc_t>();
+  const acc_t* kd = k.data_ptr<acc_t>();
+  const acc_t* vd = v.data_ptr<acc_t>();
+  const acc_t* dod = dout.data_ptr<acc_t>();
+  const acc_t* deltad = delta_t.data_ptr<acc_t>();  // (B, G, Sq) contiguous
+  const acc_t* lsed = lse.data_ptr<acc_t>();
+  const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
   scalar_t* dqd = dq.data_ptr<scalar_t>();  // contiguous (B, G, Sq, D)
   scalar_t* dkd = dk.data_ptr<scalar_t>();  // contiguous (B, R, Skv, D)
   scalar_t* dvd = dv.data_ptr<scalar_t>();
-  const bool stats_double = stats != nullptr && stats->scalar_type() == at::kDouble;
-  float* stats_f = (stats != nullptr && !stats_double) ? stats->data_ptr<float>() : nullptr;
-  double* stats_d = stats_double ? stats->data_ptr<double>() : nullptr;
-  const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2);
 
-  at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kbuf(Skv * D), vbuf(Skv * D), dkbuf(Skv * D), dvbuf(Skv * D);
-    std::vector<acc_t> qrow(D), dorow(D), orow(D), dqrow(D), brow(std::max<int64_t>(Skv, 1));
+  constexpr int64_t kRowBlock = 32;
+  const int64_t nqb = (Sq + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, B * G * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dqrow(D), brow(std::max<int64_t>(Skv, 1));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / R, r = task % R;
-      load_rows(kd + b * k.stride(0) + r * k.stride(1), Skv, D, k.stride(2), k.stride(3), acc_t(1), kbuf.data());
-      load_rows(vd + b * v.stride(0) + r * v.stride(1), Skv, D, v.stride(2), v.stride(3), acc_t(1), vbuf.data());
+      const int64_t blk = task % nqb, g = (task / nqb) % G, b = task / (nqb * G);
+      const int64_t r = kv_pos[g], hm = mask_heads[g];
+      const acc_t* kb = kd + (b * R + r) * Skv * D;
+      const acc_t* vb = vd + (b * R + r) * Skv * D;
+      for (int64_t i = blk * kRowBlock; i < std::min(Sq, (blk + 1) * kRowBlock); ++i) {
+        const acc_t* qrow = qd + ((b * G + g) * Sq + i) * D;
+        const acc_t* dorow = dod + ((b * G + g) * Sq + i) * D;
+        const acc_t delta = deltad[(b * G + g) * Sq + i];
+        const acc_t lse_i = lsed[b * ls0 + g * ls1 + i * ls2];
+        std::fill(dqrow.begin(), dqrow.end(), acc_t(0));
+        if (lse_i != inf) {
+          const int64_t jlim = visible_keys(causal, i, off, Skv);
+          fill_bias(mask, b, hm, i, jlim, brow.data());
+          for (int64_t j = 0; j < jlim; ++j) {
+            if (brow[j] == -inf) continue;
+            const acc_t p = std::exp(dot(qrow, kb + j * D, D) * scale + brow[j] - lse_i);
+            if (p == acc_t(0)) continue;
+            const acc_t ds = p * (dot(dorow, vb + j * D, D) - delta);
+            axpy(ds, kb + j * D, dqrow.data(), D);
+          }
+        }
+        scalar_t* out = dqd + ((b * G + g) * Sq + i) * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(dqrow[d] * scale);
+      }
+    }
+  });
+
+  constexpr int64_t kKeyBlock = 32;
+  const int64_t nkb = (Skv + kKeyBlock - 1) / kKeyBlock;
+  at::parallel_for(0, B * R * nkb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dkbuf(kKeyBlock * D), dvbuf(kKeyBlock * D), brow(kKeyBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task % nkb, r = (task / nkb) % R, b = task / (nkb * R);
+      const int64_t j0 = blk * kKeyBlock, j1 = std::min(Skv, j0 + kKeyBlock), nj = j1 - j0;
+      const acc_t* kb = kd + ((b * R + r) * Skv + j0) * D;
+      const acc_t* vb = vd + ((b * R + r) * Skv + j0) * D;
       std::fill(dkbuf.begin(), dkbuf.end(), acc_t(0));
       std::fill(dvbuf.begin(), dvbuf.end(), acc_t(0));
       for (int64_t g = 0; g < G; ++g) {
         if (kv_pos[g] != r) continue;
         const int64_t hm = mask_heads[g];
-        double stat_acc = 0;
-        for (int64_t i = 0; i < Sq; ++i) {
-          load_rows(qd + b * q.stride(0) + g * q.stride(1) + i * q.stride(2), 1, D, 0, q.stride(3), acc_t(1),
-                    qrow.data());
-          load_rows(dod + b * dout.stride(0) + g * dout.stride(1) + i * dout.stride(2), 1, D, 0, dout.stride(3),
-                    acc_t(1), dorow.data());
-          load_rows(od + b * o.stride(0) + g * o.stride(1) + i * o.stride(2), 1, D, 0, o.stride(3), acc_t(1),
-                    orow.data());
-          const acc_t delta = dot(orow.data(), dorow.data(), D);  // FlashAttention's preprocessing
-          stat_acc += delta;
-          std::fill(dqrow.begin(), dqrow.end(), acc_t(0));
-          const acc_t lse_i = static_cast<acc_t>(lse.data_ptr<acc_t>()[b * ls0 + g * ls1 + i * ls2]);
-          if (lse_i != inf) {
-            const int64_t jlim = visible_keys(causal, i, off, Skv);
-            fill_bias(mask, b, hm, i, jlim, brow.data());
-            for (int64_t j = 0; j < jlim; ++j) {
-              if (brow[j] == -inf) continue;
-              const acc_t s = dot(qrow.data(), kbuf.data() + j * D, D) * scale + brow[j];
-              const acc_t p = std::exp(s - lse_i);
-              if (p == acc_t(0)) continue;
-              const acc_t dp = dot(dorow.data(), vbuf.data() + j * D, D);
-              const acc_t ds = p * (dp - delta);
-              axpy(ds, kbuf.data() + j * D, dqrow.data(), D);
-              axpy(ds * scale, qrow.data(), dkbuf.data() + j * D, D);
-              axpy(p, dorow.data(), dvbuf.data() + j * D, D);
-            }
+        const int64_t istart = causal ? std::max<int64_t>(0, j0 - off) : 0;
+        for (int64_t i = istart; i < Sq; ++i) {
+          const acc_t lse_i = lsed[b * ls0 + g * ls1 + i * ls2];
+          if (lse_i == inf) continue;
+          const int64_t jend = std::min<int64_t>(nj, visible_keys(causal, i, off, Skv) - j0);
+          if (jend <= 0) continue;
+          const acc_t* qrow = qd + ((b * G + g) * Sq + i) * D;
+          const acc_t* dorow = dod + ((b * G + g) * Sq + i) * D;
+          const acc_t delta = deltad[(b * G + g) * Sq + i];
+          if (mask.present) {
+            // bias of keys j0 .. j0 + jend: shift the mask view by j0 keys
+            MaskView shifted = mask;
+            shifted.data = static_cast<const char*>(mask.data) + j0 * mask.s3 * at::elementSize(mask.type);
+            fill_bias(shifted, b, hm, i, jend, brow.data());
+          } else {
+            std::fill(brow.begin(), brow.begin() + jend, acc_t(0));
           }
-          scalar_t* dq_out = dqd + ((b * G + g) * Sq + i) * D;
-          for (int64_t d = 0; d < D; ++d) dq_out[d] = static_cast<scalar_t>(dqrow[d] * scale);
+          for (int64_t jj = 0; jj < jend; ++jj) {
+            if (brow[jj] == -inf) continue;
+            const acc_t p = std::exp(dot(qrow, kb + jj * D, D) * scale + brow[jj] - lse_i);
+            if (p == acc_t(0)) continue;
+            const acc_t ds = p * (dot(dorow, vb + jj * D, D) - delta);
+            axpy(ds * scale, qrow, dkbuf.data() + jj * D, D);
+            axpy(p, dorow, dvbuf.data() + jj * D, D);
+          }
         }
-        if (stats_f) stats_f[b * G + g] += static_cast<float>(stat_acc);
-        if (stats_d) stats_d[b * G + g] += stat_acc;
       }
-      scalar_t* dk_out = dkd + (b * R + r) * Skv * D;
-      scalar_t* dv_out = dvd + (b * R + r) * Skv * D;
-      for (int64_t e = 0; e < Skv * D; ++e) {
+      scalar_t* dk_out = dkd + ((b * R + r) * Skv + j0) * D;
+      scalar_t* dv_out = dvd + ((b * R + r) * Skv + j0) * D;
+      for (int64_t e = 0; e < nj * D; ++e) {
         dk_out[e] = static_cast<scalar_t>(dkbuf[e]);
         dv_out[e] = static_cast<scalar_t>(dvbuf[e]);
       }
@@ -336,9 +367,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_backward(
     return {dq, dk, dv};
   }
   const MaskView m = make_mask_view(mask);
+  // Preprocessing (FlashAttention's delta = rowsum(O * dO)) and accumulator-type copies, with ATen.
+  at::Tensor qf = q.to(acc).contiguous(), kf = k.to(acc).contiguous(), vf = v.to(acc).contiguous();
+  at::Tensor dof = dout.to(acc).contiguous();
+  at::Tensor delta = (o.to(acc) * dof).sum(-1).contiguous();  // (B, G, Sq)
+  if (stats_ptr != nullptr) stats_ptr->add_(delta.sum(-1).to(stats_ptr->scalar_type()));
+  at::Tensor lse_acc = lse.to(acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "headsparse_attn_backward_cpu", [&] {
-    backward_impl<scalar_t>(dout, q, k, v, o, lse, kv_pos.data_ptr<int64_t>(), mask_heads.data_ptr<int64_t>(), m,
-                            causal, scale, stats_ptr, dq, dk, dv);
+    backward_impl<scalar_t>(dof, qf, kf, vf, delta, lse_acc, kv_pos.data_ptr<int64_t>(), mask_heads.data_ptr<int64_t>(),
+                            m, causal, scale, dq, dk, dv);
   });
   return {dq, dk, dv};
 }
