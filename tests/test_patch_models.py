@@ -218,3 +218,10 @@ def test_generate_matches(family):
     with torch.no_grad():
         full = model(out_p).logits[:, 4:-1].argmax(-1)
     assert torch.equal(full, out_p[:, 5:])
+
+
+def test_head_layout_reports_the_patched_order():
+    from headsparse.patch import head_layout
+
+    m = hs.patch(tiny_model("llama"), HeadPlan([["f", "p", "t", "f"], ["p"] * 4, ["t", "f", "f", "t"]], num_kv_heads=2))
+    assert head_layout(m) == [[2, 0, 3], [0], [0, 3, 1, 2]]

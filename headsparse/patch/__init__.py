@@ -4,6 +4,7 @@ This layer imports ``headsparse.ops`` and ``headsparse.plan``, never the pipelin
 """
 from .core import (
     ATTN_NAME,
+    head_layout,
     headsparse_attention_forward,
     is_patched,
     merged_layer_weights,
@@ -19,6 +20,6 @@ from .linear import HeadSlicedOutput, HeadSlicedProjection
 
 __all__ = [
     "patch", "unpatch", "save_delta", "load_delta", "read_delta_plan", "is_patched", "patch_info",
-    "model_shape", "register", "headsparse_attention_forward", "ATTN_NAME", "FAMILIES", "SUPPORTED",
+    "model_shape", "head_layout", "register", "headsparse_attention_forward", "ATTN_NAME", "FAMILIES", "SUPPORTED",
     "HeadSlicedProjection", "HeadSlicedOutput", "merged_layer_weights",
 ]

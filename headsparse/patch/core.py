@@ -315,6 +315,19 @@ def patch_info(model) -> PatchInfo:
     return info
 
 
+def head_layout(model) -> List[List[int]]:
+    """Per layer, the original query-head index of each patched head position.
+
+    A patched layer lays its heads out TRAIN first, without pruned heads, so
+    per-head outputs of the patched model (for example the statistics of
+    :func:`headsparse.record_gate_grads`, keyed by layer index) are in this
+    order: ``stats[layer][:, p]`` belongs to original head ``head_layout(model)[layer][p]``.
+    """
+    info = patch_info(model)
+    return [list(getattr(info.family.attention(layer), _STATE_ATTR).q_order)
+            for layer in info.family.layers(model.base_model)]
+
+
 def _slot_path(names: Dict[int, str], module: nn.Module, attr: str) -> str:
     name = names[id(module)]
     return f"{name}.{attr}" if name else attr
