@@ -224,4 +224,4 @@ def test_head_layout_reports_the_patched_order():
     from headsparse.patch import head_layout
 
     m = hs.patch(tiny_model("llama"), HeadPlan([["f", "p", "t", "f"], ["p"] * 4, ["t", "f", "f", "t"]], num_kv_heads=2))
-    assert head_layout(m) == [[2, 0, 3], [0], [0, 3, 1, 2]]
+    assert head_layout(m) == [[2, 3, 0], [0], [0, 3, 1, 2]]  # TRAIN, frozen readers of trainable KV, rest

@@ -81,6 +81,7 @@ class LayerState:
     pruned_kept: List[bool]  # patched heads kept only to avoid an empty layer (op: pruned)
     grad_heads: Optional[List[bool]]  # None = all
     no_grad: bool  # below the gradient horizon
+    sparse: bool = False  # grad="sparse" at or above the horizon: frozen slices are constants
     _cache: Dict = field(default_factory=dict, repr=False)
 
     def tensors(self, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -206,15 +207,18 @@ def _layer_state(plan: HeadPlan, i: int, grad: str, lowest: Optional[int]) -> La
     if not kept:  # keep one head so the layer's shapes stay valid; the op treats it as pruned
         kept = [0]
         pruned_kept_heads = {0}
-    q_order = [h for h in kept if modes[h] == HeadMode.TRAIN] + [h for h in kept if modes[h] != HeadMode.TRAIN]
-    n_train_q = sum(modes[h] == HeadMode.TRAIN for h in q_order)
+    # TRAIN heads first, then frozen heads reading a trainable KV head, then the other frozen heads.
+    is_train = [modes[h] == HeadMode.TRAIN for h in range(plan.num_q_heads)]
+    q_order = ([h for h in kept if is_train[h]] + [h for h in kept if not is_train[h] and kv_train[h // g]]
+               + [h for h in kept if not is_train[h] and not kv_train[h // g]])
+    n_train_q = sum(is_train[h] for h in q_order)
     kv_needed = sorted({h // g for h in kept})
     kv_order = [k for k in kv_needed if kv_train[k]] + [k for k in kv_needed if not kv_train[k]]
     n_train_kv = sum(kv_train[k] for k in kv_order)
     pos = {k: p for p, k in enumerate(kv_order)}
     kv_head_index = [pos[h // g] for h in q_order]
     # Heads whose backward runs when only the trainable part needs it: TRAIN heads and readers of trainable KV.
-    narrow = [modes[h] == HeadMode.TRAIN or kv_train[h // g] for h in q_order]
+    narrow = [is_train[h] or kv_train[h // g] for h in q_order]  # a prefix of q_order
     below = lowest is None or i < lowest
     if below:
         grad_heads = [False] * len(q_order)
@@ -223,7 +227,8 @@ def _layer_state(plan: HeadPlan, i: int, grad: str, lowest: Optional[int]) -> La
     else:
         grad_heads = None
     return LayerState(i, q_order, kv_order, kv_head_index, n_train_q, n_train_kv,
-                      [h in pruned_kept_heads for h in q_order], grad_heads, below)
+                      [h in pruned_kept_heads for h in q_order], grad_heads, below,
+                      sparse=grad == "sparse" and not below)
 
 
 def _build_projections(family: Family, slots, st: LayerState, nq: int, nkv: int, head_dim: int):
@@ -269,6 +274,14 @@ def _build_projections(family: Family, slots, st: LayerState, nq: int, nkv: int,
     wt = w.index_select(1, _rows(tq, d, 0, dev))
     wf = w.index_select(1, _rows(fq, d, 0, dev))
     new["o"] = HeadSlicedOutput(wt, wf, b)
+    if st.sparse:
+        # frozen heads are constants: no gradient through the frozen Q/K/V rows, nor into the frozen heads
+        # outside the backward set (the grad heads are a prefix of the layout)
+        for key, m in new.items():
+            if key == "o":
+                m.detach_from = sum(st.grad_heads) * d
+            else:
+                m.detach_frozen = True
     return new
 
 

@@ -53,10 +53,12 @@ class HeadSlicedProjection(nn.Module):
         self.bias_frozen = _param(bias_frozen, False) if self.rows_frozen else None
         self.segments: List[Segment] = [s for s in segments if s[2] > s[1]]
         self.out_features = sum(e - s for _, s, e in self.segments)
+        self.detach_frozen = False  # grad="sparse": the frozen rows give no input gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         yt = F.linear(x, self.weight_train, self.bias_train) if self.rows_train else None
-        yf = F.linear(x, self.weight_frozen, self.bias_frozen) if self.rows_frozen else None
+        xf = x.detach() if self.detach_frozen else x
+        yf = F.linear(xf, self.weight_frozen, self.bias_frozen) if self.rows_frozen else None
         if len(self.segments) == 1:
             kind, s, e = self.segments[0]
             y = yt if kind == "t" else yf
@@ -79,9 +81,18 @@ class HeadSlicedOutput(nn.Module):
         self.weight_train = _param(weight_train, True) if self.cols_train else None
         self.weight_frozen = _param(weight_frozen, False) if self.cols_frozen else None
         self.bias = _param(bias, False)
+        # grad="sparse": input columns from here on get no gradient (frozen heads outside the backward set)
+        self.detach_from: Optional[int] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ct = self.cols_train
+        cut = self.detach_from
+        if cut is not None and ct <= cut < self.in_features and self.cols_frozen:
+            # frozen columns [ct, cut) pass a gradient, [cut, in) do not
+            y = F.linear(x[..., cut:].detach(), self.weight_frozen[:, cut - ct:], self.bias)
+            if cut > ct:
+                y = y + F.linear(x[..., ct:cut], self.weight_frozen[:, : cut - ct])
+            return y + F.linear(x[..., :ct], self.weight_train) if ct else y
         if not ct:
             return F.linear(x, self.weight_frozen, self.bias)
         if not self.cols_frozen:
