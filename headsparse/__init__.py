@@ -22,6 +22,10 @@ from .plan import HeadMode, HeadPlan
 from .patch import load_delta, save_delta, unpatch
 from .patch import patch  # noqa: E402  (the function; the subpackage stays importable as headsparse.patch.core etc.)
 from .scoring import HeadScores, score_heads  # noqa: E402
+from .mining import MineResult, mine  # noqa: E402
+from .tuning import TuneResult, tune  # noqa: E402
+from .metrics import AERParts, aer  # noqa: E402
+from .pipeline import RunConfig, Task, run_pipeline  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -47,5 +51,14 @@ __all__ = [
     "HeadStats",
     "score_heads",
     "HeadScores",
+    "mine",
+    "MineResult",
+    "tune",
+    "TuneResult",
+    "aer",
+    "AERParts",
+    "run_pipeline",
+    "RunConfig",
+    "Task",
     "__version__",
 ]

@@ -22,6 +22,12 @@ def _cmd_backends(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from .run_cli import cmd_run
+
+    return cmd_run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="headsparse", description="Head-sparse attention and fine-tuning.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -36,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     bk = sub.add_parser("backends", help="which attention backends are usable here, and why not")
     bk.set_defaults(func=_cmd_backends)
+    from .run_cli import add_run_arguments
+
+    run = sub.add_parser("run", help="score heads, mine data, tune heads, evaluate vs full fine-tuning; AER report "
+                                     "(no arguments: SmolLM2-135M on a bundled sentiment-in-news pool)")
+    add_run_arguments(run)
+    run.set_defaults(func=_cmd_run)
     from .scoring.cli import add_parser as _add_score_parser
 
     _add_score_parser(sub)

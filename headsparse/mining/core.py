@@ -1,0 +1,170 @@
+"""``headsparse.mine``: choose the training subset of a pool.
+
+Methods (see ``docs/pipeline.md`` for what is published and what is our reconstruction):
+
+- ``"p2d"`` head-guided mining [reconstruction of P2D, arXiv 2605.21558, whose
+  mining score is unpublished]: each sample's signature is its gate gradient
+  sum_t <O_h, dO_h> on the plan's TRAIN heads, which the head-sparse attention
+  backward gathers for free (:func:`headsparse.record_gate_grads`; one batched
+  forward + backward per batch). By default the signature is the absolute
+  value (Michel et al.'s per-example head importance), standardised per head
+  over the pool (``center=True``); each sample is ranked by the cosine between
+  its signature and the mean standardised signature of the small ``target`` set.
+- ``"slap"`` batch-aware stratified, diverse, curvature-scored selection (see
+  :mod:`headsparse.mining.slap`); the result carries the batches.
+- ``"random"``: a seeded random subset.
+- ``"loss"``: the highest per-sample loss under the current model (forward only).
+- ``"less"`` [LESS-style, simplified]: per-sample gradients of the trainable
+  head slices, Kronecker-sketched (random projection), L2-normalised; score =
+  cosine to the mean normalised target gradient. Deviations from LESS: plain
+  SGD gradients (no warm-up LoRA run, no Adam preconditioning), one checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..plan import HeadPlan
+from .data import as_examples, pad_id_of
+from .features import patched_for, probe
+from .slap import SlapSelector
+
+METHODS = ("p2d", "slap", "random", "loss", "less")
+
+
+@dataclass
+class MineResult:
+    """The selected subset: ``indices`` into the pool (best first), every pool sample's ``scores``."""
+
+    method: str
+    indices: List[int]
+    scores: torch.Tensor  # (N,) float64, higher = more wanted
+    fraction: float
+    time_s: float
+    batches: Optional[List[List[int]]] = None  # SLAP: the composed batches (indices into the pool)
+    selector: Optional[SlapSelector] = None  # SLAP: for on-policy re-selection in tune()
+    info: Dict = field(default_factory=dict)
+
+    def subset(self, pool) -> List[Dict]:
+        ex = as_examples(pool)
+        return [ex[i] for i in self.indices]
+
+    def precision_recall(self, is_target) -> Dict[str, float]:
+        """Precision and recall of the selection against a boolean "is a target-task example" per pool sample."""
+        t = [bool(x) for x in is_target]
+        if len(t) != self.scores.numel():
+            raise ValueError(f"is_target has {len(t)} entries but the pool has {self.scores.numel()}")
+        hit = sum(t[i] for i in self.indices)
+        n_t = sum(t)
+        return {"precision": hit / len(self.indices) if self.indices else 0.0,
+                "recall": hit / n_t if n_t else 0.0, "selected": len(self.indices), "targets": n_t}
+
+
+def _check(fraction, method, target, pool):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    if method in ("p2d", "less") and target is None:
+        raise ValueError(f"method {method!r} needs target= (a small set of target-task examples)")
+
+
+def _top(scores: torch.Tensor, k: int) -> List[int]:
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return order[:k]
+
+
+SIGNATURES = ("abs", "signed")
+
+
+def p2d_scores(pool_sig: torch.Tensor, target_sig: torch.Tensor, center: bool = True,
+               signature: str = "abs") -> torch.Tensor:
+    """Cosine affinity of each pool signature to the mean target signature.
+
+    ``signature="abs"`` (default) uses |sum_t <O_h, dO_h>| per head, Michel et
+    al.'s per-example head importance (how strongly the sample's loss leans on
+    the head, whatever the sign, which flips with the label); "signed" keeps
+    the sign. With ``center`` each head's column is standardised over the pool
+    first, so the affinity measures "uses the task heads more than the pool does".
+    """
+    if signature not in SIGNATURES:
+        raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
+    p, t = pool_sig.double(), target_sig.double()
+    if signature == "abs":
+        p, t = p.abs(), t.abs()
+    if center:
+        mu, sd = p.mean(0), p.std(0, unbiased=False).clamp_min(1e-12)
+        p, t = (p - mu) / sd, (t - mu) / sd
+    proto = t.mean(0, keepdim=True)
+    return F.cosine_similarity(p, proto.expand_as(p), dim=1, eps=1e-12)
+
+
+def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1, target=None, *,
+         batch_size: int = 8, pad_id: Optional[int] = None, seed: int = 0, center: bool = True,
+         signature: str = "abs",
+         sketch_k: int = 8, slap_options: Optional[Dict] = None, progress: bool = False) -> MineResult:
+    """Select ``fraction`` of ``pool`` for training ``plan``'s heads of ``model`` (see the module docstring).
+
+    Args:
+        model: a Hugging Face causal LM supported by :func:`headsparse.patch`, patched
+            with ``plan`` or not (then a patched copy is used; ``model`` is untouched).
+        pool: list of examples (dicts with ``input_ids``, optional ``labels``) or an (N, S) tensor.
+        plan: the :class:`headsparse.HeadPlan` whose TRAIN heads define the signatures / trainable slices.
+        method: "p2d", "slap", "random", "loss" or "less".
+        fraction: share of the pool to select, in (0, 1] (at least one sample).
+        target: a small set of target-task examples (needed by "p2d" and "less").
+    """
+    _check(fraction, method, target, pool)
+    examples = as_examples(pool)
+    tgt = as_examples(target, "target") if target is not None else None
+    if not isinstance(plan, HeadPlan):
+        raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    k = max(1, int(round(fraction * len(examples))))
+    pad = pad_id_of(model, pad_id)
+    t0 = time.perf_counter()
+    info: Dict = {}
+    batches = selector = None
+    if method == "random":
+        g = torch.Generator().manual_seed(seed)
+        scores = torch.rand(len(examples), generator=g, dtype=torch.float64)
+    elif method == "loss":
+        with patched_for(model, plan) as m:
+            f = probe(m, examples, batch_size=batch_size, pad_id=pad, backward=False, progress=progress,
+                      desc="loss probe")
+        scores = f["loss"].double()
+    elif method == "p2d":
+        with patched_for(model, plan) as m:
+            fp = probe(m, examples, batch_size=batch_size, pad_id=pad, gate=True, progress=progress, desc="p2d pool")
+            ft = probe(m, tgt, batch_size=batch_size, pad_id=pad, gate=True, progress=progress, desc="p2d target")
+        scores = p2d_scores(fp["gate"], ft["gate"], center, signature)
+        info["signature_dim"] = int(fp["gate"].shape[1])
+    elif method == "less":
+        with patched_for(model, plan) as m:
+            fp = probe(m, examples, batch_size=batch_size, pad_id=pad, sketch_k=sketch_k, seed=seed,
+                       progress=progress, desc="less pool")
+            ft = probe(m, tgt, batch_size=batch_size, pad_id=pad, sketch_k=sketch_k, seed=seed,
+                       progress=progress, desc="less target")
+        gp = F.normalize(fp["sketch"].double(), dim=1)
+        gt = F.normalize(ft["sketch"].double(), dim=1).mean(0, keepdim=True)
+        scores = (gp @ F.normalize(gt, dim=1).t()).flatten()
+        info["feature_dim"] = int(fp["sketch"].shape[1])
+    else:  # slap
+        opts = dict(batch_size=batch_size, sketch_k=sketch_k, probe_batch_size=batch_size, pad_id=pad_id,
+                    seed=seed, progress=progress)
+        opts.update(slap_options or {})
+        selector = SlapSelector(examples, plan, fraction, **opts)
+        batches = selector.select(model)
+        scores = selector.last["sample_scores"]
+        chosen = [i for b in batches for i in b]
+        elapsed = time.perf_counter() - t0
+        return MineResult(method, chosen, scores, float(fraction), elapsed, batches, selector,
+                          {"batch_scores": selector.last["batch_scores"]})
+    elapsed = time.perf_counter() - t0
+    return MineResult(method, _top(scores, k), scores.double(), float(fraction), elapsed, None, None, info)

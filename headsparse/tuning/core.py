@@ -1,0 +1,161 @@
+"""``headsparse.tune``: train a plan's heads (or, with ``plan=None``, every parameter) with AdamW.
+
+With a plan, the model is patched in place (:func:`headsparse.patch`) unless it
+already is: gradients and optimizer state exist only for the TRAIN head slices,
+nothing below the lowest trainable layer keeps a graph. The model stays patched
+on return (``headsparse.unpatch`` merges the tuned slices back;
+``headsparse.save_delta`` writes only them).
+
+``data`` is a list of examples (dicts with ``input_ids`` and optional
+``labels``), an (N, S) tensor, or the :class:`headsparse.MineResult` of SLAP
+mining: its batches are used in the first epoch and the selector re-selects
+on-policy, with the model as it is then, before every later epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..mining.core import MineResult
+from ..mining.data import as_examples, batches as make_batches, collate, model_device, pad_id_of, per_sample_loss
+from ..patch import is_patched, patch, patch_info
+from ..plan import HeadPlan
+
+
+@dataclass
+class TuneResult:
+    model: object
+    steps: int
+    epochs: int
+    losses: List[float]
+    time_s: float
+    trainable_params: int
+    reselect_time_s: float = 0.0  # SLAP on-policy re-selection inside the training time
+    info: Dict = field(default_factory=dict)
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: int = 8, lr: float = 1e-4,
+         weight_decay: float = 0.0, grad: str = "exact", max_steps: Optional[int] = None, warmup_steps: int = 0,
+         schedule: str = "linear", train_modules: Sequence[str] = (), pad_id: Optional[int] = None, seed: int = 0,
+         shuffle: bool = True, max_grad_norm: Optional[float] = 1.0, progress: bool = True,
+         on_step: Optional[Callable[[int, float], None]] = None) -> TuneResult:
+    """Fine-tune ``model`` on ``data`` (see the module docstring); returns a :class:`TuneResult`.
+
+    Args:
+        plan: the :class:`HeadPlan` whose TRAIN heads are trained, or None for
+            full-parameter fine-tuning of the unpatched model (the baseline).
+        epochs, batch_size, lr, weight_decay: AdamW training; the learning rate
+            follows ``schedule`` ("linear" decay to 0 or "constant") after
+            ``warmup_steps`` of linear warm-up.
+        grad: "exact" or "sparse" (see :func:`headsparse.patch`).
+        max_steps: stop after this many optimizer steps (None: all epochs).
+        on_step: called as ``on_step(step, loss)`` after every optimizer step.
+    """
+    _positive_int("epochs", epochs)
+    _positive_int("batch_size", batch_size)
+    if max_steps is not None:
+        _positive_int("max_steps", max_steps)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if schedule not in ("linear", "constant"):
+        raise ValueError(f"schedule must be 'linear' or 'constant', got {schedule!r}")
+    selector, first_batches = None, None
+    if isinstance(data, MineResult):
+        if data.selector is None:
+            raise ValueError("data: a MineResult of a per-sample method holds only indices; pass result.subset(pool)")
+        selector, first_batches = data.selector, data.batches
+        examples = selector.examples
+    else:
+        examples = as_examples(data, "data")
+    if plan is None:
+        if is_patched(model):
+            raise ValueError("plan=None means full-parameter fine-tuning of an unpatched model, but model is patched")
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        if not isinstance(plan, HeadPlan):
+            raise ValueError(f"plan must be a headsparse.HeadPlan or None, got {type(plan).__name__}")
+        if is_patched(model):
+            if patch_info(model).plan != plan:
+                raise ValueError("model is patched with a different plan; unpatch it first or pass its plan")
+        else:
+            patch(model, plan, grad=grad, train_modules=train_modules)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: the plan has no TRAIN heads and no train_modules")
+    n_params = sum(p.numel() for p in params)
+    pad = pad_id_of(model, pad_id)
+    dev = model_device(model)
+    steps_per_epoch = math.ceil((len(examples) if selector is None else sum(len(b) for b in first_batches))
+                                / batch_size) if selector is None else len(first_batches)
+    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def lr_at(step):
+        if warmup_steps and step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        if schedule == "constant":
+            return lr
+        return lr * max(0.0, (total - step) / max(1, total - warmup_steps))
+
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc="tune" if plan is not None else "tune (full)", unit="step",
+                   disable=not progress, leave=False)
+    except ImportError:  # pragma: no cover
+        bar = None
+    gen = torch.Generator().manual_seed(seed)
+    losses: List[float] = []
+    step, reselect = 0, 0.0
+    model.train()
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        if step >= total:
+            break
+        if selector is not None:
+            if epoch == 0:
+                epoch_batches = first_batches
+            else:
+                r0 = time.perf_counter()
+                epoch_batches = selector.select(model)
+                reselect += time.perf_counter() - r0
+                model.train()
+        else:
+            order = torch.randperm(len(examples), generator=gen).tolist() if shuffle else None
+            epoch_batches = make_batches(len(examples), batch_size, order)
+        for idx in epoch_batches:
+            if step >= total:
+                break
+            b = collate([examples[i] for i in idx], pad, dev)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            loss = per_sample_loss(out.logits, b["labels"]).mean()
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            lv = float(loss.detach())
+            losses.append(lv)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
+            if on_step is not None:
+                on_step(step, lv)
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    model.eval()
+    del opt
+    return TuneResult(model, step, epochs, losses, elapsed, n_params, reselect)
