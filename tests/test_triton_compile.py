@@ -27,8 +27,10 @@ def test_kernels_compile_for_gpu(arch):
     rows = _compile("--archs", str(arch), "--dtypes", "bfloat16", "--head-dims", "64", "128")
     kinds = {(r["kernel"], r["head_dim"]) for r in rows}
     assert kinds == {(k, d) for k in ("fwd", "dkdv", "dq", "preprocess") for d in (64, 128)}
+    # shared memory is checked only when a kernel is loaded on a GPU, so check the per-block limits here
+    limit = {80: 163 * 1024, 90: 227 * 1024}[arch]
     for r in rows:
-        assert r["shared_bytes"] <= 228 * 1024, r  # fits an sm_90 SM (sm_80: 164 KiB, checked by ptxas)
+        assert r["shared_bytes"] <= limit, r
 
 
 def test_fp16_and_odd_head_dims_compile():

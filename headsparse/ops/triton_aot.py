@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+# the last-dimension strides of contiguous q/k/v/o/dO and of a contiguous mask
+_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_mk"}
 _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -60,18 +62,30 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
 
 
 def _signature(fn, pointers: Dict[str, str], constexprs: Dict[str, object]):
-    sig, cst = {}, {}
+    """Signature, constants and attributes as the launcher's JIT specialisation would produce them.
+
+    At run time Triton specialises pointers and integers divisible by 16 and
+    integers equal to 1; contiguous tensors give a unit stride for the last
+    dimension and 16-divisible other strides, so that is what is assumed here.
+    """
+    sig, cst, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
             cst[(i,)] = constexprs[name]
         elif name in pointers:
             sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
+        elif name in _UNIT_STRIDES:
+            sig[name] = "constexpr"
+            cst[(i,)] = 1
         else:
             sig[name] = "i32"
-    return sig, cst
+            if name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, cst, attrs
 
 
 def compile_kernels(archs: Iterable[int] = (80, 90), dtypes: Iterable[str] = ("bfloat16", "float16"),
@@ -93,6 +107,7 @@ def compile_kernels(archs: Iterable[int] = (80, 90), dtypes: Iterable[str] = ("b
             for d in head_dims:
                 for causal, mask_kind in ((False, K.MASK_NONE), (True, K.MASK_BOOL), (False, K.MASK_ADD)):
                     flags = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, MASK_KIND=mask_kind,
+                                 CHECK_BOUNDS=mask_kind != K.MASK_NONE,
                                  UPCAST=False, IEEE=dtype == "float32")
                     mask_t = "*u8" if mask_kind == K.MASK_BOOL else t
                     variants = [
@@ -106,8 +121,8 @@ def compile_kernels(archs: Iterable[int] = (80, 90), dtypes: Iterable[str] = ("b
                     ]
                     for kind, fn, ptrs in variants:
                         cfg = _gpu_config(kind, d)
-                        sig, cst = _signature(fn, ptrs, dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n))
-                        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst),
+                        sig, cst, attrs = _signature(fn, ptrs, dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n))
+                        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst, attrs=attrs),
                                                   target=GPUTarget("cuda", arch, 32),
                                                   options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
                         usage = _resource_usage(compiled.asm["cubin"])
@@ -117,9 +132,9 @@ def compile_kernels(archs: Iterable[int] = (80, 90), dtypes: Iterable[str] = ("b
                                                       usage.get("spill_bytes")))
                 # the preprocessing kernel depends only on dtype and head_dim
                 cfg = _gpu_config("fwd", d)
-                sig, cst = _signature(K._attn_bwd_preprocess, dict(O=t, DO=t, DELTA="*fp32", STATS="*fp32"),
+                sig, cst, attrs = _signature(K._attn_bwd_preprocess, dict(O=t, DO=t, DELTA="*fp32", STATS="*fp32"),
                                       dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cfg.block_m, HAS_STATS=True))
-                compiled = triton.compile(ASTSource(fn=K._attn_bwd_preprocess, signature=sig, constexprs=cst),
+                compiled = triton.compile(ASTSource(fn=K._attn_bwd_preprocess, signature=sig, constexprs=cst, attrs=attrs),
                                           target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
                 usage = _resource_usage(compiled.asm["cubin"])
                 results.append(CompiledKernel("preprocess", arch, dtype, d, False, 0, cfg.block_m, 0, 4, 1,

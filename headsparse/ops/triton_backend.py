@@ -48,6 +48,11 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _ragged(sq: int, skv: int, cfg: LaunchConfig) -> bool:
+    """Whether some tile reaches past the sequence ends (then the kernels test bounds per score)."""
+    return sq % cfg.block_m != 0 or skv % cfg.block_n != 0
+
+
 def _flags(q: torch.Tensor) -> dict:
     return dict(
         UPCAST=triton_interpreted() and q.dtype == torch.bfloat16,
@@ -76,7 +81,7 @@ def forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> t
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
         n_prog_h, sq, skv, skv - sq, scale * K.LOG2E,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, MASK_KIND=mask_kind, **_flags(q),
+        CHECK_BOUNDS=_ragged(sq, skv, cfg), CAUSAL=causal, MASK_KIND=mask_kind, **_flags(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return lse
@@ -109,7 +114,7 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
         q, k, v, do, dk, dv, lse, delta, m, qh_ptr, qh_idx, mask_heads,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *m_strides,
         g, r, sq, skv, skv - sq, scale * K.LOG2E, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CHECK_BOUNDS=_ragged(sq, skv, cfg), **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dq = torch.empty((b, g, sq, d), dtype=q.dtype, device=q.device)
@@ -118,7 +123,7 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
         q, k, v, do, dq, lse, delta, m, kv_heads, mask_heads,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *m_strides,
         g, sq, skv, skv - sq, scale * K.LOG2E, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CHECK_BOUNDS=_ragged(sq, skv, cfg), **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
