@@ -249,6 +249,8 @@ def run_agreement(args):
             row = {"model": name, "method": method, "spearman_halves": rho, "top10pct_overlap": len(ta & tb) / top,
                    "samples_per_half": a.num_samples, "tokens_half_a": a.num_tokens, "tokens_half_b": b.num_tokens,
                    "seconds": time.perf_counter() - t}
+            if "pagerank_iterations" in a.info:
+                row["pagerank_iterations"] = [a.info["pagerank_iterations"], b.info["pagerank_iterations"]]
             print(json.dumps(row), flush=True)
             results.append(row)
         names = list(per_method)
