@@ -10,7 +10,7 @@
 #include "cpu/hs_cpu.h"
 
 #ifdef HEADSPARSE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/hs_cuda.h"
@@ -70,7 +70,8 @@ void check_cuda(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "headsparse (cuda): ", what, " failed: ", cudaGetErrorString(e));
 }
 
-at::Tensor index_arg(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+// Head-index arrays are read by the kernels on the device of the data.
+at::Tensor index_arg(const at::Tensor& t, const at::Device& dev) { return t.to(dev, at::kLong).contiguous(); }
 
 at::Tensor cuda_attn_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& heads,
                              const at::Tensor& kv_heads, const at::Tensor& mask_heads,
@@ -80,7 +81,8 @@ at::Tensor cuda_attn_forward(const at::Tensor& q, const at::Tensor& k, const at:
                   out.scalar_type() == q.scalar_type(),
               "headsparse (cuda): q, k, v and out must share a dtype");
   TORCH_CHECK(q.size(3) <= hc::kMaxHeadDim, "headsparse (cuda): head_dim must be <= ", hc::kMaxHeadDim);
-  const at::Tensor h = index_arg(heads), hk = index_arg(kv_heads), hm = index_arg(mask_heads);
+  const at::Tensor h = index_arg(heads, q.device()), hk = index_arg(kv_heads, q.device()),
+                   hm = index_arg(mask_heads, q.device());
   const int64_t P = h.numel();
   at::Tensor lse = at::empty({q.size(0), P, q.size(2)}, q.options().dtype(at::kFloat));
   hc::AttnFwdParams p{};
@@ -101,7 +103,7 @@ at::Tensor cuda_attn_forward(const at::Tensor& q, const at::Tensor& k, const at:
   p.causal = causal;
   p.scale = static_cast<float>(scale);
   p.dtype = cuda_dtype(q);
-  check_cuda(hc::attn_forward(p, at::cuda::getCurrentCUDAStream()), "attention forward");
+  check_cuda(hc::attn_forward(p, c10::cuda::getCurrentCUDAStream().stream()), "attention forward");
   return lse;
 }
 
@@ -112,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_backward(
   const c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(q.size(3) <= hc::kMaxHeadDim, "headsparse (cuda): head_dim must be <= ", hc::kMaxHeadDim);
   const at::Tensor lse = lse_in.to(at::kFloat);
-  const at::Tensor kp = index_arg(kv_pos), hm = index_arg(mask_heads);
+  const at::Tensor kp = index_arg(kv_pos, q.device()), hm = index_arg(mask_heads, q.device());
   const int64_t B = q.size(0), G = q.size(1), Sq = q.size(2), D = q.size(3), R = k.size(1), Skv = k.size(2);
   at::Tensor dq32 = at::zeros({B, G, Sq, D}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({B, G, Sq}, q.options().dtype(at::kFloat));
@@ -151,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attn_backward(
   p.causal = causal;
   p.scale = static_cast<float>(scale);
   p.dtype = cuda_dtype(q);
-  check_cuda(hc::attn_backward(p, at::cuda::getCurrentCUDAStream()), "attention backward");
+  check_cuda(hc::attn_backward(p, c10::cuda::getCurrentCUDAStream().stream()), "attention backward");
   if (stats32.defined() && !stats32.is_same(*stats)) stats->add_(stats32.to(stats->scalar_type()));
   return {dq32.to(q.scalar_type()), dk, dv};
 }
@@ -196,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_head
   p.C = C;
   p.H = num_heads;
   p.dtype = cuda_dtype(x);
-  check_cuda(hc::head_stats(p, at::cuda::getCurrentCUDAStream()), "head_stats");
+  check_cuda(hc::head_stats(p, c10::cuda::getCurrentCUDAStream().stream()), "head_stats");
   return {xg, xx, gg, abs_x, abs_g};
 }
 
@@ -221,15 +223,17 @@ at::Tensor cuda_gram(const at::Tensor& x, const c10::optional<at::Tensor>& token
   p.S = x.size(1);
   p.C = C;
   p.dtype = cuda_dtype(x);
-  check_cuda(hc::gram(p, at::cuda::getCurrentCUDAStream()), "gram");
+  check_cuda(hc::gram(p, c10::cuda::getCurrentCUDAStream().stream()), "gram");
   return out;
 }
 #endif  // HEADSPARSE_WITH_CUDA
 
+#ifndef HEADSPARSE_WITH_CUDA
 [[noreturn]] void no_cuda() {
   TORCH_CHECK(false, "headsparse._C was built without CUDA; rebuild with a CUDA torch and nvcc (see docs/extension.md)");
   throw;  // unreachable
 }
+#endif
 
 at::Tensor attn_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& heads,
                         const at::Tensor& kv_heads, const at::Tensor& mask_heads, const c10::optional<at::Tensor>& mask,

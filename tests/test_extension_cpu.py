@@ -341,3 +341,51 @@ def test_stats_bad_input():
         hs.gram(x[0])
     with pytest.raises(ValueError, match="backend"):
         hs.gram(x, backend="fast")
+
+
+# ---------------------------------------------------------------- loader failure modes
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """Reset the loader's cache (and the registry's) so that a test can load again under new conditions."""
+    for name, val in (("_loaded", False), ("_module", None), ("_error", None)):
+        monkeypatch.setattr(extension, name, val)
+    monkeypatch.setattr(registry, "_status_cache", {})
+    yield
+
+
+def test_loader_reports_stale_build(fresh_loader, monkeypatch):
+    monkeypatch.setattr(extension, "ABI_VERSION", 10**6)
+    ok, why = extension.status()
+    assert not ok and "stale" in why
+    info = hs.backends()["cpu"]
+    assert not info.usable and "stale" in info.reason
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(hs.BackendUnavailableError, match="stale"):
+        hs.attention(q, q, q, backend="cpu")
+    assert torch.isfinite(hs.attention(q, q, q)).all()  # auto / torch still work
+
+
+def test_loader_reports_missing_build(fresh_loader, monkeypatch):
+    real_import = extension.importlib.import_module
+
+    def fake_import(name, *a, **kw):
+        if name == "headsparse._C":
+            raise ModuleNotFoundError("No module named 'headsparse._C'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(extension.importlib, "import_module", fake_import)
+    ok, why = extension.status()
+    assert not ok and "not built" in why
+    with pytest.raises(RuntimeError, match="not built"):
+        extension.get()
+
+
+def test_loader_respects_skip_env(fresh_loader, monkeypatch):
+    monkeypatch.setenv("HEADSPARSE_SKIP_EXT", "1")
+    ok, why = extension.status()
+    assert not ok and "HEADSPARSE_SKIP_EXT" in why
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(hs.BackendUnavailableError, match="HEADSPARSE_SKIP_EXT"):
+        hs.gram(x, backend="cpu")
+    torch.testing.assert_close(hs.gram(x), gram_torch(x))  # auto still works
