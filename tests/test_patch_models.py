@@ -60,7 +60,7 @@ def test_all_train_matches_unpatched(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kv_policy", ["any", "none"])
+@pytest.mark.parametrize("kv_policy", ["any", "all", "none"])
 def test_sparse_plan_exact_gradients(family, kv_policy):
     ref = tiny_model(family)
     model = copy.deepcopy(ref)
