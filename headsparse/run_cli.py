@@ -21,10 +21,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-full", type=float, default=None, help="AdamW lr of full fine-tuning")
     p.add_argument("--lr-heads", type=float, default=None, help="AdamW lr of head-sparse tuning")
     p.add_argument("--grad", default="exact", choices=("exact", "sparse"))
-    p.add_argument("--pool-size", type=int, default=None, help="pool examples (default 160 text / 120 tiny)")
-    p.add_argument("--targets", type=int, default=None, help="target-task examples in the pool (default 16 / 12)")
-    p.add_argument("--seq-len", type=int, default=48, help="max tokens per text example (default 48)")
-    p.add_argument("--eval-size", type=int, default=None, help="held-out eval items (default 96 / 40)")
+    p.add_argument("--pool-size", type=int, default=None, help="pool examples (default 120)")
+    p.add_argument("--targets", type=int, default=None, help="target-task examples in the pool (default 12)")
+    p.add_argument("--seq-len", type=int, default=40, help="max tokens per text example (default 40)")
+    p.add_argument("--eval-size", type=int, default=None, help="held-out eval items (default 64 text / 40 tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"report folder (default {DEFAULT_OUT}, or a temp folder for tiny)")
     p.add_argument("--stem", default=None, help="report file name stem (default: run-<model>)")
@@ -56,8 +56,8 @@ def cmd_run(args) -> int:
             raise SystemExit(f"--model: {args.model!r} is not 'smollm2', 'tiny' or a model folder")
         print(f"[headsparse run] loading {path}", flush=True)
         model, tok = load_causal_lm(path)
-        task = sentiment_in_news_task(tok, n_pool=args.pool_size or 160, n_targets=args.targets or 16,
-                                      n_eval=args.eval_size or 96, seq_len=args.seq_len, seed=args.seed)
+        task = sentiment_in_news_task(tok, n_pool=args.pool_size or 120, n_targets=args.targets or 12,
+                                      n_eval=args.eval_size or 64, seq_len=args.seq_len, seed=args.seed)
         defaults = dict(epochs=2, batch_size=8, lr_full=3e-5, lr_heads=1e-3)
     cfg = RunConfig(methods=methods, fraction=args.fraction, head_fraction=args.head_fraction,
                     epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],
