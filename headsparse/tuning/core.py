@@ -47,7 +47,8 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
          weight_decay: float = 0.0, grad: str = "exact", max_steps: Optional[int] = None, warmup_steps: int = 0,
          schedule: str = "linear", train_modules: Sequence[str] = (), pad_id: Optional[int] = None, seed: int = 0,
          shuffle: bool = True, max_grad_norm: Optional[float] = 1.0, progress: bool = True,
-         on_step: Optional[Callable[[int, float], None]] = None) -> TuneResult:
+         on_step: Optional[Callable[[int, float], None]] = None, mode: str = "sparse",
+         apt_options: Optional[Dict] = None) -> TuneResult:
     """Fine-tune ``model`` on ``data`` (see the module docstring); returns a :class:`TuneResult`.
 
     Args:
@@ -59,7 +60,20 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
         grad: "exact" or "sparse" (see :func:`headsparse.patch`).
         max_steps: stop after this many optimizer steps (None: all epochs).
         on_step: called as ``on_step(step, loss)`` after every optimizer step.
+        mode: "sparse" (train the plan's heads as they are) or "apt" (APT-style
+            adaptive head pruning during training, :func:`headsparse.tuning.tune_apt`,
+            with ``apt_options``; needs a plan and an unpatched model).
     """
+    if mode not in ("sparse", "apt"):
+        raise ValueError(f"mode must be 'sparse' or 'apt', got {mode!r}")
+    if mode == "apt":
+        from .apt import tune_apt
+
+        if plan is None:
+            raise ValueError("mode='apt' needs a plan")
+        return tune_apt(model, plan, data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                        grad=grad, pad_id=pad_id, seed=seed, max_grad_norm=max_grad_norm, progress=progress,
+                        **(apt_options or {}))
     _positive_int("epochs", epochs)
     _positive_int("batch_size", batch_size)
     if max_steps is not None:

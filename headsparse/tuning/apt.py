@@ -1,0 +1,219 @@
+"""APT-style adaptive pruning during head-sparse tuning (head granularity; a reduced reconstruction).
+
+APT (Zhao et al., ICML 2024, ROIM1998/APT) prunes heads, FFN neurons and
+hidden dimensions during LoRA tuning, grows adapter ranks and self-distils.
+What this mode keeps from its code, at head granularity only:
+
+- salience of head h: (sum_{b,t} |X|) * (sum_{b,t} |G|) per channel of the
+  o_proj input X (G = dL/dX), summed over the head's channels, accumulated
+  over the steps between pruning steps and smoothed by an EMA (beta 0.85);
+- schedule: ``n_prunings`` pruning steps evenly spaced in [start, end] (fractions
+  of the run); the retained head fraction follows APT's cubic decay
+  r(step) = min(1, r_T + (1 - r_T) * ((t_end - step) / (t_end - t_start))^3);
+- pruning: the lowest-salience FROZEN heads become PRUNED (never restored;
+  the plan's TRAIN heads are never pruned, so something always trains);
+  the model is unpatched (tuned slices merged) and re-patched with the new
+  plan, so pruned heads are physically removed from every projection and the
+  attention call; the optimizer restarts on the new slices;
+- self-distillation from a frozen snapshot of the starting model:
+  loss = mu * T^2 KL(student/T || teacher/T) + (1 - mu) * task loss, mu rising
+  linearly from 0 to ``distill_max`` over the pruning window.
+
+Not kept: FFN-neuron and hidden-dimension pruning, kurtosis term, LoRA rank
+growth, teacher refresh on eval improvement, hidden-state distillation.
+Heads below the gradient horizon (lowest trainable layer) get no gradient and
+hence no salience: they are never pruned.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..mining.data import IGNORE, as_examples, batches as make_batches, collate, model_device, pad_id_of
+from ..mining.data import per_sample_loss
+from ..patch import HeadSlicedOutput, is_patched, patch, patch_info, unpatch
+from ..patch.core import _STATE_ATTR
+from ..plan import HeadMode, HeadPlan
+from .core import TuneResult
+
+
+def cubic_retained(step: int, keep_final: float, t_start: int, t_end: int) -> float:
+    """APT's cubic schedule of the retained fraction (1 before ``t_start``, ``keep_final`` from ``t_end``)."""
+    if step <= t_start:
+        return 1.0
+    if step >= t_end:
+        return keep_final
+    return min(1.0, keep_final + (1.0 - keep_final) * ((t_end - step) / (t_end - t_start)) ** 3)
+
+
+class _Salience:
+    """(sum|X|)(sum|G|) per head at every patched layer's o_proj input, in original head order."""
+
+    def __init__(self, model) -> None:
+        info = patch_info(model)
+        self.d = info.head_dim
+        self.plan = info.plan
+        self.abs_x: Dict[int, torch.Tensor] = {}
+        self.abs_g: Dict[int, torch.Tensor] = {}
+        self.handles = []
+        for i, layer in enumerate(info.family.layers(model.base_model)):
+            o = getattr(*info.family.slots(layer)["o"])
+            st = getattr(info.family.attention(layer), _STATE_ATTR)
+            if isinstance(o, HeadSlicedOutput) and not st.no_grad:
+                self.handles.append(o.register_forward_pre_hook(self._hook(i, st.q_order)))
+
+    def _hook(self, i, q_order):
+        def pre(mod, args):
+            x = args[0]
+            if not (torch.is_grad_enabled() and x.requires_grad):
+                return
+            sx = x.detach().abs().float().sum(dim=tuple(range(x.dim() - 1)))
+
+            def bwd(g):
+                sg = g.detach().abs().float().sum(dim=tuple(range(g.dim() - 1)))
+                self.abs_x[i] = self.abs_x.get(i, 0) + sx
+                self.abs_g[i] = self.abs_g.get(i, 0) + sg
+
+            x.register_hook(bwd)
+            self._orders = getattr(self, "_orders", {})
+            self._orders[i] = q_order
+        return pre
+
+    def take(self, num_layers: int, num_heads: int) -> torch.Tensor:
+        """(L, H) salience accumulated since the last call; NaN where unknown (no gradient or pruned)."""
+        out = torch.full((num_layers, num_heads), float("nan"), dtype=torch.float64)
+        for i, sx in self.abs_x.items():
+            per = (sx * self.abs_g[i]).view(-1, self.d).sum(1).double()
+            for p, h in enumerate(self._orders[i]):
+                if self.plan.modes[i][h] != HeadMode.PRUNED:
+                    out[i, h] = per[p]
+        self.abs_x.clear()
+        self.abs_g.clear()
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings: int = 4,
+             prune_start: float = 0.1, prune_end: float = 0.6, beta: float = 0.85, distill_max: float = 0.5,
+             temperature: float = 2.0, epochs: int = 1, batch_size: int = 8, lr: float = 1e-4,
+             weight_decay: float = 0.0, grad: str = "exact", pad_id: Optional[int] = None, seed: int = 0,
+             max_grad_norm: Optional[float] = 1.0, progress: bool = True) -> TuneResult:
+    """Head-sparse tuning with APT-style adaptive head pruning (module docstring). The model ends patched,
+    with the final plan (``result.info["plan"]``) in which the pruned heads are physically removed."""
+    if not isinstance(plan, HeadPlan):
+        raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
+    if isinstance(keep_final, bool) or not isinstance(keep_final, (int, float)) or not 0 < keep_final <= 1:
+        raise ValueError(f"keep_final must be in (0, 1], got {keep_final!r}")
+    if isinstance(n_prunings, bool) or not isinstance(n_prunings, int) or n_prunings < 1:
+        raise ValueError(f"n_prunings must be a positive int, got {n_prunings!r}")
+    if not 0 <= prune_start < prune_end <= 1:
+        raise ValueError(f"need 0 <= prune_start < prune_end <= 1, got {prune_start!r}, {prune_end!r}")
+    if not 0 <= distill_max <= 1:
+        raise ValueError(f"distill_max must be in [0, 1], got {distill_max!r}")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    examples = as_examples(data, "data")
+    if is_patched(model):
+        raise ValueError("tune_apt patches the model itself; pass an unpatched model")
+    plan.check_model(model)
+    pad = pad_id_of(model, pad_id)
+    dev = model_device(model)
+    teacher = copy.deepcopy(model).eval() if distill_max > 0 else None
+    if teacher is not None:
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = steps_per_epoch * epochs
+    t_start, t_end = int(prune_start * total), max(int(prune_end * total), int(prune_start * total) + 1)
+    prune_at = sorted({t_start + round((k + 1) * (t_end - t_start) / n_prunings) for k in range(n_prunings)})
+    n_heads = plan.num_layers * plan.num_q_heads
+    cur = HeadPlan([list(r) for r in plan.modes], plan.num_kv_heads, plan.kv_policy, plan.model_family)
+    patch(model, cur, grad=grad)
+    sal = _Salience(model)
+    ema = torch.full((plan.num_layers, plan.num_q_heads), float("nan"), dtype=torch.float64)
+
+    def new_opt():
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                 weight_decay=weight_decay)
+
+    opt = new_opt()
+    try:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc="tune (apt)", unit="step", disable=not progress, leave=False)
+    except ImportError:  # pragma: no cover
+        bar = None
+    gen = torch.Generator().manual_seed(seed)
+    losses: List[float] = []
+    history: List[Dict] = []
+    step = 0
+    model.train()
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        for idx in make_batches(len(examples), batch_size, torch.randperm(len(examples), generator=gen).tolist()):
+            b = collate([examples[i] for i in idx], pad, dev)
+            for g in opt.param_groups:
+                g["lr"] = lr * max(0.0, (total - step) / total)
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            task = per_sample_loss(out.logits, b["labels"]).mean()
+            mu = distill_max * min(1.0, max(0.0, (step - t_start) / max(1, t_end - t_start)))
+            loss = task
+            if teacher is not None and mu > 0:
+                with torch.no_grad():
+                    tl = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                valid = (b["labels"][:, 1:] != IGNORE)
+                s_log = F.log_softmax(out.logits[:, :-1].float() / temperature, -1)[valid]
+                t_prob = F.softmax(tl[:, :-1].float() / temperature, -1)[valid]
+                kd = F.kl_div(s_log, t_prob, reduction="batchmean") * temperature ** 2
+                loss = mu * kd + (1 - mu) * task
+            loss.backward()
+            params = [p for p in model.parameters() if p.requires_grad]
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(float(task.detach()))
+            s = sal.take(cur.num_layers, cur.num_q_heads)
+            known = ~torch.isnan(s)
+            ema = torch.where(known & torch.isnan(ema), s, ema)
+            ema = torch.where(known & ~torch.isnan(ema), beta * ema + (1 - beta) * s, ema)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", pruned=cur.count("pruned"))
+            if step in prune_at:
+                keep = max(1, math.ceil(cubic_retained(step, keep_final, t_start, t_end) * n_heads - 1e-9))
+                n_prune = n_heads - keep - cur.count("pruned")
+                cand = [(float(ema[i, h]), i, h) for i in range(cur.num_layers) for h in range(cur.num_q_heads)
+                        if cur.modes[i][h] == HeadMode.FROZEN and not math.isnan(float(ema[i, h]))]
+                cand.sort()
+                chosen = cand[:max(0, n_prune)]
+                if chosen:
+                    modes = [list(r) for r in cur.modes]
+                    for _, i, h in chosen:
+                        modes[i][h] = HeadMode.PRUNED
+                        ema[i, h] = float("nan")
+                    sal.close()
+                    unpatch(model)
+                    cur = HeadPlan(modes, cur.num_kv_heads, cur.kv_policy, cur.model_family)
+                    patch(model, cur, grad=grad)
+                    model.train()
+                    sal = _Salience(model)
+                    opt = new_opt()
+                history.append({"step": step, "retained_target": keep / n_heads, "pruned": cur.count("pruned")})
+    elapsed = time.perf_counter() - t0
+    sal.close()
+    if bar is not None:
+        bar.close()
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return TuneResult(model, step, epochs, losses, elapsed, n_params, 0.0,
+                      {"plan": cur, "prune_history": history, "salience_ema": ema})
