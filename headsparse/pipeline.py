@@ -144,6 +144,8 @@ class RunConfig:
     progress: bool = True
     base_eval: bool = True
     head_scorer: str = "gradient"  # a headsparse.score_heads method
+    tune_mode: str = "sparse"  # "sparse" or "apt" (APT-style adaptive pruning of FROZEN heads while tuning)
+    apt_keep: float = 0.6  # apt: retained share of heads at the end
 
     def check(self) -> None:
         bad = [m for m in self.methods if m not in PIPELINE_METHODS]
@@ -157,6 +159,8 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.tune_mode not in ("sparse", "apt"):
+            raise ValueError(f"tune_mode must be 'sparse' or 'apt', got {self.tune_mode!r}")
         for name in ("lr_full", "lr_heads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -246,15 +250,20 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         stages[f"{method}_mine"] = t_mine
         m = copy.deepcopy(model)
         data = mres if (mres is not None and mres.selector is not None) else subset
+        if cfg.tune_mode == "apt" and not isinstance(data, list):
+            data = subset  # APT trains on the mined subset (no on-policy re-selection)
         res = tune(m, plan, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr_heads, grad=cfg.grad,
-                   seed=cfg.seed, progress=cfg.progress)
+                   seed=cfg.seed, progress=cfg.progress, mode=cfg.tune_mode,
+                   apt_options={"keep_final": cfg.apt_keep} if cfg.tune_mode == "apt" else None)
         t0 = time.perf_counter()
         q = evaluate(m, task.eval, cfg.eval_batch_size, pad)
         stages[f"{method}_train"], stages[f"{method}_eval"] = res.time_s, time.perf_counter() - t0
         del m
         parts = aer(t_score + t_mine, res.time_s, t_full, q, q_full)
         row = {"method": method, "data": f"{len(subset)} of {len(pool)}",
-               "params": f"{plan.count('train')} heads", "t_score": t_score, "t_mine": t_mine,
+               "params": f"{plan.count('train')} heads" + (
+                   f", {res.info['plan'].count('pruned')} pruned" if cfg.tune_mode == "apt" else ""),
+               "t_score": t_score, "t_mine": t_mine,
                "quality": q, "trainable_params": res.trainable_params, "steps": res.steps,
                "reselect_s": res.reselect_time_s, **parts.as_dict()}
         if pr is not None:

@@ -21,6 +21,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-full", type=float, default=None, help="AdamW lr of full fine-tuning")
     p.add_argument("--lr-heads", type=float, default=None, help="AdamW lr of head-sparse tuning")
     p.add_argument("--grad", default="exact", choices=("exact", "sparse"))
+    p.add_argument("--tune-mode", default="sparse", choices=("sparse", "apt"),
+                   help="sparse: train the scored heads; apt: also prune FROZEN heads during tuning (APT-style)")
+    p.add_argument("--apt-keep", type=float, default=0.6, help="apt: share of heads kept at the end")
     p.add_argument("--pool-size", type=int, default=None, help="pool examples (default 120)")
     p.add_argument("--targets", type=int, default=None, help="target-task examples in the pool (default 12)")
     p.add_argument("--seq-len", type=int, default=40, help="max tokens per text example (default 40)")
@@ -62,7 +65,8 @@ def cmd_run(args) -> int:
     cfg = RunConfig(methods=methods, fraction=args.fraction, head_fraction=args.head_fraction,
                     epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],
                     lr_full=args.lr_full or defaults["lr_full"], lr_heads=args.lr_heads or defaults["lr_heads"],
-                    grad=args.grad, seed=args.seed, progress=not args.no_progress)
+                    grad=args.grad, seed=args.seed, progress=not args.no_progress, tune_mode=args.tune_mode,
+                    apt_keep=args.apt_keep)
     report = run_pipeline(model, task, cfg)
     out = args.out or (tempfile.mkdtemp(prefix="headsparse-run-") if tiny else DEFAULT_OUT)
     stem = args.stem or f"run-{'tiny' if tiny else os.path.basename(os.path.normpath(str(args.model)))}"

@@ -116,3 +116,12 @@ def test_cli_run_tiny_end_to_end(tmp_path, capsys):
 def test_cli_run_rejects_unknown_model(tmp_path):
     with pytest.raises(SystemExit):
         main(["run", "--model", str(tmp_path / "missing"), "--no-progress"])
+
+
+def test_cli_run_tiny_apt_mode(tmp_path, capsys):
+    rc = main(["run", "--model", "tiny", "--methods", "p2d", "--pool-size", "40", "--targets", "4",
+               "--eval-size", "8", "--epochs", "2", "--tune-mode", "apt", "--apt-keep", "0.5", "--out", str(tmp_path),
+               "--stem", "a", "--no-progress"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "a.json").read_text())
+    assert rep["rows"][1]["params"] == "1 heads, 6 pruned"  # 12 heads, keep half
