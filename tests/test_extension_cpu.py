@@ -333,6 +333,8 @@ def test_stats_bad_input():
     x = torch.randn(2, 5, 12)
     with pytest.raises(ValueError, match="num_heads"):
         hs.head_stats(x, num_heads=5)
+    with pytest.raises(ValueError, match="num_heads is required"):
+        hs.head_stats(x)
     with pytest.raises(ValueError, match="token_mask"):
         hs.head_stats(x, num_heads=3, token_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="g must match"):

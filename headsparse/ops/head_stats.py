@@ -129,7 +129,7 @@ def head_stats_torch(x, g, num_heads: int, token_mask=None) -> HeadStats:
 def head_stats(
     x: torch.Tensor,
     g: Optional[torch.Tensor] = None,
-    num_heads: int = 1,
+    num_heads: Optional[int] = None,
     token_mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> HeadStats:
@@ -138,7 +138,7 @@ def head_stats(
     Args:
         x: the o_proj input, (B, S, H*D), float16/bfloat16/float32/float64.
         g: its gradient dL/dX, same shape, dtype and device; optional.
-        num_heads: H; must divide the last dimension.
+        num_heads: H (required); must divide the last dimension.
         token_mask: bool (B, S), True = token is counted (padding = False). None = all.
         backend: "auto", "torch", "cpu" or "cuda" (compiled extension).
 
@@ -148,6 +148,8 @@ def head_stats(
         are totals over the batch.
     """
     _check_common(x, token_mask, backend, "head_stats")
+    if num_heads is None:
+        raise ValueError("head_stats: num_heads is required (the number of heads H in x's last dimension H*D)")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"head_stats: num_heads must be a positive int, got {num_heads!r}")
     if x.shape[2] % num_heads != 0:
