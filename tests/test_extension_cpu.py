@@ -391,3 +391,16 @@ def test_loader_respects_skip_env(fresh_loader, monkeypatch):
     with pytest.raises(hs.BackendUnavailableError, match="HEADSPARSE_SKIP_EXT"):
         hs.gram(x, backend="cpu")
     torch.testing.assert_close(hs.gram(x), gram_torch(x))  # auto still works
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_cpu_backend_additive_mask_dtypes(mask_dtype):
+    """Additive masks in other float dtypes than q (read as float32 in the kernel), broadcast over heads and rows."""
+    gen = torch.Generator().manual_seed(5)
+    b, hq, hkv, sq, skv, d = 2, 4, 2, 9, 14, 32
+    q, k, v = (torch.randn(b, h, s, d, generator=gen) for h, s in ((hq, sq), (hkv, skv), (hkv, skv)))
+    mask = torch.randn(b, 1, 1, skv, generator=gen).to(mask_dtype)  # stride 0 over heads and rows
+    mask[1, 0, 0, :4] = float("-inf")
+    out = hs.attention(q, k, v, attention_mask=mask, causal=True, backend="cpu")
+    ref = hs.attention_reference(q.double(), k.double(), v.double(), attention_mask=mask.double(), causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
