@@ -162,3 +162,12 @@ def test_head_layout_is_computed_once_per_plan():
     assert first is again
     assert first.grad.tolist() == [0, 3] and first.kv_needed.tolist() == [0, 1] and first.all_kv
     assert make_problem(q, k, v).heads is not first
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_keys_gives_zero_output_and_finite_grads(backend):
+    (q, k, v), do, kw = _leaves(Case(b=2, hq=4, hkv=2, sq=5, skv=0))
+    out = hs.attention(q, k, v, backend=backend, **kw)
+    assert out.shape == q.shape and (out == 0).all()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape

@@ -61,6 +61,9 @@ def forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> t
         va = v.index_select(1, kv_heads[lo:hi]).to(cdt)
         m_sel = None if mask is None else mask.index_select(1, mask_heads[lo:hi])
         s = _masked_scores(qa, ka, m_sel, causal, scale)
+        if skv == 0:  # nothing to attend anywhere: amax over an empty dimension is undefined
+            s = s.new_full(s.shape[:-1] + (1,), float("-inf"))
+            va = va.new_zeros(va.shape[:-2] + (1, va.shape[-1]))
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
         p = torch.exp(s - row_max)
