@@ -1,7 +1,7 @@
 """Shared helpers for the attention tests: random problems and the float64 comparison."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,10 +27,9 @@ class Case:
     d: int = 64
     causal: bool = False
     mask: Optional[str] = None  # None, "bool", "bool_empty_rows", "additive", "per_head"
-    grad: Optional[list] = None
-    pruned: Optional[list] = None
-    kv_map: Optional[list] = None
-    extra: dict = field(default_factory=dict)
+    grad: Optional[str] = None  # grad heads as a bit string, e.g. "1001"; None = all
+    pruned: Optional[str] = None  # pruned heads as a bit string
+    kv_map: Optional[tuple] = None
 
     def __str__(self):
         parts = [f"b{self.b}", f"h{self.hq}x{self.hkv}", f"s{self.sq}x{self.skv}", f"d{self.d}"]
@@ -39,12 +38,17 @@ class Case:
         if self.mask:
             parts.append(self.mask)
         if self.grad is not None:
-            parts.append("grad" + "".join("1" if x else "0" for x in self.grad))
+            parts.append("grad" + self.grad)
         if self.pruned is not None:
-            parts.append("pruned" + "".join("1" if x else "0" for x in self.pruned))
+            parts.append("pruned" + self.pruned)
         if self.kv_map is not None:
             parts.append("map" + "".join(map(str, self.kv_map)))
         return "-".join(parts)
+
+
+def bits(spec: str) -> torch.Tensor:
+    """A bool head mask from a bit string such as "0110" (kept on the CPU, as a model's plan would be)."""
+    return torch.tensor([c == "1" for c in spec])
 
 
 def make_mask(case: Case, gen: torch.Generator):
@@ -62,6 +66,7 @@ def make_mask(case: Case, gen: torch.Generator):
     if case.mask == "additive":
         m = torch.randn(shape_b, generator=gen)
         m[torch.rand(shape_b, generator=gen) > 0.7] = float("-inf")
+        m[0, 0, 2] = float("-inf")  # an additive row that sees nothing
         return m
     if case.mask == "per_head":
         return torch.rand((case.b, case.hq, case.sq, case.skv), generator=gen) > 0.4
@@ -79,11 +84,11 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0, device="cpu"):
         mask = mask.to(device)
     kw = dict(causal=case.causal, attention_mask=mask)
     if case.grad is not None:
-        kw["grad_heads"] = torch.tensor(case.grad, device=device)
+        kw["grad_heads"] = bits(case.grad)
     if case.pruned is not None:
-        kw["pruned_heads"] = torch.tensor(case.pruned, device=device)
+        kw["pruned_heads"] = bits(case.pruned)
     if case.kv_map is not None:
-        kw["kv_head_index"] = torch.tensor(case.kv_map, device=device)
+        kw["kv_head_index"] = torch.tensor(case.kv_map)
     return q, k, v, do, kw
 
 

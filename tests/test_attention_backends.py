@@ -1,13 +1,18 @@
 """Every backend against the float64 reference: outputs and q/k/v gradients.
 
-The torch backend runs the full matrix of cases; the Triton backend runs
-under TRITON_INTERPRET=1 (set in conftest.py) on a smaller set with small
-shapes, since each interpreted op is Python.
+The torch backend and the compiled ``cpu`` backend run the full matrix of
+cases; the Triton backend runs under TRITON_INTERPRET=1 (set in conftest.py)
+on a smaller set with small shapes, since each interpreted op is Python.
 """
+import os
+
 import pytest
 import torch
 
 from attention_cases import Case, run_and_compare
+
+# The compiled extension is required unless it was deliberately not built.
+CPU_BACKENDS = ["torch"] + ([] if os.environ.get("HEADSPARSE_SKIP_EXT", "0") not in ("", "0") else ["cpu"])
 
 SHAPE_CASES = [
     Case(),  # GQA 2, Sq < Skv, odd lengths
@@ -19,43 +24,36 @@ SHAPE_CASES = [
     Case(b=2, hq=4, hkv=2, sq=37, skv=45, mask="bool_empty_rows", causal=True),
     Case(b=2, hq=4, hkv=2, sq=23, skv=23, mask="additive"),
     Case(b=2, hq=4, hkv=2, sq=23, skv=31, mask="per_head"),
-    Case(b=2, hq=5, hkv=2, sq=19, skv=19, kv_map=[0, 0, 0, 1, 1], causal=True),  # ragged groups
-    Case(b=2, hq=8, hkv=2, sq=21, skv=21, grad=[1, 0, 0, 0, 0, 0, 1, 0]),
-    Case(b=2, hq=8, hkv=4, sq=21, skv=21, pruned=[0, 1, 1, 0, 0, 0, 0, 1], grad=[1, 0, 1, 0, 0, 1, 0, 0]),
-    Case(b=1, hq=4, hkv=2, sq=16, skv=16, grad=[0, 0, 0, 0]),
-    Case(b=1, hq=4, hkv=2, sq=16, skv=16, pruned=[1, 1, 1, 1]),
+    Case(b=2, hq=5, hkv=2, sq=19, skv=19, kv_map=(0, 0, 0, 1, 1), causal=True),  # ragged groups
+    Case(b=2, hq=5, hkv=3, sq=19, skv=26, kv_map=(2, 0, 2, 2, 1), mask="bool"),  # ragged, unsorted
+    Case(b=2, hq=8, hkv=2, sq=21, skv=21, grad="10000010"),
+    Case(b=2, hq=8, hkv=4, sq=21, skv=21, pruned="01100001", grad="10100100"),
+    Case(b=1, hq=4, hkv=2, sq=16, skv=16, grad="0000"),
+    Case(b=1, hq=4, hkv=2, sq=16, skv=16, pruned="1111"),
 ]
 HEAD_DIMS = [32, 64, 80, 96, 128]
 
 
-def _bool_lists(case: Case) -> Case:
-    for attr in ("grad", "pruned"):
-        val = getattr(case, attr)
-        if val is not None:
-            setattr(case, attr, [bool(x) for x in val])
-    return case
+# ---------------------------------------------------------------- torch and compiled cpu backends
 
-
-SHAPE_CASES = [_bool_lists(c) for c in SHAPE_CASES]
-
-
-# ---------------------------------------------------------------- torch backend
-
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_torch_backend_shapes(case, dtype):
-    run_and_compare(case, dtype, "torch")
+def test_cpu_backends_shapes(backend, case, dtype):
+    run_and_compare(case, dtype, backend)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("d", HEAD_DIMS + [256])
-def test_torch_backend_head_dims(d):
-    run_and_compare(Case(b=2, hq=4, hkv=2, sq=13, skv=20, d=d, causal=True), torch.float32, "torch")
+def test_cpu_backends_head_dims(backend, d):
+    run_and_compare(Case(b=2, hq=4, hkv=2, sq=13, skv=20, d=d, causal=True, mask="bool"), torch.float32, backend)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [SHAPE_CASES[0], SHAPE_CASES[6], SHAPE_CASES[11]], ids=str)
-def test_torch_backend_half(case, dtype):
-    run_and_compare(case, dtype, "torch")
+@pytest.mark.parametrize("case", [SHAPE_CASES[0], SHAPE_CASES[6], SHAPE_CASES[12]], ids=str)
+def test_cpu_backends_half(backend, case, dtype):
+    run_and_compare(case, dtype, backend)
 
 
 # ---------------------------------------------------------------- triton backend
@@ -69,16 +67,15 @@ TRITON_CASES = [
     Case(b=2, hq=4, hkv=2, sq=37, skv=45, mask="bool_empty_rows", causal=True),
     Case(b=1, hq=4, hkv=2, sq=23, skv=31, mask="additive"),
     Case(b=1, hq=4, hkv=2, sq=23, skv=31, mask="per_head"),
-    Case(b=1, hq=5, hkv=2, sq=19, skv=19, kv_map=[0, 0, 0, 1, 1], causal=True),
-    Case(b=2, hq=8, hkv=4, sq=21, skv=21, pruned=[0, 1, 1, 0, 0, 0, 0, 1], grad=[1, 0, 1, 0, 0, 1, 0, 0]),
-    Case(b=1, hq=4, hkv=4, sq=16, skv=16, grad=[0, 0, 0, 0]),
+    Case(b=1, hq=5, hkv=2, sq=19, skv=19, kv_map=(0, 0, 0, 1, 1), causal=True),
+    Case(b=2, hq=8, hkv=4, sq=21, skv=21, pruned="01100001", grad="10100100"),
+    Case(b=1, hq=4, hkv=4, sq=16, skv=16, grad="0000"),
     # lengths that are multiples of the blocks: the kernels compile the bounds test out
     Case(b=1, hq=2, hkv=2, sq=64, skv=64),
     Case(b=1, hq=4, hkv=2, sq=64, skv=96, causal=True),
     Case(b=1, hq=2, hkv=1, sq=96, skv=64, causal=True),
     Case(b=1, hq=2, hkv=2, sq=64, skv=64, mask="bool_empty_rows", causal=True),
 ]
-TRITON_CASES = [_bool_lists(c) for c in TRITON_CASES]
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=str)
@@ -97,29 +94,71 @@ def test_triton_backend_half(case, dtype):
     run_and_compare(case, dtype, "triton")
 
 
-def test_triton_bshd_layout_matches_bhsd():
+def test_bshd_layout_matches_bhsd():
     import headsparse as hs
     from attention_cases import make_inputs
 
     q, k, v, do, kw = make_inputs(Case(b=2, hq=4, hkv=2, sq=20, skv=20), torch.float32)
-    for backend in ("torch", "triton"):
+    for backend in CPU_BACKENDS + ["triton"]:
         out = hs.attention(q, k, v, backend=backend, out_layout="bshd", **kw)
         assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
         torch.testing.assert_close(out, hs.attention(q, k, v, backend=backend, **kw), atol=0, rtol=0)
 
 
+def test_strided_inputs_as_hugging_face_passes_them():
+    """(B, S, H, D) buffers viewed as (B, H, S, D), as transformers hands them to an attention function."""
+    import headsparse as hs
+
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, s, d = 2, 4, 2, 19, 64
+    q, k, v, do = (torch.randn(b, s, h, d, generator=gen).transpose(1, 2) for h in (hq, hkv, hkv, hq))
+    assert not q.is_contiguous()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = hs.attention_reference(*ref_leaves, causal=True)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    for backend in CPU_BACKENDS + ["triton"]:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = hs.attention(*leaves, causal=True, backend=backend, out_layout="bshd")
+        grads = torch.autograd.grad(out, leaves, do)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0, msg=lambda m: f"{backend}: {m}")
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=0, msg=lambda m: f"{backend}: {m}")
+
+
 # ---------------------------------------------------------------- GPU
+# The compiled cuda backend is gated behind HEADSPARSE_ENABLE_UNVALIDATED_CUDA=1 until it has
+# passed these tests on a GPU; the fixture sets it for them.
+
+GPU_BACKENDS = ["triton", "cuda"]
+GPU_CASES = TRITON_CASES + [
+    Case(b=2, hq=8, hkv=2, sq=300, skv=517, d=128, causal=True),
+    Case(b=3, hq=8, hkv=2, sq=17, skv=133, causal=True, mask="bool"),
+    Case(b=2, hq=8, hkv=4, sq=21, skv=70, d=128, grad="10100100", pruned="01100001"),
+]
+
+
+@pytest.fixture
+def unvalidated_cuda_enabled(monkeypatch):
+    from headsparse.ops import registry
+
+    monkeypatch.setenv("HEADSPARSE_ENABLE_UNVALIDATED_CUDA", "1")
+    registry._status_cache.pop("cuda", None)
+    yield
+    registry._status_cache.pop("cuda", None)
+
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", TRITON_CASES + [Case(b=2, hq=8, hkv=2, sq=300, skv=517, d=128, causal=True)], ids=str)
-def test_triton_gpu(case, dtype):
-    run_and_compare(case, dtype, "triton", device="cuda")
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_backends(case, dtype, backend, unvalidated_cuda_enabled):
+    run_and_compare(case, dtype, backend, device="cuda")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_triton_gpu_head_dims(d, dtype):
+def test_gpu_backends_head_dims(d, dtype, backend, unvalidated_cuda_enabled):
     run_and_compare(Case(b=2, hq=4, hkv=2, sq=257, skv=257, d=d, causal=True, mask="bool_empty_rows"), dtype,
-                    "triton", device="cuda")
+                    backend, device="cuda")

@@ -1,17 +1,18 @@
 """Skipping is measured, not assumed: saved bytes, what the backward sees, NaN in pruned heads, statistics."""
 import math
+import os
 
 import pytest
 import torch
 
 import headsparse as hs
-from headsparse.ops import torch_backend, triton_backend
+from headsparse.ops import cpu_backend, torch_backend, triton_backend
 from headsparse.ops.memory import saved_tensor_bytes as saved_bytes
 
 from attention_cases import Case, make_inputs
 
-BACKENDS = ["torch", "triton"]
-BACKEND_MODULES = {"torch": torch_backend, "triton": triton_backend}
+BACKENDS = ["torch", "triton"] + ([] if os.environ.get("HEADSPARSE_SKIP_EXT", "0") not in ("", "0") else ["cpu"])
+BACKEND_MODULES = {"torch": torch_backend, "triton": triton_backend, "cpu": cpu_backend}
 
 
 def _leaves(case, dtype=torch.float32, seed=0):

@@ -1,4 +1,7 @@
-"""The compiled extension's ``cpu`` backend and statistics ops against float64 references.
+"""The compiled extension: loader, registry, strided inputs, and the statistics ops against float64.
+
+The ``cpu`` attention backend runs the shared attention suites
+(tests/test_attention_backends.py, tests/test_attention_skipping.py) like every backend.
 
 Skipped as a whole only when the extension was deliberately not built
 (HEADSPARSE_SKIP_EXT=1); otherwise a missing or broken build fails here.
@@ -6,8 +9,6 @@ Skipped as a whole only when the extension was deliberately not built
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -16,202 +17,16 @@ import headsparse as hs
 from headsparse.ops import extension, registry
 from headsparse.ops.head_stats import gram_torch, head_stats_torch
 
+from attention_cases import Case, run_and_compare
+
 if os.environ.get("HEADSPARSE_SKIP_EXT", "0") not in ("", "0"):
     pytest.skip("HEADSPARSE_SKIP_EXT=1: the compiled extension is not built", allow_module_level=True)
-
-TOL = {  # absolute tolerances for outputs and gradients (values are O(1))
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 5e-5),
-    torch.float16: (4e-3, 1.5e-2),
-    torch.bfloat16: (3e-2, 8e-2),
-}
-
-
-@dataclass
-class Case:
-    b: int = 2
-    hq: int = 4
-    hkv: int = 2
-    sq: int = 37
-    skv: int = 53
-    d: int = 64
-    causal: bool = False
-    mask: Optional[str] = None  # None, "bool", "empty_rows", "additive", "per_head"
-    grad: Optional[str] = None  # e.g. "1001": grad heads
-    pruned: Optional[str] = None
-    kv_map: Optional[tuple] = None
-
-    def __str__(self):
-        s = f"b{self.b}-h{self.hq}x{self.hkv}-s{self.sq}x{self.skv}-d{self.d}"
-        for name in ("mask", "grad", "pruned", "kv_map"):
-            if getattr(self, name) is not None:
-                s += f"-{name}{getattr(self, name)}"
-        return s + ("-causal" if self.causal else "")
-
-
-def _bits(s):
-    return None if s is None else torch.tensor([c == "1" for c in s])
-
-
-def make_inputs(case: Case, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(case.b, case.hq, case.sq, case.d, generator=gen).to(dtype)
-    k = torch.randn(case.b, case.hkv, case.skv, case.d, generator=gen).to(dtype)
-    v = torch.randn(case.b, case.hkv, case.skv, case.d, generator=gen).to(dtype)
-    do = torch.randn(case.b, case.hq, case.sq, case.d, generator=gen).to(dtype)
-    shape = (case.b, 1, case.sq, case.skv)
-    mask = None
-    if case.mask == "bool":
-        mask = torch.rand(shape, generator=gen) > 0.3
-    elif case.mask == "empty_rows":
-        mask = torch.rand(shape, generator=gen) > 0.3
-        mask[0, :, 1] = False  # a row that sees nothing
-        mask[-1, :, -1] = False
-        mask[-1, :, :, :3] = False  # left padding of the keys
-    elif case.mask == "additive":
-        mask = torch.randn(shape, generator=gen)
-        mask[torch.rand(shape, generator=gen) > 0.7] = float("-inf")
-        mask[0, 0, 2] = float("-inf")  # an additive row that sees nothing
-    elif case.mask == "per_head":
-        mask = torch.rand((case.b, case.hq, case.sq, case.skv), generator=gen) > 0.4
-    kw = dict(causal=case.causal, attention_mask=mask, grad_heads=_bits(case.grad), pruned_heads=_bits(case.pruned))
-    if case.kv_map is not None:
-        kw["kv_head_index"] = torch.tensor(case.kv_map)
-    return q, k, v, do, kw
-
-
-def compare(case: Case, dtype, seed=0, backend="cpu"):
-    q, k, v, do, kw = make_inputs(case, dtype, seed)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = hs.attention(*leaves, backend=backend, **kw)
-    grads = torch.autograd.grad(out, leaves, do, allow_unused=True)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref_kw = dict(kw)
-    if ref_kw["attention_mask"] is not None and ref_kw["attention_mask"].is_floating_point():
-        ref_kw["attention_mask"] = ref_kw["attention_mask"].double()
-    ref = hs.attention_reference(*ref_leaves, **ref_kw)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double(), allow_unused=True)
-    atol_o, atol_g = TOL[dtype]
-    assert out.dtype == dtype and out.shape == q.shape
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), ref, atol=atol_o, rtol=0, msg=lambda m: f"{case} output: {m}")
-    for name, g, rg in zip("qkv", grads, ref_grads):
-        g = torch.zeros_like(rg) if g is None else g.double()
-        rg = torch.zeros_like(g) if rg is None else rg
-        assert torch.isfinite(g).all(), f"{case}: d{name} not finite"
-        torch.testing.assert_close(g, rg, atol=atol_g, rtol=0, msg=lambda m: f"{case} d{name}: {m}")
-    return out, grads
-
-
-CASES = [
-    Case(),  # GQA 2, Sq < Skv, odd lengths
-    Case(b=1, hq=3, hkv=3, sq=1, skv=29),  # GQA 1, decode step
-    Case(b=1, hq=3, hkv=1, sq=41, skv=41, causal=True),  # GQA 3
-    Case(b=3, hq=8, hkv=2, sq=17, skv=33, causal=True),  # GQA 4, bottom-right causal
-    Case(b=2, hq=4, hkv=2, sq=33, skv=21, causal=True),  # Sq > Skv: first rows see nothing
-    Case(b=2, hq=4, hkv=4, sq=37, skv=37, mask="bool"),
-    Case(b=2, hq=4, hkv=2, sq=37, skv=45, mask="empty_rows", causal=True),
-    Case(b=2, hq=4, hkv=2, sq=23, skv=23, mask="additive"),
-    Case(b=2, hq=4, hkv=2, sq=23, skv=31, mask="per_head"),
-    Case(b=2, hq=5, hkv=2, sq=19, skv=19, kv_map=(0, 0, 0, 1, 1), causal=True),  # ragged groups
-    Case(b=2, hq=5, hkv=3, sq=19, skv=26, kv_map=(2, 0, 2, 2, 1), mask="bool"),  # ragged, unsorted
-    Case(b=2, hq=8, hkv=2, sq=21, skv=21, grad="10000010"),
-    Case(b=2, hq=8, hkv=4, sq=21, skv=21, pruned="01100001", grad="10100100"),
-    Case(b=1, hq=4, hkv=2, sq=16, skv=16, grad="0000"),
-    Case(b=1, hq=4, hkv=2, sq=16, skv=16, pruned="1111"),
-]
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_backend_matches_reference(case, dtype):
-    compare(case, dtype)
-
-
-@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
-def test_cpu_backend_head_dims(d):
-    compare(Case(b=2, hq=4, hkv=2, sq=13, skv=20, d=d, causal=True, mask="bool"), torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [
-    Case(b=1, hq=4, hkv=2, sq=9, skv=15),
-    Case(b=2, hq=4, hkv=2, sq=11, skv=17, mask="empty_rows", causal=True),
-    Case(b=1, hq=8, hkv=4, sq=7, skv=7, pruned="01100001", grad="10100100", d=128),
-], ids=str)
-def test_cpu_backend_half(case, dtype):
-    compare(case, dtype)
-
-
-def test_cpu_backend_strided_inputs_and_bshd_output():
-    """HF-style (B, S, H, D) buffers viewed as (B, H, S, D), and a bshd output."""
-    gen = torch.Generator().manual_seed(3)
-    b, hq, hkv, s, d = 2, 4, 2, 19, 64
-    q = torch.randn(b, s, hq, d, generator=gen).transpose(1, 2)
-    k = torch.randn(b, s, hkv, d, generator=gen).transpose(1, 2)
-    v = torch.randn(b, s, hkv, d, generator=gen).transpose(1, 2)
-    assert not q.is_contiguous()
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = hs.attention(*leaves, causal=True, backend="cpu", out_layout="bshd")
-    do = torch.randn(out.shape, generator=gen)
-    grads = torch.autograd.grad(out, leaves, do)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = hs.attention_reference(*ref_leaves, causal=True)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=0)
-
-
-def test_cpu_backend_pruned_heads_never_read():
-    case = Case(b=2, hq=6, hkv=3, sq=15, skv=22, causal=True, pruned="010011", grad="100100")
-    q, k, v, do, kw = make_inputs(case, torch.float32)
-    q_nan = q.clone()
-    q_nan[:, [1, 4, 5]] = float("nan")
-    k_nan = k.clone()
-    k_nan[:, 2] = float("nan")  # KV head 2 is read only by pruned heads 4 and 5
-    v_nan = v.clone()
-    v_nan[:, 2] = float("nan")
-    leaves = [t.clone().requires_grad_() for t in (q_nan, k_nan, v_nan)]
-    out = hs.attention(*leaves, backend="cpu", **kw)
-    assert torch.isfinite(out).all()
-    assert (out[:, [1, 4, 5]] == 0).all()
-    clean = hs.attention(q, k, v, backend="cpu", **kw)
-    assert torch.equal(out, clean)  # exactly: the NaN heads were never touched
-    dq, dk, dv = torch.autograd.grad(out, leaves, do)
-    for g in (dq, dk, dv):
-        assert torch.isfinite(g).all()
-    assert (dq[:, [1, 2, 4, 5]] == 0).all()  # not in grad_heads / pruned
-    assert (dk[:, 2] == 0).all() and (dv[:, 2] == 0).all()  # KV head 2: no grad head reads it
-    assert dq[:, [0, 3]].abs().sum() > 0 and dk[:, 0].abs().sum() > 0
-
-
-def test_cpu_backend_fully_masked_rows():
-    case = Case(b=2, hq=2, hkv=1, sq=9, skv=12, mask="empty_rows")
-    out, grads = compare(case, torch.float32)
-    assert (out[0, :, 1] == 0).all()  # the row with nothing to attend
-    assert (grads[0][0, :, 1] == 0).all()
-
-
-@pytest.mark.parametrize("grad", [None, "0110"])
-def test_cpu_backend_gate_grad_stats(grad):
-    case = Case(b=3, hq=4, hkv=2, sq=13, skv=18, causal=True, mask="bool", grad=grad)
-    q, k, v, do, kw = make_inputs(case, torch.float32)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    with hs.record_gate_grads() as rec:
-        out = hs.attention(*leaves, backend="cpu", stats_key="layer0", **kw)
-        out.backward(do)
-    stats = rec.by_key()["layer0"]
-    expect = (out.detach().double() * do.double()).sum(dim=(2, 3))
-    grad_heads = torch.ones(4, dtype=torch.bool) if grad is None else _bits(grad)
-    torch.testing.assert_close(stats[:, grad_heads].double(), expect[:, grad_heads], atol=1e-4, rtol=1e-5)
-    assert torch.isnan(stats[:, ~grad_heads]).all()
 
 
 def test_cpu_backend_matches_torch_backend_exactly_in_float64():
     case = Case(b=2, hq=6, hkv=2, sq=25, skv=31, causal=True, mask="additive", grad="110010")
-    out_cpu, g_cpu = compare(case, torch.float64, backend="cpu")
-    out_t, g_t = compare(case, torch.float64, backend="torch")
+    out_cpu, g_cpu = run_and_compare(case, torch.float64, "cpu")
+    out_t, g_t = run_and_compare(case, torch.float64, "torch")
     torch.testing.assert_close(out_cpu, out_t, atol=1e-12, rtol=0)
     for a, b in zip(g_cpu, g_t):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
