@@ -15,7 +15,8 @@ Each method runs in its own subprocess (fresh memory). Memory:
     tracemalloc (which does not see torch's allocations).
   Also reported, exactly: bytes of gradients + AdamW state, and bytes saved for backward in one forward
   (``torch.autograd.graph.saved_tensors_hooks``).
-Time: the median of the measured steps after one warm-up step.
+Time: the minimum and the median of the measured steps after one warm-up step (on a shared machine the
+minimum is the more stable figure).
 
 Usage:
   python benchmarks/bench_train_step.py --model smollm2 --batch 2 --seq 256 --steps 3          # CPU
@@ -154,6 +155,8 @@ class _CpuPeak:
 def worker(args) -> dict:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = _build_model(args.model, dtype, device)
@@ -209,7 +212,7 @@ def worker(args) -> dict:
     return {
         "method": args.method, "model": args.model, "device": str(device), "dtype": args.dtype,
         "batch": args.batch, "seq": args.seq, "steps": args.steps,
-        "step_s_median": statistics.median(times), "step_s_all": times,
+        "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_all": times,
         "peak_mem_bytes": int(peak),
         "peak_mem_kind": "cuda max_memory_allocated delta" if device.type == "cuda" else
         ("RSS VmHWM delta" if meter.use_hwm else "RSS sampled delta"),
@@ -278,17 +281,20 @@ def markdown(results, meta) -> str:
         f"headsparse methods train {int(TRAIN_FRACTION * 100)}% of the query heads (spread = anywhere, top = top half "
         "of the layers); exact = true gradient, sparse = frozen heads treated as constants. full and lora16 use "
         "sdpa attention, headsparse its own op.",
+        f"torch threads per worker: {sorted({r.get('threads') for r in results if 'threads' in r})}; "
+        f"1/5/15-minute load average at the end: {meta.get('load_average')} (other jobs shared this machine: "
+        "times are noisy)." if meta.get("load_average") else "",
         "",
     ]
     for (model, batch, seq, dtype), rows in _group(results).items():
         lines += [f"## {model}, batch {batch}, seq {seq}, {dtype}", "",
-                  "| method | step time (s) | peak mem (MB) | grad+Adam (MB) | saved activations (MB) | trainable params |",
+                  "| method | step time min / median (s) | peak mem (MB) | grad+Adam (MB) | saved activations (MB) | trainable params |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | |")
                 continue
-            lines.append(f"| {r['method']} | {r['step_s_median']:.2f} | {_mb(r['peak_mem_bytes'])} | "
+            lines.append(f"| {r['method']} | {r['step_s_min']:.2f} / {r['step_s_median']:.2f} | {_mb(r['peak_mem_bytes'])} | "
                          f"{_mb(r['grad_plus_adam_bytes'])} | {_mb(r['saved_activation_bytes'])} | "
                          f"{r['trainable_params']:,} |")
         lines.append("")
@@ -311,6 +317,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker (default: torch's)")
     ap.add_argument("--out", default=None, help="JSON output path")
     ap.add_argument("--md", default=None, help="markdown output path")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -337,7 +344,7 @@ def main(argv=None):
         for method in methods:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--model", model,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-                   "--device", args.device, "--dtype", args.dtype]
+                   "--device", args.device, "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
