@@ -61,7 +61,7 @@ def cmd_run(args) -> int:
         model, tok = load_causal_lm(path)
         task = sentiment_in_news_task(tok, n_pool=args.pool_size or 120, n_targets=args.targets or 12,
                                       n_eval=args.eval_size or 64, seq_len=args.seq_len, seed=args.seed)
-        defaults = dict(epochs=2, batch_size=8, lr_full=3e-5, lr_heads=1e-3)
+        defaults = dict(epochs=2, batch_size=8, lr_full=3e-5, lr_heads=1e-4)
     cfg = RunConfig(methods=methods, fraction=args.fraction, head_fraction=args.head_fraction,
                     epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],
                     lr_full=args.lr_full or defaults["lr_full"], lr_heads=args.lr_heads or defaults["lr_heads"],
