@@ -197,6 +197,8 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         raise ValueError(f"task.is_target has {len(task.is_target)} entries for a pool of {len(pool)}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    env = environment()  # commit and date as the run starts; the load average is taken again at the end
+    env["load_average_start"] = env.pop("load_average")
     pad = pad_id_of(model, None)
     stages: Dict[str, float] = {}
     rows: List[Dict] = []
@@ -282,7 +284,7 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         "base_quality": q_base,
         "stages_s": stages,
         "rows": rows,
-        "environment": environment(),
+        "environment": {**env, "load_average_end": environment()["load_average"]},
     }
 
 
@@ -345,7 +347,8 @@ def markdown(report: Dict) -> str:
     env, task, cfg = report["environment"], report["task"], report["config"]
     out = [f"# headsparse run: {task['name']}", "",
            f"{env['date_utc']}, {env['device']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads, "
-           f"load average at the end {env['load_average']}), Python {env['python']}, torch {env['torch']}, "
+           f"1/5/15-min load average at the start {_load(env, 'start')} and at the end {_load(env, 'end')}), "
+           f"Python {env['python']}, torch {env['torch']}, "
            f"transformers {env['transformers']}, headsparse {env['headsparse']}, commit {env['commit']}.", "",
            task["description"], "",
            f"Pool {task['pool']} examples ({task['pool_targets']} target-task), target set {task['target_set']}, "
@@ -357,6 +360,11 @@ def markdown(report: Dict) -> str:
            table(report), "", "Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages_s"].items()),
            ""]
     return "\n".join(out)
+
+
+def _load(env: Dict, when: str) -> str:
+    v = env.get(f"load_average_{when}", env.get("load_average"))
+    return "-" if not v else "/".join(f"{x:.1f}" for x in v)
 
 
 def _atomic_write(path: str, text: str) -> None:

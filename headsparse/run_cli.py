@@ -24,10 +24,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-mode", default="sparse", choices=("sparse", "apt"),
                    help="sparse: train the scored heads; apt: also prune FROZEN heads during tuning (APT-style)")
     p.add_argument("--apt-keep", type=float, default=0.6, help="apt: share of heads kept at the end")
-    p.add_argument("--pool-size", type=int, default=None, help="pool examples (default 120)")
-    p.add_argument("--targets", type=int, default=None, help="target-task examples in the pool (default 12)")
+    p.add_argument("--pool-size", type=int, default=None, help="pool examples (default 400 text / 120 tiny)")
+    p.add_argument("--targets", type=int, default=None, help="target-task examples in the pool (default 40 text / 12 tiny)")
     p.add_argument("--seq-len", type=int, default=40, help="max tokens per text example (default 40)")
-    p.add_argument("--eval-size", type=int, default=None, help="held-out eval items (default 64 text / 40 tiny)")
+    p.add_argument("--eval-size", type=int, default=None, help="held-out eval items (default 144 text / 40 tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"report folder (default {DEFAULT_OUT}, or a temp folder for tiny)")
     p.add_argument("--stem", default=None, help="report file name stem (default: run-<model>)")
@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
     tiny = args.model == "tiny"
     if tiny:
         model = tiny_llama(seed=args.seed)
-        task = synthetic_task(n_pool=args.pool_size or 120, n_targets=args.targets or 12,
+        task = synthetic_task(n_pool=args.pool_size or 400, n_targets=args.targets or 40,
                               n_eval=args.eval_size or 40, seed=args.seed)
         defaults = dict(epochs=2, batch_size=8, lr_full=1e-3, lr_heads=3e-3)
     else:
@@ -59,8 +59,8 @@ def cmd_run(args) -> int:
             raise SystemExit(f"--model: {args.model!r} is not 'smollm2', 'tiny' or a model folder")
         print(f"[headsparse run] loading {path}", flush=True)
         model, tok = load_causal_lm(path)
-        task = sentiment_in_news_task(tok, n_pool=args.pool_size or 120, n_targets=args.targets or 12,
-                                      n_eval=args.eval_size or 64, seq_len=args.seq_len, seed=args.seed)
+        task = sentiment_in_news_task(tok, n_pool=args.pool_size or 400, n_targets=args.targets or 40,
+                                      n_eval=args.eval_size or 144, seq_len=args.seq_len, seed=args.seed)
         defaults = dict(epochs=2, batch_size=8, lr_full=3e-5, lr_heads=1e-4)
     cfg = RunConfig(methods=methods, fraction=args.fraction, head_fraction=args.head_fraction,
                     epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],

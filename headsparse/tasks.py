@@ -122,8 +122,8 @@ def _gensim_file(name: str) -> pathlib.Path:
     return p
 
 
-def sentiment_in_news_task(tok, n_pool: int = 120, n_targets: int = 12, n_target_set: int = 16,
-                           n_eval: int = 64, seq_len: int = 40, seed: int = 0) -> Task:
+def sentiment_in_news_task(tok, n_pool: int = 400, n_targets: int = 40, n_target_set: int = 16,
+                           n_eval: int = 144, seq_len: int = 40, seed: int = 0) -> Task:
     """The embedded default task (module docstring); sizes in examples, ``seq_len`` in tokens."""
     lines = _gensim_file("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines()
     reviews = []
