@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
     tiny = args.model == "tiny"
     if tiny:
         model = tiny_llama(seed=args.seed)
-        task = synthetic_task(n_pool=args.pool_size or 400, n_targets=args.targets or 40,
+        task = synthetic_task(n_pool=args.pool_size or 120, n_targets=args.targets or 12,
                               n_eval=args.eval_size or 40, seed=args.seed)
         defaults = dict(epochs=2, batch_size=8, lr_full=1e-3, lr_heads=3e-3)
     else:
