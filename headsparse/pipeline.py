@@ -65,15 +65,22 @@ class Task:
     description: str = ""
 
 
-def evaluate(model, items: Sequence[Dict], batch_size: int = 16, pad_id: Optional[int] = None) -> float:
-    """Accuracy of the multiple-choice ``items`` (next-token logits of the choices after the prompt)."""
+def evaluate(model, items: Sequence[Dict], batch_size: int = 16, pad_id: Optional[int] = None,
+             detail: bool = False):
+    """Accuracy of the multiple-choice ``items`` (next-token logits of the choices after the prompt).
+
+    With ``detail=True`` returns ``(accuracy, answer_nll)``, where answer_nll is
+    the mean negative log-likelihood (full-vocabulary softmax) of the correct
+    answer token: it also measures whether the model learnt to answer with a
+    label word at all, which the accuracy between the choices does not.
+    """
     if not items:
         raise ValueError("eval items are empty")
     pad = pad_id_of(model, pad_id)
     dev = model_device(model)
     was = model.training
     model.eval()
-    correct = 0
+    correct, nll = 0, 0.0
     with torch.no_grad():
         for s in range(0, len(items), batch_size):
             chunk = items[s:s + batch_size]
@@ -81,11 +88,13 @@ def evaluate(model, items: Sequence[Dict], batch_size: int = 16, pad_id: Optiona
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             last = b["attention_mask"].sum(1) - 1
             for r, it in enumerate(chunk):
-                row = logits[r, last[r]]
+                row = logits[r, last[r]].float()
                 pred = max(range(len(it["choices"])), key=lambda c: float(row[it["choices"][c]]))
                 correct += int(pred == it["answer"])
+                nll -= float(torch.log_softmax(row, -1)[it["choices"][it["answer"]]])
     model.train(was)
-    return correct / len(items)
+    acc = correct / len(items)
+    return (acc, nll / len(items)) if detail else acc
 
 
 # -------------------------------------------------------------------- scoring
@@ -207,11 +216,11 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
 
     if cfg.base_eval:
         t0 = time.perf_counter()
-        q_base = evaluate(model, task.eval, cfg.eval_batch_size, pad)
+        q_base, nll_base = evaluate(model, task.eval, cfg.eval_batch_size, pad, detail=True)
         stages["base_eval"] = time.perf_counter() - t0
-        _log(f"base model quality {q_base:.4f} ({stages['base_eval']:.1f} s)", quiet)
+        _log(f"base model quality {q_base:.4f}, answer NLL {nll_base:.3f} ({stages['base_eval']:.1f} s)", quiet)
     else:
-        q_base = None
+        q_base = nll_base = None
 
     # full-data full-parameter baseline
     full_model = copy.deepcopy(model)
@@ -219,7 +228,7 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
                     seed=cfg.seed, progress=cfg.progress)
     t_full = res_full.time_s
     t0 = time.perf_counter()
-    q_full = evaluate(full_model, task.eval, cfg.eval_batch_size, pad)
+    q_full, nll_full = evaluate(full_model, task.eval, cfg.eval_batch_size, pad, detail=True)
     stages["full_train"], stages["full_eval"] = t_full, time.perf_counter() - t0
     del full_model
     _log(f"full fine-tuning: {res_full.steps} steps in {t_full:.1f} s, quality {q_full:.4f}", quiet)
@@ -237,7 +246,8 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
          f"{plan.num_layers * plan.num_q_heads} heads, lowest trainable layer {plan.lowest_trainable_layer}", quiet)
 
     rows.append({"method": "full", "data": "all", "params": "all", "t_select": 0.0, "t_train": t_full,
-                 "quality": q_full, "trainable_params": res_full.trainable_params, "steps": res_full.steps,
+                 "quality": q_full, "answer_nll": nll_full, "trainable_params": res_full.trainable_params,
+                 "steps": res_full.steps,
                  **aer(0.0, t_full, t_full, q_full, q_full).as_dict()})
     for method in cfg.methods:
         if method == "all":
@@ -258,7 +268,7 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
                    seed=cfg.seed, progress=cfg.progress, mode=cfg.tune_mode,
                    apt_options={"keep_final": cfg.apt_keep} if cfg.tune_mode == "apt" else None)
         t0 = time.perf_counter()
-        q = evaluate(m, task.eval, cfg.eval_batch_size, pad)
+        q, nll = evaluate(m, task.eval, cfg.eval_batch_size, pad, detail=True)
         stages[f"{method}_train"], stages[f"{method}_eval"] = res.time_s, time.perf_counter() - t0
         del m
         parts = aer(t_score + t_mine, res.time_s, t_full, q, q_full)
@@ -266,7 +276,7 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
                "params": f"{plan.count('train')} heads" + (
                    f", {res.info['plan'].count('pruned')} pruned" if cfg.tune_mode == "apt" else ""),
                "t_score": t_score, "t_mine": t_mine,
-               "quality": q, "trainable_params": res.trainable_params, "steps": res.steps,
+               "quality": q, "answer_nll": nll, "trainable_params": res.trainable_params, "steps": res.steps,
                "reselect_s": res.reselect_time_s, **parts.as_dict()}
         if pr is not None:
             row.update({"mining_precision": pr["precision"], "mining_recall": pr["recall"]})
@@ -282,6 +292,7 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         "head_scorer": scorer,
         "plan": plan.to_dict(),
         "base_quality": q_base,
+        "base_answer_nll": nll_base,
         "stages_s": stages,
         "rows": rows,
         "environment": {**env, "load_average_end": environment()["load_average"]},
@@ -332,14 +343,14 @@ def _fmt(v, nd=3) -> str:
 def table(report: Dict) -> str:
     """The AER table (markdown) of a report."""
     head = ("| method | data | trained | T_select s | T_train s | T_full s | Q | Q_full | cost ratio | quality ratio "
-            "| AER | speedup | mining P/R |")
+            "| AER | speedup | mining P/R | answer NLL |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in report["rows"]:
         pr = (f"{r['mining_precision']:.2f}/{r['mining_recall']:.2f}" if "mining_precision" in r else "-")
         lines.append(f"| {r['method']} | {r['data']} | {r['params']} | {_fmt(r['t_select'], 1)} | "
                      f"{_fmt(r['t_train'], 1)} | {_fmt(r['t_full'], 1)} | {_fmt(r['q'], 4)} | {_fmt(r['q_full'], 4)} | "
                      f"{_fmt(r['cost_ratio'])} | {_fmt(r['quality_ratio'])} | {_fmt(r['aer'])} | "
-                     f"{_fmt(r['speedup'], 2)}x | {pr} |")
+                     f"{_fmt(r['speedup'], 2)}x | {pr} | {_fmt(r.get('answer_nll'))} |")
     return "\n".join(lines)
 
 
@@ -354,7 +365,10 @@ def markdown(report: Dict) -> str:
            f"Pool {task['pool']} examples ({task['pool_targets']} target-task), target set {task['target_set']}, "
            f"held-out eval {task['eval']}. Config: {json.dumps(cfg)}.", "",
            f"Head scorer: {report['head_scorer']}; plan trains {sum(r.count('T') for r in report['plan']['modes'])} "
-           f"heads. Base model quality (no tuning): {_fmt(report['base_quality'], 4)}.", "",
+           f"heads. Base model quality (no tuning): {_fmt(report['base_quality'], 4)}, answer NLL "
+           f"{_fmt(report.get('base_answer_nll'))}.", "",
+           "Q is the accuracy between the answer choices; answer NLL (lower is better, not part of the AER) is the "
+           "held-out negative log-likelihood of the correct answer token over the whole vocabulary.", "",
            "AER = ((T_select + T_train) / T_full) / (Q / Q_full), lower is better; "
            "speedup = T_full / (T_select + T_train); T_select = head scoring + mining.", "",
            table(report), "", "Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages_s"].items()),

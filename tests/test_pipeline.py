@@ -64,6 +64,9 @@ def test_evaluate_accuracy_counts_correct_choices():
         row = model(input_ids=torch.tensor([[11, 12, 13]])).logits[0, -1]
     want = 1 if row[6] > row[5] else 0
     assert evaluate(model, items[want:want + 1]) == 1.0 and evaluate(model, items[1 - want:2 - want]) == 0.0
+    acc, nll = evaluate(model, items, detail=True)
+    lp = torch.log_softmax(row.float(), -1)
+    assert acc == 0.5 and nll == pytest.approx(-(lp[5] + lp[6]).item() / 2, rel=1e-5)
 
 
 def test_run_pipeline_report_and_files(tmp_path):
@@ -80,7 +83,7 @@ def test_run_pipeline_report_and_files(tmp_path):
     for r in rep["rows"]:
         assert r["t_full"] == t_full and r["q_full"] == q_full
         assert r["aer"] == pytest.approx(((r["t_select"] + r["t_train"]) / t_full) / (r["q"] / q_full))
-        assert 0 <= r["q"] <= 1
+        assert 0 <= r["q"] <= 1 and r["answer_nll"] > 0
     assert rows["p2d"]["t_select"] == pytest.approx(rows["p2d"]["t_score"] + rows["p2d"]["t_mine"])
     assert rows["p2d"]["data"] == "5 of 48" and rows["all"]["data"] == "48 of 48"
     assert 0 <= rows["p2d"]["mining_precision"] <= 1
