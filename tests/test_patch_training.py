@@ -228,3 +228,22 @@ def test_transformers_trainer(tmp_path):
     assert moved == {n for n, p in model.named_parameters() if p.requires_grad}
     assert hs.patch.__name__ == "patch"
     hs.unpatch(model)  # still a patched model after training
+
+
+@pytest.mark.parametrize("train", ["model.embed_tokens", "model.layers.1.mlp", "lm_head"])
+def test_train_modules_below_the_heads_get_exact_gradients(train):
+    """A trainable module below the lowest TRAIN head moves the gradient horizon down with it."""
+    ref = tiny_model("llama")
+    plan = HeadPlan([["f"] * 4, ["f"] * 4, ["t", "f", "f", "f"]], num_kv_heads=2)
+    model = hs.patch(copy.deepcopy(ref), plan, train_modules=(train,))
+    ids = batch(ref)
+    loss_of(model, ids)[0].backward()
+    loss_of(ref, ids)[0].backward()
+    mod_p, mod_r = dict(model.named_modules())[train], dict(ref.named_modules())[train]
+    pairs = list(zip(mod_p.named_parameters(), mod_r.named_parameters()))
+    assert pairs
+    for (n, p), (_, r) in pairs:
+        assert p.requires_grad and p.grad is not None, n
+        torch.testing.assert_close(p.grad, r.grad, **TOL)
+    top = model.model.layers[2].self_attn.q_proj.weight_train.grad
+    torch.testing.assert_close(top, ref.model.layers[2].self_attn.q_proj.weight.grad[:16], **TOL)

@@ -198,7 +198,10 @@ def _empty_like_rows(w: torch.Tensor, b: Optional[torch.Tensor]):
 
 
 # -------------------------------------------------------------- layer layout
-def _layer_state(plan: HeadPlan, i: int, grad: str, lowest: Optional[int]) -> LayerState:
+def _layer_state(plan: HeadPlan, i: int, grad: str, lowest: Optional[int], full: bool = False) -> LayerState:
+    """Layout and backward set of layer ``i``. ``lowest``: the lowest layer with anything trainable (-1 when
+    something below the layers, such as the embeddings, trains); ``full``: a module of this layer other than
+    the head slices trains, so every head's backward may be needed."""
     modes = plan.modes[i]
     g = plan.group_size
     kv_train = plan.kv_trainable(i)
@@ -222,7 +225,7 @@ def _layer_state(plan: HeadPlan, i: int, grad: str, lowest: Optional[int]) -> La
     below = lowest is None or i < lowest
     if below:
         grad_heads = [False] * len(q_order)
-    elif grad == "sparse" or i == lowest:
+    elif (grad == "sparse" or i == lowest) and not full:
         grad_heads = narrow
     else:
         grad_heads = None
@@ -346,6 +349,30 @@ def _slot_path(names: Dict[int, str], module: nn.Module, attr: str) -> str:
     return f"{name}.{attr}" if name else attr
 
 
+def _effective_horizon(model, plan: HeadPlan, layers, train_mods):
+    """(lowest trainable layer, layers holding a trainable module) given the plan and ``train_modules``.
+
+    A trainable module inside layer i lowers the horizon to i (and that layer runs every head's backward); one
+    that shares a parameter with the input embeddings puts the horizon below every layer (-1).
+    """
+    lowest = plan.lowest_trainable_layer
+    full = set()
+    if not train_mods:
+        return lowest, full
+    layer_params = [{id(p) for p in layer.parameters()} for layer in layers]
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_params = {id(p) for p in emb.parameters()} if emb is not None else set()
+    for mod in train_mods:
+        ids = {id(p) for p in mod.parameters()}
+        if ids & emb_params:
+            return -1, full
+        for i, lp in enumerate(layer_params):
+            if ids & lp:
+                full.add(i)
+                lowest = i if lowest is None else min(lowest, i)
+    return lowest, full
+
+
 def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: Sequence[str] = ()) -> nn.Module:
     """Patch a Hugging Face model in place for head-sparse training; returns the model.
 
@@ -375,7 +402,7 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
     register()
     nq, nkv, head_dim, _ = _dims(family, model.config)
     layers = family.layers(base)
-    lowest = plan.lowest_trainable_layer
+    lowest, full_layers = _effective_horizon(model, plan, layers, [modules[n] for n in train_modules])
     info = PatchInfo(plan, grad, family, len(layers), nq, nkv, head_dim,
                      getattr(model.config, "_attn_implementation", None),
                      {n: p.requires_grad for n, p in model.named_parameters()}, tuple(train_modules))
@@ -388,7 +415,7 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
 
     names = {id(m): n for n, m in modules.items()}
     for i, layer in enumerate(layers):
-        st = _layer_state(plan, i, grad, lowest)
+        st = _layer_state(plan, i, grad, lowest, full=i in full_layers)
         slots = family.slots(layer)
         new = _build_projections(family, slots, st, nq, nkv, head_dim)
         for key, module in new.items():
