@@ -152,6 +152,26 @@ class _CpuPeak:
         return self._peak - self.base
 
 
+def _sparse_vs_exact_cosine(args, model, plan, ids) -> float:
+    """Cosine similarity of the sparse-mode gradient of the trainable slices to the exact one (same batch, same
+    weights as after the measured steps)."""
+    import copy
+
+    import torch
+
+    import headsparse as hs
+
+    exact = hs.patch(hs.unpatch(copy.deepcopy(model)), plan, grad="exact")
+    grads = []
+    for m in (model, exact):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.float().flatten() for n, p in sorted(m.named_parameters())
+                                if p.requires_grad]))
+    return float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
+
+
 def worker(args) -> dict:
     import torch
 
@@ -207,6 +227,7 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else meter.stop()
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    cosine = _sparse_vs_exact_cosine(args, model, plan, ids) if "sparse" in args.method else None
     state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                       if torch.is_tensor(t) and t.dim() > 0)
     return {
@@ -223,6 +244,7 @@ def worker(args) -> dict:
         "trainable_head_fraction": None if plan is None else plan.trainable_fraction,
         "lowest_trainable_layer": None if plan is None else plan.lowest_trainable_layer,
         "threads": torch.get_num_threads(),
+        "grad_cosine_vs_exact": cosine,
     }
 
 
@@ -288,15 +310,17 @@ def markdown(results, meta) -> str:
     ]
     for (model, batch, seq, dtype), rows in _group(results).items():
         lines += [f"## {model}, batch {batch}, seq {seq}, {dtype}", "",
-                  "| method | step time min / median (s) | peak mem (MB) | grad+Adam (MB) | saved activations (MB) | trainable params |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| method | step time min / median (s) | peak mem (MB) | grad+Adam (MB) | saved activations (MB) | trainable params "
+                  "| grad cosine vs exact |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | |")
                 continue
             lines.append(f"| {r['method']} | {r['step_s_min']:.2f} / {r['step_s_median']:.2f} | {_mb(r['peak_mem_bytes'])} | "
                          f"{_mb(r['grad_plus_adam_bytes'])} | {_mb(r['saved_activation_bytes'])} | "
-                         f"{r['trainable_params']:,} |")
+                         f"{r['trainable_params']:,} | "
+                         f"{'' if r.get('grad_cosine_vs_exact') is None else format(r['grad_cosine_vs_exact'], '.4f')} |")
         lines.append("")
     return "\n".join(lines)
 
