@@ -84,16 +84,17 @@ class LayerState:
     sparse: bool = False  # grad="sparse" at or above the horizon: frozen slices are constants
     _cache: Dict = field(default_factory=dict, repr=False)
 
-    def tensors(self, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        key = str(device)
-        hit = self._cache.get(key)
+    def tensors(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        # Kept on the CPU whatever the model's device: the op reads head masks on the host (a GPU tensor
+        # would cost a device synchronisation per call) and caches the index tensors it derives per device.
+        hit = self._cache.get("cpu")
         if hit is None:
             nq, nkv = len(self.q_order), len(self.kv_order)
-            grad = None if self.grad_heads is None or all(self.grad_heads) else torch.tensor(self.grad_heads, device=device)
-            pruned = torch.tensor(self.pruned_kept, device=device) if any(self.pruned_kept) else None
+            grad = None if self.grad_heads is None or all(self.grad_heads) else torch.tensor(self.grad_heads)
+            pruned = torch.tensor(self.pruned_kept) if any(self.pruned_kept) else None
             standard = nq % nkv == 0 and self.kv_head_index == [p // (nq // nkv) for p in range(nq)]
-            kvi = None if standard else torch.tensor(self.kv_head_index, dtype=torch.long, device=device)
-            hit = self._cache[key] = (grad, pruned, kvi)
+            kvi = None if standard else torch.tensor(self.kv_head_index, dtype=torch.long)
+            hit = self._cache["cpu"] = (grad, pruned, kvi)
         return hit
 
 
@@ -122,7 +123,7 @@ def headsparse_attention_forward(module, query, key, value, attention_mask, drop
     """transformers attention function: (B, Hq, S, D) inputs -> ((B, S, Hq, D) output, None)."""
     global _warned_dropout
     state: Optional[LayerState] = getattr(module, _STATE_ATTR, None)
-    grad, pruned, kvi = state.tensors(query.device) if state is not None else (None, None, None)
+    grad, pruned, kvi = state.tensors() if state is not None else (None, None, None)
     if dropout and module.training and not _warned_dropout:
         warnings.warn("headsparse attention does not apply attention-probability dropout "
                       f"(module asked for p={dropout}); it runs without it", stacklevel=2)
