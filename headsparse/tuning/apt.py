@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..mining.data import IGNORE, as_examples, batches as make_batches, collate, model_device, pad_id_of
 from ..mining.data import per_sample_loss
 from ..patch import HeadSlicedOutput, is_patched, patch, patch_info, unpatch
-from ..patch.core import _STATE_ATTR
+from ..patch.core import layer_states
 from ..plan import HeadMode, HeadPlan
 from .core import TuneResult
 
@@ -61,9 +61,10 @@ class _Salience:
         self.abs_x: Dict[int, torch.Tensor] = {}
         self.abs_g: Dict[int, torch.Tensor] = {}
         self.handles = []
+        states = layer_states(model)
         for i, layer in enumerate(info.family.layers(model.base_model)):
             o = getattr(*info.family.slots(layer)["o"])
-            st = getattr(info.family.attention(layer), _STATE_ATTR)
+            st = states[i]
             if isinstance(o, HeadSlicedOutput) and not st.no_grad:
                 self.handles.append(o.register_forward_pre_hook(self._hook(i, st.q_order)))
 
