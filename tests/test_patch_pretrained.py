@@ -6,33 +6,10 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from _hs_models import full_layout_grads, minilm_dir, ref_layout_grads, smollm2_dir, zero_pruned_o
+from _hs_models import full_layout_grads, ref_layout_grads, zero_pruned_o
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def smol():
-    try:
-        path = smollm2_dir()
-    except Exception as exc:  # pragma: no cover - depends on the installed model packages
-        pytest.skip(f"SmolLM2 not available: {exc}")
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return tok, model
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    try:
-        path = minilm_dir()
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(f"MiniLM not available: {exc}")
-    from transformers import AutoModel, AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
 
 
 def _smol_plan(model, modes_fn):

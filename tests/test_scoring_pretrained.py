@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import headsparse as hs
-from _hs_models import minilm_dir, smollm2_dir
 from test_scoring import ref_gradient
 
 pytestmark = pytest.mark.slow
@@ -15,29 +14,6 @@ TEXTS = [
     "Water boils at one hundred degrees.",
 ]
 
-
-@pytest.fixture(scope="module")
-def smol():
-    try:
-        path = smollm2_dir()
-    except Exception as exc:  # pragma: no cover - depends on the installed model packages
-        pytest.skip(f"SmolLM2 not available: {exc}")
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return tok, model
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    try:
-        path = minilm_dir()
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(f"MiniLM not available: {exc}")
-    from transformers import AutoModel, AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
 
 
 def _check(s, layers, heads, kv, family):

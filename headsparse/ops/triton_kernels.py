@@ -82,6 +82,21 @@ def _causal_full_kv_end(start_m, causal_offset, hi, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _kv_tile_scores(q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, start_n, offs_m, offs_d,
+                    M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk, seq_q, seq_kv, causal_offset, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Load the key block at ``start_n`` and its values; return (k, v, masked base-2 scores of q against it)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_base, offs_n, offs_d, stride_ks, stride_kd, seq_kv, HEAD_DIM)
+    v = _load_tile(v_base, offs_n, offs_d, stride_vs, stride_vd, seq_kv, HEAD_DIM)
+    s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+    s = _masked_scores(s, offs_m, offs_n, M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk,
+                       seq_q, seq_kv, causal_offset, CHECK_BOUNDS, CAUSAL, MASK_KIND)
+    return k, v, s
+
+
+@triton.jit
 def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
                  offs_m, offs_d, M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk,
                  seq_q, seq_kv, causal_offset, qk_scale, lo, hi,
@@ -89,12 +104,10 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_
                  MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Online softmax over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, offs_d, stride_ks, stride_kd, seq_kv, HEAD_DIM)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vs, stride_vd, seq_kv, HEAD_DIM)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        s = _masked_scores(s, offs_m, offs_n, M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk,
-                           seq_q, seq_kv, causal_offset, CHECK_BOUNDS, CAUSAL, MASK_KIND)
+        k, v, s = _kv_tile_scores(q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, start_n, offs_m,
+                                  offs_d, M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk, seq_q, seq_kv,
+                                  causal_offset, qk_scale, HEAD_DIM, BLOCK_N, CHECK_BOUNDS, CAUSAL, MASK_KIND,
+                                  UPCAST, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; subtract 0 instead to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -280,12 +293,10 @@ def _dq_kv_loop(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_kd, str
                 MASK_KIND: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, offs_n, offs_d, stride_ks, stride_kd, seq_kv, HEAD_DIM)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vs, stride_vd, seq_kv, HEAD_DIM)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        s = _masked_scores(s, offs_m, offs_n, M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk,
-                           seq_q, seq_kv, causal_offset, CHECK_BOUNDS, CAUSAL, MASK_KIND)
+        k, v, s = _kv_tile_scores(q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, start_n, offs_m,
+                                  offs_d, M, hm, b, stride_mb, stride_mh, stride_mq, stride_mk, seq_q, seq_kv,
+                                  causal_offset, qk_scale, HEAD_DIM, BLOCK_N, CHECK_BOUNDS, CAUSAL, MASK_KIND,
+                                  UPCAST, IEEE)
         p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), UPCAST, IEEE)
         ds = p * (dp - delta[:, None])
