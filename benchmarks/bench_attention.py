@@ -21,11 +21,8 @@ TFLOP/s columns compare useful throughput.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import headsparse as hs  # noqa: E402
 from headsparse.ops.memory import saved_tensor_bytes  # noqa: E402
+from headsparse.provenance import provenance  # noqa: E402
 
 GRAD_FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.0)
 
@@ -131,7 +129,7 @@ def bench_one(args, seq: int, head_dim: int, causal: bool, timer):
             else:  # grad fraction 0: the backward has nothing to do
                 row["bwd_ms"] = 0.0
                 row["fwd_bwd_ms"] = timer(lambda: fn(q, k, v))
-            del out
+            out = None  # free the graph before the next measurement
             row["saved_bytes"] = saved_tensor_bytes(lambda: fn(q, k, v))[0]
             row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
             bwd_flops = 2.5 * fwd_flops * frac
@@ -155,8 +153,9 @@ def markdown(rows, meta) -> str:
     lines = [
         f"# bench_attention ({meta['device_name']})",
         "",
-        f"- date: {meta['date']}, commit: {meta['commit']}",
-        f"- torch {meta['torch']}, triton {meta.get('triton')}, python {meta['python']}",
+        f"- date: {meta['date_utc']}, commit: {meta['commit']}",
+        f"- torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, "
+        f"python {meta['versions']['python']}",
         f"- dtype {meta['dtype']}, about {meta['tokens']} tokens per batch, hidden {meta['hidden']}",
         "- times in ms; saved = bytes the autograd graph keeps for the backward; "
         "TFLOP/s count only the backward work a grad fraction needs",
@@ -185,22 +184,10 @@ def markdown(rows, meta) -> str:
 
 
 def metadata(args) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    return dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), commit=commit,
-                device=args.device, device_name=name, torch=torch.__version__, triton=triton_version,
-                python=platform.python_version(), dtype=args.dtype, tokens=args.tokens, hidden=args.hidden,
-                backends=args.backends, headsparse_backends={k: v.reason for k, v in hs.backends().items()})
+    meta = provenance(args.device)
+    meta.update(dtype=args.dtype, tokens=args.tokens, hidden=args.hidden, backends=args.backends,
+                headsparse_backends={k: v.reason for k, v in hs.backends().items()})
+    return meta
 
 
 def main(argv=None):

@@ -30,7 +30,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -249,45 +248,6 @@ def worker(args) -> dict:
 
 
 # ------------------------------------------------------------------ driver side
-def _versions():
-    import torch
-    import transformers
-
-    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import peft
-
-        v["peft"] = peft.__version__
-    except ImportError:
-        v["peft"] = None
-    return v
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:
-        return "unknown"
-
-
 def _mb(b):
     return f"{b / 2**20:,.1f}"
 
@@ -380,8 +340,10 @@ def main(argv=None):
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("model", "method", "step_s_median", "peak_mem_bytes", "error")}),
                   file=sys.stderr, flush=True)
+    from headsparse.provenance import device_name, git_commit, versions
+
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device_name": _device_name(args.device), "versions": _versions(), "commit": _commit(),
+            "device_name": device_name(args.device), "versions": versions(), "commit": git_commit(short=True),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     md = markdown(results, meta)
     print(md)

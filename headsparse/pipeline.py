@@ -20,21 +20,19 @@ every part of every number, the device, versions, commit and date.
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import random
-import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .metrics import aer
+from .provenance import provenance
 from .mining.core import METHODS, mine
 from .mining.data import as_examples, collate, model_device, pad_id_of
 from .mining.features import patched_for, probe
@@ -301,35 +299,11 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
 
 # ------------------------------------------------------------------ report
 def environment() -> Dict:
-    import transformers
-
-    from . import __version__
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except Exception:
-        commit = None
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu: {cpu}",
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load,
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "headsparse": __version__, "commit": commit,
-    }
+    """The report's provenance record, with the versions at top level."""
+    rec = provenance("cuda" if torch.cuda.is_available() else "cpu")
+    rec.update(rec.pop("versions"))
+    rec["device"] = f"{rec['device']}: {rec.pop('device_name')}"
+    return rec
 
 
 def _fmt(v, nd=3) -> str:
@@ -357,7 +331,7 @@ def table(report: Dict) -> str:
 def markdown(report: Dict) -> str:
     env, task, cfg = report["environment"], report["task"], report["config"]
     out = [f"# headsparse run: {task['name']}", "",
-           f"{env['date_utc']}, {env['device']} ({env['cpu_count']} cores, {env['torch_threads']} torch threads, "
+           f"{env['date_utc']}, {env['device']} ({env['torch_threads']} torch threads, "
            f"1/5/15-min load average at the start {_load(env, 'start')} and at the end {_load(env, 'end')}), "
            f"Python {env['python']}, torch {env['torch']}, "
            f"transformers {env['transformers']}, headsparse {env['headsparse']}, commit {env['commit']}.", "",

@@ -22,7 +22,7 @@ import importlib.util
 import os
 import pathlib
 import random
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 

@@ -21,7 +21,6 @@ Methods (see ``docs/pipeline.md`` for what is published and what is our reconstr
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
