@@ -25,13 +25,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import glob
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,24 +75,15 @@ def load_minilm():
 
 
 def environment() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--", "headsparse"], cwd=ROOT, text=True))
-    except Exception:
-        commit, dirty = "unknown", None
-    return {"device": f"CPU: {cpu}", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "headsparse_commit": commit, "headsparse_dirty": dirty,
-            "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "loadavg_start": os.getloadavg()}
+    """The shared provenance record, flattened into the fields this script's reports print."""
+    from headsparse.provenance import provenance
+
+    rec = provenance("cpu")
+    commit = rec["commit"] or "unknown"
+    return {"device": f"CPU: {rec['device_name']}", "cpu_count": rec["cpu_count"],
+            "torch_threads": rec["torch_threads"], **{k: rec["versions"][k] for k in ("torch", "transformers", "python")},
+            "headsparse_commit": commit.replace("+dirty", ""), "headsparse_dirty": commit.endswith("+dirty"),
+            "date_utc": rec["date_utc"], "loadavg_start": rec["load_average"]}
 
 
 # ------------------------------------------------------------------- speed

@@ -66,7 +66,7 @@ def test_gate_signature_is_the_per_sample_gate_gradient():
     ex[1]["labels"] = [-100] * 8 + ex[1]["input_ids"][8:]
     with patched_for(ref, plan) as m:
         sig = probe(m, ex, batch_size=2, gate=True)["gate"]  # batches of 2 and 1, padded
-    xs, gs = {}, {}
+    xs = {}
 
     def hook(i):
         def fwd(mod, inp):

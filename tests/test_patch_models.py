@@ -6,7 +6,7 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from _hs_models import (DECODERS, FAMILIES, batch, full_layout_grads, is_decoder, loss_of, ref_layout_grads,
+from _hs_models import (FAMILIES, batch, full_layout_grads, is_decoder, loss_of, ref_layout_grads,
                         tiny_model, zero_pruned_o)
 
 TOL = dict(rtol=1e-9, atol=1e-11)

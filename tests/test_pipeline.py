@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 
-import headsparse as hs
 from headsparse.cli import main
 from headsparse.metrics import aer, end_to_end_speedup
-from headsparse.pipeline import RunConfig, evaluate, markdown, run_pipeline, table, write_report
+from headsparse.pipeline import RunConfig, evaluate, run_pipeline, table, write_report
 from headsparse.tasks import synthetic_task, tiny_llama
 
 

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import headsparse as hs
 from headsparse import HeadPlan, HeadScores
@@ -91,7 +90,7 @@ def ref_apt(model, data, beta=0.85, kurtosis=True):
     per head, channel loops over (sum|X|)(sum|G|); kurtosis by explicit moments; EMA from 0."""
     info = model_info(model)
     L, H, D = info.num_layers, info.num_q_heads, _head_dim(model)
-    xs, gs = {}, {}
+    xs = {}
 
     def pre(i):
         def fn(m, args):

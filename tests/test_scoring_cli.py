@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from headsparse import HeadPlan, HeadScores
 from headsparse.cli import main

@@ -1,5 +1,4 @@
 """APT-style adaptive head pruning during tuning: cubic schedule, salience, physical pruning, distillation."""
-import copy
 
 import pytest
 import torch
