@@ -24,13 +24,13 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ._atomic import atomic_path, atomic_write_text
 from .metrics import aer
 from .provenance import provenance
 from .mining.core import METHODS, mine
@@ -355,25 +355,11 @@ def _load(env: Dict, when: str) -> str:
     return "-" if not v else "/".join(f"{x:.1f}" for x in v)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hs-report-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(report: Dict, out_dir: str, stem: str = "run") -> Dict[str, str]:
     """Write ``<stem>.json`` and ``<stem>.md`` (and ``<stem>.png`` if matplotlib is there) into ``out_dir``."""
     paths = {"json": os.path.join(out_dir, f"{stem}.json"), "md": os.path.join(out_dir, f"{stem}.md")}
-    _atomic_write(paths["json"], json.dumps(report, indent=1, default=str))
-    _atomic_write(paths["md"], markdown(report))
+    atomic_write_text(paths["json"], json.dumps(report, indent=1, default=str))
+    atomic_write_text(paths["md"], markdown(report))
     png = _plot(report, os.path.join(out_dir, f"{stem}.png"))
     if png:
         paths["png"] = png
@@ -396,8 +382,9 @@ def _plot(report: Dict, path: str) -> Optional[str]:
     ax.set_ylabel("quality")
     ax.set_title(report["task"]["name"])
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path

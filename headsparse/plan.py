@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from enum import Enum
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+
+from ._atomic import atomic_write_text
 
 KV_POLICIES = ("any", "all", "none")
 _FORMAT_VERSION = 1
@@ -316,17 +317,7 @@ class HeadPlan:
 
     def save(self, path) -> None:
         """Write the plan as JSON (to a temporary file in the same folder, then renamed)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".headplan-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path) -> "HeadPlan":

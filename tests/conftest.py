@@ -58,3 +58,14 @@ def minilm():
     except ImportError as exc:  # pragma: no cover - the dev environment installs the model package
         pytest.skip(f"MiniLM not available: {exc}")
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's small-model training tests on one thread (faster and steadier than two on tiny shapes)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,12 +12,7 @@ from headsparse.pipeline import RunConfig, evaluate, run_pipeline, table, write_
 from headsparse.tasks import synthetic_task, tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_aer_arithmetic():

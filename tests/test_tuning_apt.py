@@ -11,12 +11,7 @@ from headsparse.tasks import synthetic_task, tiny_llama
 from headsparse.tuning import cubic_retained, tune_apt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_cubic_schedule():

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from torch import nn
 
+from .._atomic import atomic_path
 from ..plan import HeadPlan
 from .core import is_patched, patch, patch_info
 
@@ -43,16 +43,8 @@ def save_delta(model: nn.Module, path) -> None:
         "format": _FORMAT, "version": _VERSION, "plan": info.plan.to_json(), "grad": info.grad,
         "train_modules": json.dumps(list(info.train_modules)), "model_family": info.family.name,
     }
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".delta-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_delta_plan(path) -> HeadPlan:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from typing import List
+
+from .._atomic import atomic_path
 
 
 def read_texts(path: str) -> List[str]:
@@ -90,16 +91,11 @@ def write_heatmap(scores, plan, path: str, title: str) -> None:
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".heatmap-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

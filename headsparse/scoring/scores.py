@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Dict, Optional
 
 import torch
+
+from .._atomic import atomic_write_text
 
 _FORMAT = "headsparse.HeadScores"
 _VERSION = 1
@@ -115,17 +116,7 @@ class HeadScores:
 
     def save(self, path) -> None:
         """Write JSON (to a temporary file in the same folder, then renamed)."""
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(prefix=".headscores-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path) -> "HeadScores":
