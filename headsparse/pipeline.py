@@ -37,6 +37,7 @@ from .mining.core import METHODS, mine
 from .mining.data import as_examples, collate, model_device, pad_id_of
 from .mining.features import patched_for, probe
 from .plan import HeadPlan
+from .scoring import score_heads
 from .tuning.core import tune
 
 PIPELINE_METHODS = METHODS + ("all",)  # "all": head-sparse tuning on the whole pool (no mining)
@@ -96,41 +97,17 @@ def evaluate(model, items: Sequence[Dict], batch_size: int = 16, pad_id: Optiona
 
 
 # -------------------------------------------------------------------- scoring
-def gate_grad_head_scores(model, data, batch_size: int = 8, pad_id: Optional[int] = None) -> torch.Tensor:
-    """(layers, heads) mean |sum_t <O_h, dO_h>| over ``data`` (Michel et al. 2019 gate-gradient importance).
-
-    The fallback head scorer of the pipeline: a patched copy of ``model`` with
-    every head TRAIN records the per-(sample, head) gate gradients in the
-    attention backward (:func:`headsparse.record_gate_grads`).
-    """
-    examples = as_examples(data, "data")
-    plan = HeadPlan.for_model(model, "train")
-    with patched_for(model, plan) as m:
-        f = probe(m, examples, batch_size=batch_size, pad_id=pad_id_of(model, pad_id), gate=True, desc="score")
-    return f["gate"].abs().mean(0).view(plan.num_layers, plan.num_q_heads)
-
-
 def score_heads_for_pipeline(model, data, batch_size: int = 8, method: str = "gradient") -> tuple:
-    """(scores (layers, heads), description of the scorer used).
+    """(scores (layers, heads), description of the scorer used) from :func:`headsparse.score_heads`.
 
-    Uses :func:`headsparse.score_heads` (``method``, default "gradient" =
-    Michel et al.'s gate gradient) on the target set; if the scoring package
-    is missing or rejects the call, falls back to
-    :func:`gate_grad_head_scores` and says so in the description.
+    ``method`` is any scoring method (default "gradient" = Michel et al.'s gate
+    gradient), run on the target set; its errors propagate (no fallback).
     """
     examples = as_examples(data, "data")
     pad = pad_id_of(model, None)
-    try:
-        from .scoring import score_heads
-    except ImportError as exc:
-        return gate_grad_head_scores(model, examples, batch_size), f"gate_grad fallback (no headsparse.scoring: {exc})"
     dev = model_device(model)
     batches = [collate(examples[i:i + batch_size], pad, dev) for i in range(0, len(examples), batch_size)]
-    try:
-        hs_scores = score_heads(model, batches, method=method)
-    except (TypeError, ValueError) as exc:
-        return (gate_grad_head_scores(model, examples, batch_size),
-                f"gate_grad fallback (headsparse.score_heads(method={method!r}) failed: {exc})")
+    hs_scores = score_heads(model, batches, method=method)
     return hs_scores.scores.float(), f"headsparse.score_heads(method={method!r})"
 
 
