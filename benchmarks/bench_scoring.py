@@ -6,6 +6,8 @@ S-token windows, no padding). Per batch, median over interleaved repetitions, of
 
 * ``plain_fwd_bwd``: the model as for training (sdpa attention, every parameter requires grad),
   HF loss, ``backward()``; the reference cost;
+* ``forward_only``: the same forward without a graph: a lower bound for any score that needs
+  a backward (the backward of the activations alone costs about one more forward);
 * ``gradient``, ``apt``, ``hifi``, ``alps`` (one proxy AdamW step + distances), ``random``:
   ``headsparse.score_heads`` on the same batch;
 * ``gradient_per_example`` / ``apt_per_example``: the same methods fed one sample at a time
@@ -95,6 +97,12 @@ def plain_fwd_bwd(model, batch):
     model.zero_grad(set_to_none=True)
 
 
+def forward_only(model, batch):
+    """The floor of any exact gradient score: one forward with the loss, no graph."""
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"])
+
+
 def michel_per_example(model, batch):
     """Michel et al.'s script: batch size 1, explicit head gates, all parameters require grad."""
     info = model_info(model)
@@ -136,6 +144,7 @@ def run_speed(args):
                 "attention_mask": torch.ones(B, S, dtype=torch.long)} for k in range(args.batches)]
     cases = {
         "plain_fwd_bwd": lambda b: plain_fwd_bwd(model, b),
+        "forward_only": lambda b: forward_only(model, b),
         "gradient": lambda b: hs.score_heads(model, [b], "gradient"),
         "apt": lambda b: hs.score_heads(model, [b], "apt"),
         "hifi": lambda b: hs.score_heads(model, [b], "hifi"),
@@ -175,7 +184,10 @@ def run_speed(args):
            "batches": args.batches, "reps": args.reps, "environment": env, "rows": rows,
            "michel_per_example_speedup_of_gradient": (statistics.median(times["michel_per_example"]) /
                                                       statistics.median(times["gradient"]))
-           if "michel_per_example" in times and "gradient" in times else None}
+           if "michel_per_example" in times and "gradient" in times else None,
+           "michel_per_example_over_forward_only": (statistics.median(times["michel_per_example"]) /
+                                                    statistics.median(times["forward_only"]))
+           if "michel_per_example" in times and "forward_only" in times else None}
     write(args.out, res, speed_markdown(res))
 
 
@@ -198,6 +210,10 @@ def speed_markdown(res) -> str:
     if res.get("michel_per_example_speedup_of_gradient"):
         lines += ["", f"gradient (batched) vs Michel's literal per-example procedure: "
                       f"{res['michel_per_example_speedup_of_gradient']:.2f}x faster."]
+    if res.get("michel_per_example_over_forward_only"):
+        lines += ["", f"Ceiling for any score that needs a forward of the batch: Michel per-example / forward only = "
+                      f"{res['michel_per_example_over_forward_only']:.2f}x (a backward, needed for exact gradients, "
+                      f"adds about one more forward)."]
     return "\n".join(lines) + "\n"
 
 
