@@ -60,3 +60,28 @@ def test_backends_report():
     assert info["torch"].usable
     for entry in info.values():
         assert entry.reason  # every backend says why it is (not) usable
+
+
+def test_triton_interpreter_reports_an_incompatible_numpy(monkeypatch):
+    # Triton 3.6's interpreter calls int() on 1-element arrays, which NumPy 2.4 rejects (measured: 3.6.0 with
+    # numpy 2.4.6 fails, with 2.3.5 passes; 3.7.1 squeezes first). The backend must say so, not crash mid-kernel.
+    import numpy
+    import triton
+
+    from headsparse.ops import registry
+
+    assert "numpy<2.4" in registry._interpreter_incompatibility("3.6.0", "2.4.6")
+    assert registry._interpreter_incompatibility("3.6.0", "2.3.5") is None
+    assert registry._interpreter_incompatibility("3.7.1", "2.4.6") is None
+    assert registry._interpreter_incompatibility("3.8.0", "2.5.0") is None
+    if torch.cuda.is_available():
+        return  # compiled kernels: the interpreter is not involved
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    monkeypatch.setattr(registry, "_status_cache", {})
+    info = hs.backends()["triton"]
+    assert not info.usable and "numpy 2.4.6" in info.reason
+    q, k, v = _qkv(d=32)
+    with pytest.raises(BackendUnavailableError, match="numpy<2.4"):
+        hs.attention(q, k, v, backend="triton")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -36,6 +37,25 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> Tuple[int, ...]:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    parts = [re.match(r"\d*", piece).group() for piece in version.split(".")[:2]]
+    return tuple(int(p) if p else 0 for p in parts)
+
+
+def _interpreter_incompatibility(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why this Triton's CPU interpreter cannot run our kernels with this NumPy, or None.
+
+    Triton < 3.7's interpreter converts loop bounds with ``int(array)`` on
+    1-element arrays, which NumPy >= 2.4 rejects ("only 0-dimensional arrays
+    can be converted to Python scalars"); Triton 3.7 squeezes them first.
+    """
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter fails with numpy {numpy_version} (int() of 1-element arrays, "
+                f"an error since numpy 2.4): install numpy<2.4 or triton>=3.7 to run it on the CPU")
+    return None
+
+
 def _torch_status() -> Tuple[bool, str]:
     return True, "plain PyTorch; any device"
 
@@ -51,6 +71,11 @@ def _triton_status() -> Tuple[bool, str]:
             return False, f"needs a GPU with compute capability >= 8.0, found {major}.x"
         return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
     if triton_interpreted():
+        import numpy
+
+        broken = _interpreter_incompatibility(triton.__version__, numpy.__version__)
+        if broken:
+            return False, broken
         return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU tensors; slow, for tests)"
     return False, "no CUDA GPU (on CPU, triton runs only with TRITON_INTERPRET=1 set before import)"
 
