@@ -1,0 +1,81 @@
+"""The torch backend's two CPU paths, each against the float64 reference.
+
+On CPU float32/float16/bfloat16 it calls PyTorch's fused flash-attention
+kernels; float64, Skv = 0 and an additive mask that would lose precision in the
+input dtype take the plain materialised-scores path. Both must meet the same
+specification, so every shape case runs through each path, and the test checks
+which path actually ran.
+"""
+import pytest
+import torch
+
+from attention_cases import Case, make_inputs, run_and_compare
+from test_attention_backends import SHAPE_CASES
+
+from headsparse.ops import torch_backend
+
+pytestmark = pytest.mark.skipif(torch_backend._FLASH_CPU is None, reason="this torch has no fused CPU attention")
+
+
+@pytest.fixture
+def path_counter(monkeypatch):
+    calls = {"forward": 0, "backward": 0}
+    fwd, bwd = torch_backend._flash_forward, torch_backend._flash_backward
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(torch_backend, "_flash_forward", count("forward", fwd))
+    monkeypatch.setattr(torch_backend, "_flash_backward", count("backward", bwd))
+    return calls
+
+
+def _computes_heads(case: Case) -> bool:
+    return case.pruned is None or "0" in case.pruned
+
+
+def _has_grad_heads(case: Case) -> bool:
+    return _computes_heads(case) and (case.grad is None or any(
+        g == "1" and (case.pruned is None or p == "0") for g, p in zip(case.grad, case.pruned or "0" * len(case.grad))))
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_path(case, dtype, path_counter):
+    run_and_compare(case, dtype, "torch")
+    # bf16 with an additive float32 mask keeps the plain path (the kernel would add the mask in bf16).
+    expect = not (dtype == torch.bfloat16 and case.mask == "additive")
+    assert (path_counter["forward"] > 0) == (expect and _computes_heads(case))
+    assert (path_counter["backward"] > 0) == (expect and _has_grad_heads(case))
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_path(case, dtype, path_counter, monkeypatch):
+    monkeypatch.setattr(torch_backend, "_FLASH_CPU", None)
+    run_and_compare(case, dtype, "torch")
+    assert path_counter == {"forward": 0, "backward": 0}
+
+
+@pytest.mark.parametrize("case", [SHAPE_CASES[4], SHAPE_CASES[6], SHAPE_CASES[10]], ids=str)
+def test_paths_agree_with_each_other(case, monkeypatch):
+    # float32 through both paths: the same numbers to float32 rounding, gate statistics included.
+    import headsparse as hs
+
+    q, k, v, do, kw = make_inputs(case, torch.float32, seed=3)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with hs.record_gate_grads() as rec:
+            out = hs.attention(*leaves, backend="torch", stats_key="x", **kw)
+        grads = torch.autograd.grad(out, leaves, do)
+        return [out, *grads, rec.by_key()["x"]]
+
+    flash = run()
+    monkeypatch.setattr(torch_backend, "_FLASH_CPU", None)
+    plain = run()
+    for a, b in zip(flash, plain):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, equal_nan=True)
