@@ -2,7 +2,8 @@
 
 Claim under test (issue 2): dense headsparse is as fast as SDPA's flash backend,
 and the backward of a call with a fraction f of heads in ``grad_heads`` costs
-about f of the dense backward and saves about f of its activations.
+about f of the dense backward and saves about f of its activations; a call with half its heads pruned
+(``pruned0.5``, the other half trained) costs about half in both passes.
 
 Usage (GPU)::
 
@@ -55,7 +56,29 @@ def _timer(device: str):
     return cpu_time
 
 
-def _providers(args, heads: int, causal: bool):
+def _flex_provider(causal: bool):
+    """FlexAttention compiled for this run (a block mask per shape when causal), or None if it cannot run."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception as exc:  # reported, not hidden
+        print(f"FlexAttention unavailable: {exc}", file=sys.stderr)
+        return None
+    cache = {}
+
+    def flex_fn(q, k, v):
+        if not causal:
+            return flex(q, k, v)
+        key = (q.shape[2], k.shape[2])
+        if key not in cache:
+            cache[key] = create_block_mask(lambda b, h, i, j: i >= j, None, None, key[0], key[1], device=q.device)
+        return flex(q, k, v, block_mask=cache[key])
+
+    return flex_fn
+
+
+def _providers(args, heads: int, causal: bool, seq: int):
     """(name, grad fraction, fn(q, k, v) -> out) for every provider that runs here."""
     out = []
     if args.device == "cuda":
@@ -66,37 +89,31 @@ def _providers(args, heads: int, causal: bool):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         out.append(("sdpa-flash", 1.0, sdpa))
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            flex = torch.compile(flex_attention, dynamic=False)
-            cache = {}
-
-            def flex_fn(q, k, v):
-                if not causal:
-                    return flex(q, k, v)
-                key = (q.shape[2], k.shape[2])
-                if key not in cache:
-                    cache[key] = create_block_mask(lambda b, h, i, j: i >= j, None, None, key[0], key[1],
-                                                   device=q.device)
-                return flex(q, k, v, block_mask=cache[key])
-
-            out.append(("flex", 1.0, flex_fn))
-        except Exception as exc:  # reported, not hidden
-            print(f"FlexAttention unavailable: {exc}", file=sys.stderr)
+        if args.flex_seqs is None or seq in args.flex_seqs:
+            flex_fn = _flex_provider(causal)
+            if flex_fn is not None:
+                out.append(("flex", 1.0, flex_fn))
     else:
         out.append(("sdpa", 1.0, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=causal)))
     for backend in args.backends:
         out.append((f"hs-{backend}-dense", 1.0,
                     lambda q, k, v, b=backend: hs.attention(q, k, v, causal=causal, backend=b)))
+        gen = torch.Generator().manual_seed(heads)
         for frac in GRAD_FRACTIONS:
             n = round(frac * heads)
-            mask = torch.zeros(heads, dtype=torch.bool, device=args.device)
-            mask[torch.randperm(heads, device=args.device)[:n]] = True
+            # head masks stay on the CPU, as a patched model passes them (no device sync per call)
+            mask = torch.zeros(heads, dtype=torch.bool)
+            mask[torch.randperm(heads, generator=gen)[:n]] = True
             out.append((f"hs-{backend}-grad{frac:g}", n / heads,
                         lambda q, k, v, b=backend, m=mask: hs.attention(q, k, v, grad_heads=m, causal=causal,
                                                                         backend=b)))
+        pruned = torch.zeros(heads, dtype=torch.bool)
+        pruned[torch.randperm(heads, generator=gen)[: heads // 2]] = True
+        # half the heads pruned, the other half trained: forward and backward should both halve
+        out.append((f"hs-{backend}-pruned0.5", 1.0 - pruned.float().mean().item(),
+                    lambda q, k, v, b=backend, m=pruned: hs.attention(q, k, v, grad_heads=~m, pruned_heads=m,
+                                                                      causal=causal, backend=b)))
     return out
 
 
@@ -110,7 +127,7 @@ def bench_one(args, seq: int, head_dim: int, causal: bool, timer):
     do = torch.randn(shape, device=args.device, dtype=dtype, generator=gen)
     fwd_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
     rows = []
-    for name, frac, fn in _providers(args, heads, causal):
+    for name, frac, fn in _providers(args, heads, causal, seq):
         row = dict(provider=name, seq=seq, head_dim=head_dim, causal=causal, batch=batch, heads=heads,
                    grad_fraction=frac, dtype=args.dtype)
         try:
@@ -161,25 +178,28 @@ def markdown(rows, meta) -> str:
         "TFLOP/s count only the backward work a grad fraction needs",
         "",
         "| S | D | causal | provider | grad frac | fwd ms | bwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s "
-        "| saved MiB | bwd / dense bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| saved MiB | bwd / dense bwd | fwd / dense fwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    dense_bwd = {}
+    dense_bwd, dense_fwd = {}, {}
     for r in rows:
         if r["provider"].endswith("-dense") and "bwd_ms" in r:
             dense_bwd[(r["seq"], r["head_dim"], r["causal"], r["provider"][:-6])] = r["bwd_ms"]
+            dense_fwd[(r["seq"], r["head_dim"], r["causal"], r["provider"][:-6])] = r["fwd_ms"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['seq']} | {r['head_dim']} | {r['causal']} | {r['provider']} | - | error: "
-                         f"{r['error']} | | | | | | |")
+                         f"{r['error']} | | | | | | | |")
             continue
-        base = dense_bwd.get((r["seq"], r["head_dim"], r["causal"], r["provider"].rsplit("-", 1)[0]))
+        key = (r["seq"], r["head_dim"], r["causal"], r["provider"].rsplit("-", 1)[0])
+        base, base_fwd = dense_bwd.get(key), dense_fwd.get(key)
         ratio = r["bwd_ms"] / base if base and r["provider"].startswith("hs-") else None
+        fwd_ratio = r["fwd_ms"] / base_fwd if base_fwd and r["provider"].startswith("hs-") else None
         lines.append(
             f"| {r['seq']} | {r['head_dim']} | {r['causal']} | {r['provider']} | {r['grad_fraction']:.2f} "
             f"| {_fmt(r['fwd_ms'], 3)} | {_fmt(r['bwd_ms'], 3)} | {_fmt(r['fwd_bwd_ms'], 3)} "
             f"| {_fmt(r['fwd_tflops'])} | {_fmt(r['fwd_bwd_tflops'])} | {r['saved_bytes'] / 2**20:.1f} "
-            f"| {_fmt(ratio)} |")
+            f"| {_fmt(ratio)} | {_fmt(fwd_ratio)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -200,6 +220,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per batch (batch = tokens // S)")
     ap.add_argument("--hidden", type=int, default=2048, help="heads = hidden // D")
     ap.add_argument("--backends", nargs="+", default=None, help="headsparse backends (default: triton on GPU)")
+    ap.add_argument("--flex-seqs", type=int, nargs="+", default=None,
+                    help="run FlexAttention only at these S (each shape compiles it anew; default: every S)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU-sized shapes, to check the script runs")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build, run the GPU tests, time the benchmarks, sanitize the CUDA kernels.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu-results
+#
+# Meant for a machine that already has torch, triton and transformers and no network (the device machine:
+# Python 3.12, torch 2.11, triton 3.6, transformers 5.17, peft). Every stage has its own time limit so the
+# whole script ends within HS_DEADLINE (560 s) whatever hangs, in priority order (build, GPU tests,
+# benchmarks, sanitizer); a failing stage is logged and the next one still runs.
+# Results land in OUT_DIR (at most 8 files, no sub-folders): copy the .json/.md files to benchmarks/results/.
+# Stage limits (seconds) can be changed with HS_T_BUILD, HS_T_TESTS, HS_T_SANITIZE, HS_T_ATTN, HS_T_TRAIN.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT_DIR="${1:-${OUT:-$ROOT/gpu-results}}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+STATUS=()
+
+DEADLINE="${HS_DEADLINE:-560}"  # seconds for the whole script: the device tool stops a command at 600
+
+stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit (capped by the deadline), log, keep the outcome
+  local name="$1" limit="$2"; shift 2
+  local left=$((DEADLINE - SECONDS)) t0=$SECONDS
+  if [ "$left" -lt 20 ]; then
+    STATUS+=("$name: skipped, ${left}s left before the deadline"); echo "=== $name: skipped" | tee -a "$LOG"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  STATUS+=("$name: rc=$rc in $((SECONDS - t0)) s")
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+  return 0
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
+  "$PY" -c "import sys, torch, triton, transformers; print(sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$LOG"
+
+stage build "${HS_T_BUILD:-240}" "$PY" -m pip install --no-build-isolation --no-deps -e .
+stage backends 60 "$PY" -c "import headsparse as hs
+for n, b in hs.backends().items(): print(f'{n:8s} usable={b.usable}  {b.reason}')"
+grep -E "^(torch|triton|cpu|cuda) +usable=" "$LOG" > "$OUT_DIR/backends.txt"
+
+stage gpu_tests "${HS_T_TESTS:-150}" "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider \
+  tests/test_attention_backends.py tests/test_extension_gpu.py tests/test_patch_gpu.py
+sed -n '/=== gpu_tests/,/=== gpu_tests: rc/p' "$LOG" > "$OUT_DIR/gpu_tests.log"
+
+# The benchmark times the unvalidated cuda backend too (its rows are labelled hs-cuda-*); FlexAttention
+# compiles anew for every shape, so it runs at S = 4096 only.
+export HEADSPARSE_ENABLE_UNVALIDATED_CUDA=1
+stage attention_bench "${HS_T_ATTN:-200}" "$PY" benchmarks/bench_attention.py --seqs 1024 4096 \
+  --head-dims 64 128 --flex-seqs 4096 --backends triton cuda --out "$OUT_DIR/attention_gpu"
+stage train_step_bench "${HS_T_TRAIN:-150}" "$PY" benchmarks/bench_train_step.py --device cuda \
+  --model llama-1b --batch 1 --seq 2048 --steps 5 \
+  --out "$OUT_DIR/train_step_gpu.json" --md "$OUT_DIR/train_step_gpu.md"
+
+
+# The compiled cuda backend is unvalidated: memcheck and racecheck on one small GQA causal case with padding.
+cat > /tmp/hs_sanitize_case.py <<'EOF'
+import torch, headsparse as hs
+g = torch.Generator(device="cuda").manual_seed(0)
+q = torch.randn(2, 4, 67, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+k = torch.randn(2, 2, 67, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+v = torch.randn(2, 2, 67, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+mask = torch.ones(2, 1, 67, 67, dtype=torch.bool, device="cuda"); mask[1, :, :, :5] = False
+grad = torch.tensor([True, False, False, True]); pruned = torch.tensor([False, False, True, False])
+out = hs.attention(q, k, v, grad_heads=grad, pruned_heads=pruned, causal=True, attention_mask=mask, backend="cuda")
+out.float().square().sum().backward()
+ref = hs.attention(q.detach(), k.detach(), v.detach(), grad_heads=grad, pruned_heads=pruned, causal=True,
+                   attention_mask=mask, backend="torch")
+torch.cuda.synchronize()
+print("max |cuda - torch| =", float((out.detach().float() - ref.float()).abs().max()))
+EOF
+for tool in memcheck racecheck; do
+  stage "sanitize_$tool" "${HS_T_SANITIZE:-60}" \
+    compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" /tmp/hs_sanitize_case.py
+done
+sed -n '/=== sanitize_memcheck/,$p' "$LOG" | grep -v "^=== gpu" > "$OUT_DIR/sanitizer.log"
+
+echo "=== summary" | tee -a "$LOG"
+printf '%s\n' "${STATUS[@]}" | tee -a "$LOG"
