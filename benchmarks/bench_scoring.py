@@ -76,13 +76,13 @@ def load_minilm():
             transformers.AutoTokenizer.from_pretrained(path))
 
 
-def environment() -> dict:
+def environment(device: str = "cpu") -> dict:
     """The shared provenance record, flattened into the fields this script's reports print."""
     from headsparse.provenance import provenance
 
-    rec = provenance("cpu")
+    rec = provenance(device)
     commit = rec["commit"] or "unknown"
-    return {"device": f"CPU: {rec['device_name']}", "cpu_count": rec["cpu_count"],
+    return {"device": f"{'CPU' if device == 'cpu' else 'GPU'}: {rec['device_name']}", "cpu_count": rec["cpu_count"],
             "torch_threads": rec["torch_threads"], **{k: rec["versions"][k] for k in ("torch", "transformers", "python")},
             "headsparse_commit": commit.replace("+dirty", ""), "headsparse_dirty": commit.endswith("+dirty"),
             "date_utc": rec["date_utc"], "loadavg_start": rec["load_average"]}
@@ -107,12 +107,13 @@ def michel_per_example(model, batch):
     """Michel et al.'s script: batch size 1, explicit head gates, all parameters require grad."""
     info = model_info(model)
     L, H, D = info.num_layers, info.num_q_heads, info.head_dim
-    gates = [torch.ones(H, requires_grad=True) for _ in range(L)]
+    dev, dtype = batch["input_ids"].device, next(model.parameters()).dtype
+    gates = [torch.ones(H, device=dev, dtype=dtype, requires_grad=True) for _ in range(L)]
     hooks = [info.o_module(i).register_forward_pre_hook(
         lambda m, a, i=i: (a[0] * gates[i].repeat_interleave(D),)) for i in range(L)]
     for p in model.parameters():
         p.requires_grad_(True)
-    total = torch.zeros(L, H)
+    total = torch.zeros(L, H, device=dev)
     try:
         for r in range(batch["input_ids"].shape[0]):
             smp = {"input_ids": batch["input_ids"][r:r + 1], "attention_mask": batch["attention_mask"][r:r + 1]}
@@ -133,15 +134,41 @@ def singles(batch):
             for r in range(batch["input_ids"].shape[0])]
 
 
-def run_speed(args):
-    model, tok = load_smollm2()
-    ids = tok(corpus_text(args.texts), return_tensors="pt")["input_ids"][0]
+def speed_model(args):
+    """(model, token ids of the corpus): the packaged SmolLM2, or its shape with random weights (``smollm2-random``,
+    for machines without the model package, such as the GPU box: the throughput does not depend on the weights)."""
     S, B = args.seq, args.batch
     need = B * S * args.batches
-    if ids.numel() < need:
-        raise SystemExit(f"corpus has {ids.numel()} tokens, need {need}")
-    batches = [{"input_ids": ids[k * B * S:(k + 1) * B * S].view(B, S).clone(),
-                "attention_mask": torch.ones(B, S, dtype=torch.long)} for k in range(args.batches)]
+    if args.model == "smollm2":
+        model, tok = load_smollm2()
+        ids = tok(corpus_text(args.texts), return_tensors="pt")["input_ids"][0]
+        if ids.numel() < need:
+            raise SystemExit(f"corpus has {ids.numel()} tokens, need {need}")
+    else:
+        from bench_train_step import _build_model
+
+        model = _build_model("smollm2-random", torch.float32, "cpu").eval()
+        ids = torch.randint(0, model.config.vocab_size, (need,), generator=torch.Generator().manual_seed(0))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    return model.to(device=args.device, dtype=dtype), ids
+
+
+def _timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_speed(args):
+    model, ids = speed_model(args)
+    S, B = args.seq, args.batch
+    batches = [{"input_ids": ids[k * B * S:(k + 1) * B * S].view(B, S).clone().to(args.device),
+                "attention_mask": torch.ones(B, S, dtype=torch.long, device=args.device)}
+               for k in range(args.batches)]
     cases = {
         "plain_fwd_bwd": lambda b: plain_fwd_bwd(model, b),
         "forward_only": lambda b: forward_only(model, b),
@@ -156,7 +183,7 @@ def run_speed(args):
     }
     if args.cases:
         cases = {k: v for k, v in cases.items() if k in args.cases.split(",") or k == "plain_fwd_bwd"}
-    env = environment()
+    env = environment(args.device)
     times = {k: [] for k in cases}
     warm = {k: v[:, :16] for k, v in batches[0].items()}
     for name, fn in cases.items():  # warm-up on a short batch (first-call allocations, lazy imports)
@@ -164,9 +191,7 @@ def run_speed(args):
     for rep in range(args.reps):
         for b in batches:
             for name, fn in cases.items():  # interleaved, so machine-load drift hits every case alike
-                t = time.perf_counter()
-                fn(b)
-                times[name].append(time.perf_counter() - t)
+                times[name].append(_timed(lambda: fn(b), args.device))
                 print(f"rep {rep} {name:22s} {times[name][-1]:8.2f} s", flush=True)
     tokens = B * S
     rows = []
@@ -180,7 +205,8 @@ def run_speed(args):
             row["speedup_vs_per_example"] = pe[name] / med
         rows.append(row)
     env["loadavg_end"] = os.getloadavg()
-    res = {"benchmark": "scoring throughput", "model": "SmolLM2-135M-Instruct (fp32)", "batch": B, "seq": S,
+    res = {"benchmark": "scoring throughput", "model": ("SmolLM2-135M-Instruct" if args.model == "smollm2" else "SmolLM2-135M shape, random weights")
+           + f" ({args.dtype}, {args.device})", "batch": B, "seq": S,
            "batches": args.batches, "reps": args.reps, "environment": env, "rows": rows,
            "michel_per_example_speedup_of_gradient": (statistics.median(times["michel_per_example"]) /
                                                       statistics.median(times["gradient"]))
@@ -308,6 +334,9 @@ def main():
     ap.add_argument("--mode", choices=("speed", "agreement"), default="speed")
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
     ap.add_argument("--texts", nargs="*", default=None, help="text files (default: the license texts)")
+    ap.add_argument("--model", choices=("smollm2", "smollm2-random"), default="smollm2", help="speed mode's model")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="speed mode's device")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="speed mode's model dtype")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--batches", type=int, default=1)
