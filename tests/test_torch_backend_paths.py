@@ -79,3 +79,25 @@ def test_paths_agree_with_each_other(case, monkeypatch):
     plain = run()
     for a, b in zip(flash, plain):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1, 13, 21), (13, 21), (21,), (2, 4, 13, 21), (1, 4, 1, 21)], ids=str)
+def test_flash_path_broadcast_masks(mask_shape, path_counter):
+    # Masks broadcast over batch and/or heads reach the kernel one batch/head wide (stride-0 dims collapsed).
+    import headsparse as hs
+
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 13, 32, generator=gen, requires_grad=True)
+    k = torch.randn(2, 2, 21, 32, generator=gen, requires_grad=True)
+    v = torch.randn(2, 2, 21, 32, generator=gen, requires_grad=True)
+    mask = torch.rand(mask_shape, generator=gen) > 0.3
+    do = torch.randn(2, 4, 13, 32, generator=gen)
+    out = hs.attention(q, k, v, attention_mask=mask, causal=True, backend="torch")
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = hs.attention_reference(*leaves, attention_mask=mask, causal=True)
+    ref_grads = torch.autograd.grad(ref, leaves, do.double())
+    assert path_counter["forward"] == 1 and path_counter["backward"] == 1
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=0)
