@@ -128,8 +128,10 @@ def bench_one(args, seq: int, head_dim: int, causal: bool, timer):
     fwd_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
     rows = []
     for name, frac, fn in _providers(args, heads, causal, seq):
+        # a half-pruned call computes only its unpruned heads (all of them trained): count only that work
+        computed = frac if name.endswith("-pruned0.5") else 1.0
         row = dict(provider=name, seq=seq, head_dim=head_dim, causal=causal, batch=batch, heads=heads,
-                   grad_fraction=frac, dtype=args.dtype)
+                   grad_fraction=frac, computed_fraction=computed, dtype=args.dtype)
         try:
             with torch.no_grad():
                 row["fwd_ms"] = timer(lambda: fn(q, k, v))
@@ -148,10 +150,10 @@ def bench_one(args, seq: int, head_dim: int, causal: bool, timer):
                 row["fwd_bwd_ms"] = timer(lambda: fn(q, k, v))
             out = None  # free the graph before the next measurement
             row["saved_bytes"] = saved_tensor_bytes(lambda: fn(q, k, v))[0]
-            row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+            row["fwd_tflops"] = fwd_flops * computed / row["fwd_ms"] / 1e9
             bwd_flops = 2.5 * fwd_flops * frac
             row["bwd_tflops"] = bwd_flops / row["bwd_ms"] / 1e9 if row["bwd_ms"] > 0 else None
-            row["fwd_bwd_tflops"] = (fwd_flops + bwd_flops) / row["fwd_bwd_ms"] / 1e9
+            row["fwd_bwd_tflops"] = (fwd_flops * computed + bwd_flops) / row["fwd_bwd_ms"] / 1e9
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(row)
@@ -239,17 +241,22 @@ def main(argv=None):
             for c in causal_opts:
                 rows.extend(bench_one(args, s, d, c, timer))
                 print(f"done S={s} D={d} causal={c}", file=sys.stderr)
-    meta = metadata(args)
-    table = markdown(rows, meta)
-    print(table)
+                if args.out:  # after every shape, so a run stopped at a time limit keeps what it measured
+                    write_results(args, rows)
+    print(markdown(rows, metadata(args)))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-        os.replace(tmp, out.with_suffix(".json"))
-        out.with_suffix(".md").write_text(table)
+        write_results(args, rows)
 
+
+def write_results(args, rows) -> None:
+    """OUT.json and OUT.md, each written to a temporary name and renamed."""
+    meta = metadata(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for ext, text in ((".json", json.dumps(dict(meta=meta, rows=rows), indent=1)), (".md", markdown(rows, meta))):
+        tmp = out.with_suffix(ext + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out.with_suffix(ext))
 
 if __name__ == "__main__":
     main()

@@ -292,6 +292,26 @@ def _group(results):
     return out
 
 
+def _write(args, results, quiet: bool) -> None:
+    """The JSON (--out) and markdown (--md) reports, each written to a temporary name and renamed."""
+    from headsparse.provenance import device_name, git_commit, versions
+
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device_name": device_name(args.device), "versions": versions(), "commit": git_commit(short=True),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    md = markdown(results, meta)
+    if not quiet:
+        print(md)
+    for path, text in ((args.out, json.dumps({"meta": meta, "results": results}, indent=1)), (args.md, md)):
+        if path:
+            d = os.path.dirname(os.path.abspath(path))
+            os.makedirs(d, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help=f"comma-separated, from {MODELS}")
@@ -340,21 +360,8 @@ def main(argv=None):
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("model", "method", "step_s_median", "peak_mem_bytes", "error")}),
                   file=sys.stderr, flush=True)
-    from headsparse.provenance import device_name, git_commit, versions
-
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device_name": device_name(args.device), "versions": versions(), "commit": git_commit(short=True),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    md = markdown(results, meta)
-    print(md)
-    for path, text in ((args.out, json.dumps({"meta": meta, "results": results}, indent=1)), (args.md, md)):
-        if path:
-            d = os.path.dirname(os.path.abspath(path))
-            os.makedirs(d, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
+            _write(args, results, quiet=True)  # after every method: a run stopped at a time limit keeps its rows
+    _write(args, results, quiet=False)
     return 0
 
 

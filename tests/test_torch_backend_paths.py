@@ -101,3 +101,42 @@ def test_flash_path_broadcast_masks(mask_shape, path_counter):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=0)
+
+
+def test_empty_query_sequence_takes_the_plain_path():
+    # The fused kernel kills the process (SIGFPE) on Sq = 0, so this runs in a child process.
+    import subprocess
+    import sys
+
+    code = ("import torch, headsparse as hs\n"
+            "q = torch.randn(1, 2, 0, 8, requires_grad=True); k = torch.randn(1, 2, 5, 8, requires_grad=True)\n"
+            "out = hs.attention(q, k, k, causal=True, backend='torch')\n"
+            "out.sum().backward()\n"
+            "print(tuple(out.shape), float(k.grad.abs().sum()))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["(1,", "2,", "0,", "8)", "0.0"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_inputs_with_every_head_trained(dtype, path_counter):
+    # With every head in grad_heads the backward receives the caller's q itself; a view whose last dimension
+    # is not contiguous must still give the reference gradients.
+    import headsparse as hs
+    from attention_cases import TOL
+
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 4, 32, 19, generator=gen).to(dtype).transpose(-1, -2).requires_grad_()
+    k = torch.randn(2, 2, 32, 23, generator=gen).to(dtype).transpose(-1, -2).requires_grad_()
+    v = torch.randn(2, 2, 23, 32, generator=gen).to(dtype).requires_grad_()
+    do = torch.randn(2, 4, 19, 32, generator=gen).to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
+    out = hs.attention(q, k, v, causal=True, backend="torch")
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = hs.attention_reference(*leaves, causal=True)
+    ref_grads = torch.autograd.grad(ref, leaves, do.double())
+    assert path_counter["backward"] == 1
+    atol_o, atol_g = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol_o, rtol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=atol_g, rtol=0)

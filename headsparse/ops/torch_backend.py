@@ -58,24 +58,47 @@ def _flash_cpu_ops():
 _FLASH_CPU = _flash_cpu_ops()
 
 
+_FLASH_DTYPE_OK: dict = {}
+
+
+def _flash_supports(dtype: torch.dtype) -> bool:
+    """Whether this torch's fused CPU kernels take ``dtype`` with an additive mask (older releases lack some
+    dtypes or the mask argument); probed once per dtype on a tiny call."""
+    if dtype not in _FLASH_DTYPE_OK:
+        fwd, bwd = _FLASH_CPU
+        x = torch.ones((1, 1, 2, 8), dtype=dtype)
+        mask = torch.zeros((1, 1, 2, 2), dtype=dtype)
+        try:
+            o, lse = fwd(x, x, x, 0.0, False, attn_mask=mask, scale=0.5)
+            bwd(x, x, x, x, o, lse, 0.0, False, attn_mask=mask, scale=0.5)
+            _FLASH_DTYPE_OK[dtype] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FLASH_DTYPE_OK[dtype] = False
+    return _FLASH_DTYPE_OK[dtype]
+
+
 def _use_flash_cpu(q: torch.Tensor, skv: int, mask: Optional[torch.Tensor]) -> bool:
-    if _FLASH_CPU is None or q.device.type != "cpu" or skv == 0:  # the kernel crashes on Skv = 0
+    # The kernel crashes the process (SIGFPE) on an empty query or key sequence.
+    if _FLASH_CPU is None or q.device.type != "cpu" or skv == 0 or q.shape[2] == 0:
         return False
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not _flash_supports(q.dtype):
         return False
     # The kernel adds the mask in q's dtype; the specification adds it in float32.
     return mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype or q.dtype == torch.float32
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels assume unit stride in the last dimension (a transposed view would give wrong gradients)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _mask_for_heads(mask: Optional[torch.Tensor], mask_heads: torch.Tensor) -> Optional[torch.Tensor]:
     """The mask rows of these heads; a mask broadcast over heads (stride 0) stays one head wide."""
     if mask is None:
         return None
-    if mask.stride(1) == 0:
-        mask = mask[:, :1]
-    else:
-        mask = mask.index_select(1, mask_heads)
-    return mask[:1] if mask.stride(0) == 0 else mask
+    if mask.stride(0) == 0:  # collapse broadcast dims first, so no copy is made B (or H) times
+        mask = mask[:1]
+    return mask[:, :1] if mask.stride(1) == 0 else mask.index_select(1, mask_heads)
 
 
 def _flash_mask(mask: Optional[torch.Tensor], causal: bool, sq: int, skv: int, dtype: torch.dtype):
@@ -116,8 +139,8 @@ def _flash_backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, sca
     add, is_causal, _ = _flash_mask(_mask_for_heads(mask, mask_heads), causal, sq, skv, q.dtype)
     if stats is not None:
         stats += (o.float() * do.float()).sum(dim=(-1, -2))
-    dq, dk_h, dv_h = bwd(do, q, k.index_select(1, kv_heads), v.index_select(1, kv_heads), o, lse, 0.0,
-                         is_causal, attn_mask=add, scale=scale)
+    dq, dk_h, dv_h = bwd(_unit_last(do), _unit_last(q), k.index_select(1, kv_heads), v.index_select(1, kv_heads),
+                         _unit_last(o), lse, 0.0, is_causal, attn_mask=add, scale=scale)
     if g == r and bool((kv_heads == torch.arange(r)).all()):
         return dq, dk_h, dv_h
     dk = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add_(1, kv_heads, dk_h.float())
