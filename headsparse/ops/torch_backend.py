@@ -12,8 +12,9 @@ which also return the log-sum-exp) on the gathered heads instead of
 materialising the score matrix: same contract, 2-3x less time per call. They
 accumulate in float32 but round the probabilities to the input dtype before
 the P @ V product, so float16/bfloat16 results differ from the float32 path
-by about one rounding of the input dtype. float64, an empty key sequence and
-an additive mask whose dtype would lose precision take the plain path.
+by about one rounding of the input dtype. float64, an empty query or key
+sequence, an additive mask whose dtype would lose precision, and a dtype that
+the installed torch's kernels do not take (probed once) use the plain path.
 """
 from __future__ import annotations
 
