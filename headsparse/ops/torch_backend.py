@@ -40,11 +40,16 @@ def _masked_scores(q, k, mask, causal: bool, scale: float):
         else:
             s = s + mask.to(s.dtype)
     if causal:
-        sq, skv = s.shape[-2], s.shape[-1]
-        rows = torch.arange(sq, device=s.device)[:, None]
-        cols = torch.arange(skv, device=s.device)[None, :]
-        s = s.masked_fill(cols > rows + (skv - sq), float("-inf"))
+        s = _mask_causal(s)
     return s
+
+
+def _mask_causal(s: torch.Tensor) -> torch.Tensor:
+    """-inf above the bottom-right aligned diagonal of the last two dims: query i sees keys j <= i + Skv - Sq."""
+    sq, skv = s.shape[-2], s.shape[-1]
+    rows = torch.arange(sq, device=s.device)[:, None]
+    cols = torch.arange(skv, device=s.device)[None, :]
+    return s.masked_fill(cols > rows + (skv - sq), float("-inf"))
 
 
 def _flash_cpu_ops():
@@ -113,9 +118,7 @@ def _flash_mask(mask: Optional[torch.Tensor], causal: bool, sq: int, skv: int, d
     else:
         add = mask.to(dtype)
     if causal:  # the kernel's own causal mask is aligned top-left; the specification's bottom-right
-        rows = torch.arange(sq, device=add.device)[:, None]
-        cols = torch.arange(skv, device=add.device)[None, :]
-        add = add.masked_fill(cols > rows + (skv - sq), float("-inf"))
+        add = _mask_causal(add.expand(*add.shape[:-2], sq, skv))
     empty = torch.isneginf(add).all(dim=-1)
     return add, False, (empty if bool(empty.any()) else None)
 
