@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import headsparse as hs  # noqa: E402
+from headsparse._atomic import atomic_write_text  # noqa: E402
 from headsparse.ops.memory import saved_tensor_bytes  # noqa: E402
 from headsparse.provenance import provenance  # noqa: E402
 
@@ -183,20 +183,17 @@ def markdown(rows, meta) -> str:
         "| saved MiB | bwd / dense bwd | fwd / dense fwd |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    dense_bwd, dense_fwd = {}, {}
-    for r in rows:
-        if r["provider"].endswith("-dense") and "bwd_ms" in r:
-            dense_bwd[(r["seq"], r["head_dim"], r["causal"], r["provider"][:-6])] = r["bwd_ms"]
-            dense_fwd[(r["seq"], r["head_dim"], r["causal"], r["provider"][:-6])] = r["fwd_ms"]
+    dense = {(r["seq"], r["head_dim"], r["causal"], r["provider"][:-6]): r
+             for r in rows if r["provider"].endswith("-dense") and "bwd_ms" in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['seq']} | {r['head_dim']} | {r['causal']} | {r['provider']} | - | error: "
                          f"{r['error']} | | | | | | | |")
             continue
-        key = (r["seq"], r["head_dim"], r["causal"], r["provider"].rsplit("-", 1)[0])
-        base, base_fwd = dense_bwd.get(key), dense_fwd.get(key)
-        ratio = r["bwd_ms"] / base if base and r["provider"].startswith("hs-") else None
-        fwd_ratio = r["fwd_ms"] / base_fwd if base_fwd and r["provider"].startswith("hs-") else None
+        base = dense.get((r["seq"], r["head_dim"], r["causal"], r["provider"].rsplit("-", 1)[0]))
+        hs_row = base is not None and r["provider"].startswith("hs-")
+        ratio = r["bwd_ms"] / base["bwd_ms"] if hs_row and base["bwd_ms"] else None
+        fwd_ratio = r["fwd_ms"] / base["fwd_ms"] if hs_row and base["fwd_ms"] else None
         lines.append(
             f"| {r['seq']} | {r['head_dim']} | {r['causal']} | {r['provider']} | {r['grad_fraction']:.2f} "
             f"| {_fmt(r['fwd_ms'], 3)} | {_fmt(r['bwd_ms'], 3)} | {_fmt(r['fwd_bwd_ms'], 3)} "
@@ -251,12 +248,9 @@ def main(argv=None):
 def write_results(args, rows) -> None:
     """OUT.json and OUT.md, each written to a temporary name and renamed."""
     meta = metadata(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for ext, text in ((".json", json.dumps(dict(meta=meta, rows=rows), indent=1)), (".md", markdown(rows, meta))):
-        tmp = out.with_suffix(ext + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(ext))
+    atomic_write_text(f"{args.out}.json", json.dumps(dict(meta=meta, rows=rows), indent=1))
+    atomic_write_text(f"{args.out}.md", markdown(rows, meta))
+
 
 if __name__ == "__main__":
     main()

@@ -205,8 +205,8 @@ def run_speed(args):
             row["speedup_vs_per_example"] = pe[name] / med
         rows.append(row)
     env["loadavg_end"] = os.getloadavg()
-    res = {"benchmark": "scoring throughput", "model": ("SmolLM2-135M-Instruct" if args.model == "smollm2" else "SmolLM2-135M shape, random weights")
-           + f" ({args.dtype}, {args.device})", "batch": B, "seq": S,
+    name = "SmolLM2-135M-Instruct" if args.model == "smollm2" else "SmolLM2-135M shape, random weights"
+    res = {"benchmark": "scoring throughput", "model": f"{name} ({args.dtype}, {args.device})", "batch": B, "seq": S,
            "batches": args.batches, "reps": args.reps, "environment": env, "rows": rows,
            "michel_per_example_speedup_of_gradient": (statistics.median(times["michel_per_example"]) /
                                                       statistics.median(times["gradient"]))
@@ -321,11 +321,10 @@ def agreement_markdown(res) -> str:
 
 
 def write(out: str, res: dict, md: str):
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for ext, text in ((".json", json.dumps(res, indent=1)), (".md", md)):
-        tmp = out + ext + ".tmp"
-        Path(tmp).write_text(text)
-        os.replace(tmp, out + ext)
+    from headsparse._atomic import atomic_write_text
+
+    atomic_write_text(out + ".json", json.dumps(res, indent=1))
+    atomic_write_text(out + ".md", md)
     print(md)
 
 

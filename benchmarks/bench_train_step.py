@@ -33,7 +33,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -302,14 +301,11 @@ def _write(args, results, quiet: bool) -> None:
     md = markdown(results, meta)
     if not quiet:
         print(md)
+    from headsparse._atomic import atomic_write_text
+
     for path, text in ((args.out, json.dumps({"meta": meta, "results": results}, indent=1)), (args.md, md)):
         if path:
-            d = os.path.dirname(os.path.abspath(path))
-            os.makedirs(d, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
+            atomic_write_text(path, text)
 
 
 def main(argv=None):
