@@ -9,7 +9,7 @@ which path actually ran.
 import pytest
 import torch
 
-from attention_cases import Case, make_inputs, run_and_compare
+from attention_cases import Case, bits, make_inputs, run_and_compare
 from test_attention_backends import SHAPE_CASES
 
 from headsparse.ops import torch_backend
@@ -33,13 +33,17 @@ def path_counter(monkeypatch):
     return calls
 
 
+def _computed(case: Case) -> torch.Tensor:
+    return torch.ones(case.hq, dtype=torch.bool) if case.pruned is None else ~bits(case.pruned)
+
+
 def _computes_heads(case: Case) -> bool:
-    return case.pruned is None or "0" in case.pruned
+    return bool(_computed(case).any())
 
 
 def _has_grad_heads(case: Case) -> bool:
-    return _computes_heads(case) and (case.grad is None or any(
-        g == "1" and (case.pruned is None or p == "0") for g, p in zip(case.grad, case.pruned or "0" * len(case.grad))))
+    grad = torch.ones(case.hq, dtype=torch.bool) if case.grad is None else bits(case.grad)
+    return bool((grad & _computed(case)).any())
 
 
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=str)
