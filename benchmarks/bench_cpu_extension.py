@@ -79,8 +79,12 @@ def main():
         print(f"{name:26s} fwd torch {row['torch_fwd_ms']:8.2f} ms  cpu {row['cpu_fwd_ms']:8.2f} ms | "
               f"fwd+bwd torch {row['torch_fwdbwd_ms']:8.2f} ms  cpu {row['cpu_fwdbwd_ms']:8.2f} ms")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock, "rows": rows}, fh, indent=1)
+        from headsparse._atomic import atomic_write_text
+        from headsparse.provenance import provenance
+
+        rec = {"provenance": provenance("cpu"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "clock": args.clock, "repeat": args.repeat, "rows": rows}
+        atomic_write_text(args.json, json.dumps(rec, indent=1))
 
 
 if __name__ == "__main__":
