@@ -29,7 +29,7 @@ NVCC = _nvcc()
 
 def test_cuda_sources_exist():
     names = {os.path.basename(s) for s in SOURCES}
-    assert {"attention.cu", "head_stats.cu"} <= names
+    assert {"attention.cu", "attention_tc.cu", "head_stats.cu"} <= names
 
 
 def test_cuda_sources_include_no_torch_headers():

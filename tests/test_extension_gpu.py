@@ -50,3 +50,16 @@ def test_cuda_head_stats_and_gram(dtype):
         torch.testing.assert_close(getattr(res, f).double(), getattr(ref, f), rtol=1e-4, atol=1e-2)
     gm = hs.gram(x, mask, backend="cuda")
     torch.testing.assert_close(gm.double(), gram_torch(x.double(), mask), rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [Case(b=2, hq=8, hkv=2, sq=300, skv=517, d=128, causal=True, mask="bool"),
+                                  Case(b=2, hq=5, hkv=3, sq=70, skv=90, d=64, kv_map=(2, 0, 2, 2, 1),
+                                       grad="10110", pruned="01000")], ids=str)
+def test_cuda_tensor_core_and_cuda_core_paths(case, dtype, tensor_cores, monkeypatch):
+    """Both kernel families on the GPU (HEADSPARSE_CUDA_TENSOR_CORES=0 forces the CUDA-core kernels)."""
+    from attention_cases import run_and_compare
+
+    monkeypatch.setenv("HEADSPARSE_CUDA_TENSOR_CORES", tensor_cores)
+    run_and_compare(case, dtype, "cuda", device="cuda")

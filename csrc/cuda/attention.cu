@@ -1,7 +1,9 @@
 // Head-sparse attention forward and backward, CUDA, on raw pointers.
 //
-// First version: simple tiled kernels with fp32 accumulation on CUDA cores
-// (no tensor cores / mma). Semantics are those of headsparse.ops.torch_backend:
+// These are the CUDA-core kernels (fp32 accumulation, any head dim up to 256,
+// any dtype); fp16/bf16 calls with a head dim that is a multiple of 16 up to
+// 128 go to the tensor-core kernels of attention_tc.cu on sm_80 and newer (see
+// use_tensor_cores). Semantics are those of headsparse.ops.torch_backend:
 //   forward: one grid row per program p (query head heads[p], KV head
 //     kv_heads[p]); pruned heads are simply not in the list.
 //   backward: compact tensors; one block per (key tile, compact KV head, batch)
@@ -10,6 +12,8 @@
 //
 // Layout of work inside a warp: lane l holds head-dim elements d = l + 32 t,
 // t < DPL (so DPL = ceil(D / 32) registers per row).
+#include <cstdlib>
+
 #include "hs_common.cuh"
 
 namespace headsparse_cuda {
@@ -28,7 +32,7 @@ constexpr int kKeyTile = 32;                           // keys per shared-memory
 
 template <typename T, int DPL>
 __global__ void __launch_bounds__(kFwdWarps * 32) attn_fwd_kernel(const AttnFwdParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  HS_DYNAMIC_SMEM(smem_raw);
   T* ks = reinterpret_cast<T*>(smem_raw);
   T* vs = ks + kKeyTile * p.D;
 
@@ -155,7 +159,7 @@ constexpr int kBwdRowChunk = 8;  // query rows staged in shared memory at a time
 // One block: keys [j0, j0 + kBwdWarps * KPW) of compact KV head r in batch b.
 template <typename T, int DPL, int KPW>
 __global__ void __launch_bounds__(kBwdWarps * 32) attn_bwd_kernel(const AttnBwdParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  HS_DYNAMIC_SMEM(smem_raw);
   float* qs = reinterpret_cast<float*>(smem_raw);  // [kBwdRowChunk][D]
   float* dos = qs + kBwdRowChunk * p.D;            // [kBwdRowChunk][D]
   float* lses = dos + kBwdRowChunk * p.D;          // [kBwdRowChunk]
@@ -276,13 +280,28 @@ template <typename T, int DPL>
 cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   const dim3 grid((p.Sq + kFwdRows - 1) / kFwdRows, p.P, p.B);
   const size_t smem = 2 * static_cast<size_t>(kKeyTile) * p.D * sizeof(T);
+  auto* attn_fwd_simt = attn_fwd_kernel<T, DPL>;
   if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(attn_fwd_kernel<T, DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaError_t e = cudaFuncSetAttribute(attn_fwd_simt, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  attn_fwd_kernel<T, DPL><<<grid, kFwdWarps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  return HS_LAUNCH(attn_fwd_simt, grid, kFwdWarps * 32, smem, stream, p);
+}
+
+// Whether the current device can run the tensor-core kernels for this call:
+// fp16/bf16, head dim a multiple of 16 up to 128, compute capability >= 8.0
+// and enough opt-in shared memory per block (sm_86/89 have less than sm_80/90).
+// HEADSPARSE_CUDA_TENSOR_CORES=0 forces the CUDA-core kernels (for comparisons and tests).
+bool use_tensor_cores(int dtype, int D, size_t smem) {
+  const char* env = std::getenv("HEADSPARSE_CUDA_TENSOR_CORES");
+  if (env != nullptr && env[0] == '0') return false;
+  if ((dtype != kF16 && dtype != kBF16) || D % 16 != 0 || D > detail::kTcMaxHeadDim) return false;
+  int dev = 0, major = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 8) return false;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return false;
+  return smem <= static_cast<size_t>(optin);
 }
 
 template <typename T, int DPL, int KPW>
@@ -290,15 +309,16 @@ cudaError_t launch_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   if (p.Sq > 0) {
     const int rows_per_block = 4;
     const dim3 grid((p.Sq + rows_per_block - 1) / rows_per_block, p.G, p.B);
-    attn_bwd_preprocess_kernel<T, DPL><<<grid, rows_per_block * 32, 0, stream>>>(p);
-    cudaError_t e = cudaGetLastError();
+    auto* attn_bwd_preprocess = attn_bwd_preprocess_kernel<T, DPL>;
+    const cudaError_t e = HS_LAUNCH(attn_bwd_preprocess, grid, rows_per_block * 32, 0, stream, p);
     if (e != cudaSuccess) return e;
   }
+  if (use_tensor_cores(p.dtype, p.D, detail::attn_backward_tc_smem(p.D))) return detail::attn_backward_tc(p, stream);
   const int keys_per_block = kBwdWarps * KPW;
   const dim3 grid((p.Skv + keys_per_block - 1) / keys_per_block, p.R, p.B);
   const size_t smem = (2 * static_cast<size_t>(kBwdRowChunk) * p.D + 2 * kBwdRowChunk) * sizeof(float);
-  attn_bwd_kernel<T, DPL, KPW><<<grid, kBwdWarps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  auto* attn_bwd_simt = attn_bwd_kernel<T, DPL, KPW>;
+  return HS_LAUNCH(attn_bwd_simt, grid, kBwdWarps * 32, smem, stream, p);
 }
 
 template <typename T>
@@ -324,6 +344,7 @@ cudaError_t bwd_dispatch_dim(const AttnBwdParams& p, cudaStream_t s) {
 cudaError_t attn_forward(const AttnFwdParams& p, cudaStream_t stream) {
   if (p.D < 1 || p.D > kMaxHeadDim) return cudaErrorInvalidValue;
   if (p.B == 0 || p.P == 0 || p.Sq == 0) return cudaSuccess;
+  if (use_tensor_cores(p.dtype, p.D, detail::attn_forward_tc_smem(p.D))) return detail::attn_forward_tc(p, stream);
   switch (p.dtype) {
     case kF32:
       return fwd_dispatch_dim<float>(p, stream);

@@ -95,16 +95,16 @@ __global__ void __launch_bounds__(kGramTile * kGramRows) gram_kernel(const GramP
 template <typename T>
 cudaError_t launch_head_stats(const HeadStatsParams& p, cudaStream_t stream) {
   const dim3 grid((p.C + kStatsThreads - 1) / kStatsThreads, p.B, (p.S + kStatsTokens - 1) / kStatsTokens);
-  head_stats_kernel<T><<<grid, kStatsThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  auto* head_stats_simt = head_stats_kernel<T>;
+  return HS_LAUNCH(head_stats_simt, grid, kStatsThreads, 0, stream, p);
 }
 
 template <typename T>
 cudaError_t launch_gram(const GramParams& p, cudaStream_t stream) {
   const int tiles = (p.C + kGramTile - 1) / kGramTile;
   const dim3 grid(tiles, tiles);
-  gram_kernel<T><<<grid, dim3(kGramTile, kGramRows), 0, stream>>>(p);
-  return cudaGetLastError();
+  auto* gram_simt = gram_kernel<T>;
+  return HS_LAUNCH(gram_simt, grid, dim3(kGramTile, kGramRows), 0, stream, p);
 }
 
 }  // namespace

@@ -1,12 +1,25 @@
 // Device helpers shared by the headsparse CUDA kernels (no torch headers).
 #pragma once
 
+#include "hs_cuda.h"
+
+#ifndef HS_CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <mma.h>
 
-#include "hs_cuda.h"
+// Dynamic shared memory of a kernel, 128-byte aligned (WMMA tiles need 32).
+#define HS_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+// Launch `kernel` (a function or function-pointer variable, so no template
+// commas reach the macro) and return the launch's cudaError_t. The test suite
+// swaps in an emulator with the same two macros (tests/cuda_emu).
+#define HS_LAUNCH(kernel, grid, block, smem, stream, arg) \
+  (kernel<<<grid, block, smem, stream>>>(arg), cudaGetLastError())
+// The emulator checks vector-access alignment; the hardware faults instead.
+#define HS_CHECK_ALIGN(ptr, bytes) ((void)0)
+#endif
 
 namespace headsparse_cuda {
 namespace detail {
@@ -55,6 +68,25 @@ __device__ __forceinline__ float mask_bias(const Strided4& m, int kind, int64_t 
       return 0.f;
   }
 }
+
+// 16-byte vector load/store (8 fp16/bf16 elements); the caller guarantees alignment.
+__device__ __forceinline__ uint4 load_vec16(const void* ptr) {
+  HS_CHECK_ALIGN(ptr, 16);
+  return *static_cast<const uint4*>(ptr);
+}
+__device__ __forceinline__ void store_vec16(void* ptr, uint4 v) {
+  HS_CHECK_ALIGN(ptr, 16);
+  *static_cast<uint4*>(ptr) = v;
+}
+
+// Tensor-core kernels (attention_tc.cu): fp16/bf16, head_dim a multiple of 16 up to
+// kTcMaxHeadDim, compute capability 8.0 or newer. attention.cu decides when to use them.
+constexpr int kTcMaxHeadDim = 128;
+size_t attn_forward_tc_smem(int head_dim);   // dynamic shared memory per block, bytes
+size_t attn_backward_tc_smem(int head_dim);
+cudaError_t attn_forward_tc(const AttnFwdParams& p, cudaStream_t stream);
+// The main backward pass only: p.delta must already hold sum_d o * do (attention.cu's preprocess kernel).
+cudaError_t attn_backward_tc(const AttnBwdParams& p, cudaStream_t stream);
 
 }  // namespace detail
 }  // namespace headsparse_cuda

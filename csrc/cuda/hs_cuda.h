@@ -7,7 +7,12 @@
 #pragma once
 
 #include <cstdint>
+
+#ifdef HS_CUDA_EMULATION
+#include "hs_cuda_emu.h"  // tests/cuda_emu: runs these kernels on the CPU in the test suite
+#else
 #include <cuda_runtime.h>
+#endif
 
 namespace headsparse_cuda {
 

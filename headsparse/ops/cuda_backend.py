@@ -1,8 +1,10 @@
 """The ``cuda`` backend: the compiled extension's CUDA kernels (``csrc/cuda``).
 
 Same contract as :mod:`headsparse.ops.torch_backend`; see docs/extension.md.
-float16, bfloat16 and float32 inputs, fp32 accumulation on CUDA cores (no tensor
-cores yet). Compiled and checked by nvcc, not yet validated on a GPU.
+float16 and bfloat16 run on tensor cores (WMMA, fp32 accumulation) when the head
+dim is a multiple of 16 up to 128 on sm_80 or newer; float32 and other shapes use
+the CUDA-core kernels. Compiled by nvcc and tested on CPU under the emulator in
+tests/cuda_emu; not yet validated on a GPU.
 """
 from __future__ import annotations
 

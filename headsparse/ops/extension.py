@@ -106,6 +106,6 @@ def cuda_status() -> Tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "extension has CUDA kernels but no CUDA GPU is available"
     if os.environ.get("HEADSPARSE_ENABLE_UNVALIDATED_CUDA", "0") in ("", "0"):
-        return False, ("CUDA kernels compiled but not yet validated on a GPU; set "
+        return False, ("CUDA kernels compiled and checked under the CPU emulator, but not yet validated on a GPU; set "
                        "HEADSPARSE_ENABLE_UNVALIDATED_CUDA=1 to use them (tests/test_extension_gpu.py checks them)")
-    return True, "compiled CUDA kernels (fp32 accumulation, no tensor cores); " + why
+    return True, "compiled CUDA kernels (tensor cores for fp16/bf16 on sm_80+, fp32 accumulation); " + why

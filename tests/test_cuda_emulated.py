@@ -1,0 +1,188 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulator in tests/cuda_emu, against float64.
+
+No GPU is needed: g++ compiles the .cu files against tests/cuda_emu/hs_cuda_emu.h
+(fibers for threads, barriers for __syncthreads/__syncwarp/shuffles, WMMA with its
+documented semantics), and tests/_cuda_emu.py registers the result as the attention
+backend "cuda_emu". This checks indexing, masking, tiling, the online softmax and the
+dispatch between the tensor-core and CUDA-core kernels; it says nothing about speed,
+races between blocks or tensor-core rounding, which need the GPU tests
+(tests/test_attention_backends.py -m gpu, compute-sanitizer in scripts/gpu_check.sh).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import headsparse as hs
+from headsparse.ops import registry
+from headsparse.ops.head_stats import gram_torch, head_stats_torch
+
+import _cuda_emu as emu
+from attention_cases import Case, make_inputs, run_and_compare
+from test_attention_backends import SHAPE_CASES
+
+if emu.compiler() is None:  # pragma: no cover - g++ is part of the documented setup
+    pytest.skip("g++ not found", allow_module_level=True)
+
+H100 = dict(cc_major=9, cc_minor=0, smem_optin=232448)
+A10 = dict(cc_major=8, cc_minor=6, smem_optin=101376)  # sm_86: 99 KiB opt-in
+T4 = dict(cc_major=7, cc_minor=5, smem_optin=65536)  # no bf16 tensor cores: CUDA-core kernels only
+TC = ["attn_fwd_tc", "attn_bwd_preprocess", "attn_bwd_tc"]
+SIMT = ["attn_fwd_simt", "attn_bwd_preprocess", "attn_bwd_simt"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_emu_backend():
+    emu.lib()  # build once, before the first timed case
+    registry.register_backend("cuda_emu", "_cuda_emu", lambda: (True, "csrc/cuda under the CPU emulator"),
+                              lambda: ("cpu",), registry._cuda_check)
+    yield
+    registry._REGISTRY.pop("cuda_emu", None)
+    registry._status_cache.pop("cuda_emu", None)
+
+
+@pytest.fixture
+def device():
+    def set_device(spec):
+        emu.configure(**spec)
+        emu.clear_launched()
+
+    set_device(H100)
+    yield set_device
+    emu.configure(**H100)
+
+
+def _kernels_of_one_call():
+    """The (forward, preprocess, backward) kernels of the last attention call, deduplicated."""
+    seen = []
+    for name in emu.launched():
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
+# ---------------------------------------------------------------- the emulator itself
+
+def test_emulator_controls_pass():
+    assert emu.selftest(0)
+
+
+@pytest.mark.parametrize("which", sorted(emu.SELFTESTS), ids=lambda w: emu.SELFTESTS[w].replace(" ", "-"))
+def test_emulator_flags_planted_bug(which):
+    assert emu.selftest(which), f"the emulator missed: {emu.SELFTESTS[which]}"
+
+
+# ---------------------------------------------------------------- attention against float64
+
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_kernels(case, dtype, device):
+    run_and_compare(case, dtype, "cuda_emu")
+    if not (case.grad == "0000" or case.pruned == "1111"):
+        assert set(_kernels_of_one_call()) <= set(TC) and "attn_fwd_tc" in emu.launched()
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=str)
+def test_cuda_core_kernels_float32(case, device):
+    run_and_compare(case, torch.float32, "cuda_emu")
+    assert "attn_fwd_tc" not in emu.launched() and "attn_bwd_tc" not in emu.launched()
+
+
+@pytest.mark.parametrize("case", [SHAPE_CASES[0], SHAPE_CASES[6], SHAPE_CASES[12]], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_core_kernels_half_on_pre_ampere(case, dtype, device):
+    device(T4)
+    run_and_compare(case, dtype, "cuda_emu")
+    assert _kernels_of_one_call() == SIMT
+
+
+@pytest.mark.parametrize("d", [16, 32, 40, 48, 64, 80, 96, 112, 128, 136, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_head_dims_and_path(d, dtype, device):
+    run_and_compare(Case(b=1, hq=2, hkv=1, sq=70, skv=75, d=d, causal=True, mask="bool_empty_rows"), dtype,
+                    "cuda_emu")
+    assert _kernels_of_one_call() == (TC if d % 16 == 0 and d <= 128 else SIMT)
+
+
+def test_long_sequence_several_tiles(device):
+    """Several key tiles per query block and several query tiles per key block, with GQA and a pruned head."""
+    case = Case(b=1, hq=4, hkv=2, sq=150, skv=200, d=64, causal=True, mask="additive", pruned="0010")
+    run_and_compare(case, torch.bfloat16, "cuda_emu")
+    assert _kernels_of_one_call() == TC
+
+
+def test_strided_inputs_take_the_scalar_load_path(device):
+    """(B, S, H, D) views (the Hugging Face layout) and a non-unit last stride give the same result."""
+    case = Case(b=2, hq=4, hkv=2, sq=33, skv=40, d=64, causal=True)
+    q, k, v, do, kw = make_inputs(case, torch.float16)
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]  # strides of a bshd tensor
+    odd = [torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype)[..., ::2].copy_(t) for t in (q, k, v)]
+    ref = hs.attention(q.double(), k.double(), v.double(), backend="torch", **kw)
+    for inputs in (views, odd):
+        out = hs.attention(*inputs, backend="cuda_emu", **kw)
+        torch.testing.assert_close(out.double(), ref, atol=4e-3, rtol=0)
+
+
+def test_shared_memory_limit_falls_back_to_cuda_cores(device):
+    """sm_86 has 99 KiB of opt-in shared memory: D=128 does not fit the tensor-core tiles, D=64 does."""
+    device(A10)
+    run_and_compare(Case(b=1, hq=2, hkv=1, sq=40, skv=40, d=128, causal=True), torch.float16, "cuda_emu")
+    assert _kernels_of_one_call() == SIMT
+    emu.clear_launched()
+    run_and_compare(Case(b=1, hq=2, hkv=1, sq=40, skv=40, d=64, causal=True), torch.float16, "cuda_emu")
+    assert _kernels_of_one_call() == TC
+
+
+def test_environment_switch_forces_cuda_cores(device, monkeypatch):
+    monkeypatch.setenv("HEADSPARSE_CUDA_TENSOR_CORES", "0")
+    run_and_compare(SHAPE_CASES[3], torch.bfloat16, "cuda_emu")
+    assert _kernels_of_one_call() == SIMT
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gate_statistics_from_the_backward(dtype, device):
+    case = Case(b=3, hq=4, hkv=2, sq=21, skv=21, causal=True, mask="bool_empty_rows")
+    q, k, v, do, kw = make_inputs(case, dtype)
+    grad = torch.tensor([1, 0, 1, 1], dtype=torch.bool)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with hs.record_gate_grads() as rec:
+        out = hs.attention(*leaves, grad_heads=grad, backend="cuda_emu", stats_key="layer0", **kw)
+    (out * do).sum().backward()
+    got = rec.by_key()["layer0"]
+    expect = (out.detach().double() * do.double()).sum(dim=(2, 3))
+    assert torch.isnan(got[:, 1]).all()
+    torch.testing.assert_close(got[:, grad].double(), expect[:, grad], atol=2e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- statistics kernels
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_g", [True, False])
+def test_head_stats_kernel(dtype, with_g):
+    gen = torch.Generator().manual_seed(3)
+    b, s, h, d = 3, 70, 4, 40  # 160 channels: two channel blocks, two token blocks
+    x = torch.randn(b, h * d, s, generator=gen).to(dtype).transpose(1, 2)  # strided (B, S, C)
+    g = torch.randn(b, s, h * d, generator=gen).to(dtype) if with_g else None
+    mask = torch.rand(b, s, generator=gen) > 0.3
+    mask[0] = False
+    xg, xx, gg, abs_x, abs_g = emu.head_stats(x, g, h, mask)
+    ref = head_stats_torch(x.double().contiguous(), None if g is None else g.double(), h, mask)
+    tol = dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(xx.double(), ref.x_sq, **tol)
+    torch.testing.assert_close(abs_x.double(), ref.abs_x, **tol)
+    if with_g:
+        torch.testing.assert_close(xg.double(), ref.xg, **tol)
+        torch.testing.assert_close(gg.double(), ref.g_sq, **tol)
+        torch.testing.assert_close(abs_g.double(), ref.abs_g, **tol)
+    assert (xx[0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gram_kernel(dtype, masked):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 45, 70, generator=gen).to(dtype)  # C = 70: three column tiles, a partial one
+    mask = (torch.rand(2, 45, generator=gen) > 0.4) if masked else None
+    out = emu.gram(x, mask)
+    ref = gram_torch(x.double(), mask)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
