@@ -286,6 +286,20 @@ at::Tensor gram(const at::Tensor& x, const c10::optional<at::Tensor>& token_mask
   return headsparse_cpu::gram(x, token_mask);
 }
 
+// (forward, backward): whether the cuda backend runs tensor-core kernels for tensors like `like` with this
+// head dim on like's device (false, false for dtypes or shapes that take the CUDA-core kernels).
+std::tuple<bool, bool> cuda_uses_tensor_cores(const at::Tensor& like, int64_t head_dim) {
+  TORCH_CHECK(like.is_cuda(), "headsparse (cuda): cuda_uses_tensor_cores needs a CUDA tensor");
+#ifdef HEADSPARSE_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(like.device());
+  const int dtype = cuda_dtype(like);
+  return {hc::attn_forward_uses_tensor_cores(dtype, static_cast<int>(head_dim)),
+          hc::attn_backward_uses_tensor_cores(dtype, static_cast<int>(head_dim))};
+#else
+  no_cuda();
+#endif
+}
+
 bool with_cuda() {
 #ifdef HEADSPARSE_WITH_CUDA
   return true;
@@ -297,7 +311,7 @@ bool with_cuda() {
 }  // namespace
 
 // Bumped whenever the Python <-> C++ signatures change, so that a stale build is detected.
-#define HEADSPARSE_ABI_VERSION 1
+#define HEADSPARSE_ABI_VERSION 2
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "headsparse compiled kernels (CPU always; CUDA when built with it)";
@@ -312,4 +326,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_stats", &head_stats, "(xg, xx, gg, abs_x, abs_g) over X and G", py::arg("x"), py::arg("g"),
         py::arg("num_heads"), py::arg("token_mask"));
   m.def("gram", &gram, "X^T X over masked tokens", py::arg("x"), py::arg("token_mask"));
+  m.def("cuda_uses_tensor_cores", &cuda_uses_tensor_cores,
+        "(forward, backward): whether the CUDA attention kernels for this dtype/head dim use tensor cores",
+        py::arg("like"), py::arg("head_dim"));
 }

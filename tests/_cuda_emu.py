@@ -144,9 +144,18 @@ def selftest(which: int) -> bool:
     return lib().hs_emu_selftest(which) == 0
 
 
-def configure(cc_major: int = 9, cc_minor: int = 0, smem_optin: int = 232448) -> None:
-    """The emulated device (default: an H100/H200, sm_90 with 227 KiB opt-in shared memory per block)."""
-    lib().hs_emu_configure(cc_major, cc_minor, smem_optin)
+def configure(cc_major: int = 9, cc_minor: int = 0, smem_optin: int = 232448, binary_arch: Optional[int] = None):
+    """The emulated device (default: an H100/H200, sm_90 with 227 KiB opt-in shared memory per block).
+
+    ``binary_arch``: the architecture the kernel binary was built for (default: the device's).
+    """
+    arch = cc_major * 10 + cc_minor if binary_arch is None else binary_arch
+    lib().hs_emu_configure(cc_major, cc_minor, smem_optin, arch)
+
+
+def uses_tensor_cores(dtype: torch.dtype, head_dim: int) -> tuple:
+    """(forward, backward) answer of attn_{forward,backward}_uses_tensor_cores on the emulated device."""
+    return tuple(bool(lib().hs_emu_uses_tensor_cores(_DTYPES[dtype], head_dim, bwd)) for bwd in (0, 1))
 
 
 _launched: List[str] = []

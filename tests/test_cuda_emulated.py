@@ -133,6 +133,29 @@ def test_shared_memory_limit_falls_back_to_cuda_cores(device):
     assert _kernels_of_one_call() == TC
 
 
+def test_old_architecture_binary_is_never_dispatched_to_tensor_cores(device):
+    """Built for sm_75 (+PTX) and run on an H100: the tensor-core kernels are a trap there, so not chosen."""
+    device(dict(H100, binary_arch=75))
+    assert emu.uses_tensor_cores(torch.bfloat16, 64) == (False, False)
+    run_and_compare(SHAPE_CASES[0], torch.bfloat16, "cuda_emu")
+    assert _kernels_of_one_call() == SIMT
+
+
+@pytest.mark.parametrize("spec", [H100, A10, T4], ids=["sm90", "sm86", "sm75"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [48, 64, 72, 128, 256])
+def test_path_query_matches_the_launched_kernels(spec, dtype, d, device):
+    device(spec)
+    fwd, bwd = emu.uses_tensor_cores(dtype, d)
+    run_and_compare(Case(b=1, hq=2, hkv=1, sq=9, skv=12, d=d), dtype, "cuda_emu")
+    kernels = _kernels_of_one_call()
+    assert fwd == ("attn_fwd_tc" in kernels) and bwd == ("attn_bwd_tc" in kernels)
+    expect_tc = dtype != torch.float32 and d % 16 == 0 and d <= 128 and spec["cc_major"] >= 8
+    if spec is A10 and d == 128:
+        expect_tc = False
+    assert fwd == bwd == expect_tc
+
+
 def test_environment_switch_forces_cuda_cores(device, monkeypatch):
     monkeypatch.setenv("HEADSPARSE_CUDA_TENSOR_CORES", "0")
     run_and_compare(SHAPE_CASES[3], torch.bfloat16, "cuda_emu")

@@ -56,10 +56,17 @@ def test_cuda_head_stats_and_gram(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [Case(b=2, hq=8, hkv=2, sq=300, skv=517, d=128, causal=True, mask="bool"),
                                   Case(b=2, hq=5, hkv=3, sq=70, skv=90, d=64, kv_map=(2, 0, 2, 2, 1),
-                                       grad="10110", pruned="01000")], ids=str)
+                                       grad="10110", pruned="01000"),
+                                  Case(b=2, hq=4, hkv=2, sq=45, skv=61, d=80, causal=True, mask="additive"),
+                                  Case(b=3, hq=4, hkv=1, sq=7, skv=30, d=48, mask="bool_empty_rows")], ids=str)
 def test_cuda_tensor_core_and_cuda_core_paths(case, dtype, tensor_cores, monkeypatch):
     """Both kernel families on the GPU (HEADSPARSE_CUDA_TENSOR_CORES=0 forces the CUDA-core kernels)."""
     from attention_cases import run_and_compare
+    from headsparse.ops import cuda_backend
 
     monkeypatch.setenv("HEADSPARSE_CUDA_TENSOR_CORES", tensor_cores)
+    like = torch.empty(1, device="cuda", dtype=dtype)
+    if torch.cuda.get_device_capability() in ((8, 0), (9, 0)):  # A100/H100/H200: every tile fits
+        expect = tensor_cores == "1"
+        assert cuda_backend.uses_tensor_cores(like, case.d) == (expect, expect)
     run_and_compare(case, dtype, "cuda", device="cuda")

@@ -191,12 +191,11 @@ __global__ void __launch_bounds__(kBwdWarps * 32) attn_bwd_kernel(const AttnBwdP
 
   for (int g = 0; g < p.G; ++g) {
     if (p.kv_pos[g] != r) continue;  // block-uniform
-    const int64_t hm = p.mask_heads[g];
-    const T* qp = static_cast<const T*>(p.q.data) + b * p.q.s0 + g * p.q.s1;
-    const T* dop = static_cast<const T*>(p.dout.data) + b * p.dout.s0 + g * p.dout.s1;
-    const float* lsep = p.lse + b * p.lse_s0 + g * p.lse_s1;
-    const float* deltap = p.delta + (static_cast<int64_t>(b) * p.G + g) * Sq;
-    float* dqp = p.dq_accum + (static_cast<int64_t>(b) * p.G + g) * Sq * D;
+    const detail::GradHead<T> gh = detail::grad_head<T>(p, b, g);
+    const int64_t hm = gh.mask_head;
+    const T *qp = gh.q, *dop = gh.dout;
+    const float *lsep = gh.lse, *deltap = gh.delta;
+    float* dqp = gh.dq;
     const int istart = p.causal ? max(0, j0 - off) : 0;
     for (int i0 = istart; i0 < Sq; i0 += kBwdRowChunk) {
       __syncthreads();
@@ -281,11 +280,8 @@ cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   const dim3 grid((p.Sq + kFwdRows - 1) / kFwdRows, p.P, p.B);
   const size_t smem = 2 * static_cast<size_t>(kKeyTile) * p.D * sizeof(T);
   auto* attn_fwd_simt = attn_fwd_kernel<T, DPL>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(attn_fwd_simt, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
+  const cudaError_t e = detail::allow_dynamic_smem(attn_fwd_simt, smem);
+  if (e != cudaSuccess) return e;
   return HS_LAUNCH(attn_fwd_simt, grid, kFwdWarps * 32, smem, stream, p);
 }
 
@@ -301,7 +297,7 @@ bool use_tensor_cores(int dtype, int D, size_t smem) {
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 8) return false;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return false;
-  return smem <= static_cast<size_t>(optin);
+  return smem <= static_cast<size_t>(optin) && detail::attn_tc_runnable();
 }
 
 template <typename T, int DPL, int KPW>
@@ -313,7 +309,7 @@ cudaError_t launch_bwd(const AttnBwdParams& p, cudaStream_t stream) {
     const cudaError_t e = HS_LAUNCH(attn_bwd_preprocess, grid, rows_per_block * 32, 0, stream, p);
     if (e != cudaSuccess) return e;
   }
-  if (use_tensor_cores(p.dtype, p.D, detail::attn_backward_tc_smem(p.D))) return detail::attn_backward_tc(p, stream);
+  if (attn_backward_uses_tensor_cores(p.dtype, p.D)) return detail::attn_backward_tc(p, stream);
   const int keys_per_block = kBwdWarps * KPW;
   const dim3 grid((p.Skv + keys_per_block - 1) / keys_per_block, p.R, p.B);
   const size_t smem = (2 * static_cast<size_t>(kBwdRowChunk) * p.D + 2 * kBwdRowChunk) * sizeof(float);
@@ -341,10 +337,18 @@ cudaError_t bwd_dispatch_dim(const AttnBwdParams& p, cudaStream_t s) {
 
 }  // namespace
 
+bool attn_forward_uses_tensor_cores(int dtype, int head_dim) {
+  return use_tensor_cores(dtype, head_dim, detail::attn_forward_tc_smem(head_dim));
+}
+
+bool attn_backward_uses_tensor_cores(int dtype, int head_dim) {
+  return use_tensor_cores(dtype, head_dim, detail::attn_backward_tc_smem(head_dim));
+}
+
 cudaError_t attn_forward(const AttnFwdParams& p, cudaStream_t stream) {
   if (p.D < 1 || p.D > kMaxHeadDim) return cudaErrorInvalidValue;
   if (p.B == 0 || p.P == 0 || p.Sq == 0) return cudaSuccess;
-  if (use_tensor_cores(p.dtype, p.D, detail::attn_forward_tc_smem(p.D))) return detail::attn_forward_tc(p, stream);
+  if (attn_forward_uses_tensor_cores(p.dtype, p.D)) return detail::attn_forward_tc(p, stream);
   switch (p.dtype) {
     case kF32:
       return fwd_dispatch_dim<float>(p, stream);

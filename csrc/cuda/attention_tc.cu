@@ -12,6 +12,8 @@
 //   dK and dV stay in accumulator fragments for the whole pass (no atomics);
 //   each warp owns its 16 key columns of P and dS, so only dQ = dS K needs the
 //   whole block, and it is added to the fp32 dq workspace with atomics.
+#include <type_traits>
+
 #include "hs_common.cuh"
 
 namespace headsparse_cuda {
@@ -249,6 +251,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnFwdPara
     const float l = row_sum[lane];
     p.lse[(static_cast<int64_t>(b) * p.P + prog) * Sq + wrow0 + lane] = l > 0.f ? row_max[lane] + logf(l) : INFINITY;
   }
+#else
+  __trap();  // built below sm_80: never dispatched (attn_tc_runnable), and loud if it ever is
 #endif
 }
 
@@ -289,12 +293,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_tc_kernel(const AttnBwdPara
 
   for (int g = 0; g < p.G; ++g) {
     if (p.kv_pos[g] != r) continue;  // block-uniform
-    const int64_t hm = p.mask_heads[g];
-    const T* qp = static_cast<const T*>(p.q.data) + b * p.q.s0 + g * p.q.s1;
-    const T* dop = static_cast<const T*>(p.dout.data) + b * p.dout.s0 + g * p.dout.s1;
-    const float* lsep = p.lse + b * p.lse_s0 + g * p.lse_s1;
-    const float* deltap = p.delta + (static_cast<int64_t>(b) * p.G + g) * Sq;
-    float* dqp = p.dq_accum + (static_cast<int64_t>(b) * p.G + g) * Sq * D;
+    const GradHead<T> gh = grad_head<T>(p, b, g);
+    const int64_t hm = gh.mask_head;
+    const T *qp = gh.q, *dop = gh.dout;
+    const float *lsep = gh.lse, *deltap = gh.delta;
+    float* dqp = gh.dq;
     const int istart = p.causal ? max(0, j0 - off) : 0;  // earlier rows see none of the block's keys
     for (int i0 = istart; i0 < Sq; i0 += kQueryTile) {
       __syncthreads();  // staging (aliasing Q/dO) and P/dS of the previous step are consumed
@@ -404,6 +407,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_tc_kernel(const AttnBwdPara
     const int rr = e / D, c = e - rr * D, j = jw + rr;
     if (j < Skv) dvp[static_cast<int64_t>(j) * D + c] = from_f<T>(wstage[rr * L::ld_stage + c]);
   }
+#else
+  __trap();
 #endif
 }
 
@@ -411,11 +416,8 @@ template <typename T, int D>
 cudaError_t launch_fwd_tc(const AttnFwdParams& p, cudaStream_t stream) {
   constexpr size_t smem = FwdLayout<D>::total;
   auto* attn_fwd_tc = attn_fwd_tc_kernel<T, D>;
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(attn_fwd_tc, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
+  const cudaError_t e = allow_dynamic_smem(attn_fwd_tc, smem);
+  if (e != cudaSuccess) return e;
   const dim3 grid((p.Sq + kRowsPerBlock - 1) / kRowsPerBlock, p.P, p.B);
   return HS_LAUNCH(attn_fwd_tc, grid, kThreads, smem, stream, p);
 }
@@ -424,64 +426,67 @@ template <typename T, int D>
 cudaError_t launch_bwd_tc(const AttnBwdParams& p, cudaStream_t stream) {
   constexpr size_t smem = BwdLayout<D>::total;
   auto* attn_bwd_tc = attn_bwd_tc_kernel<T, D>;
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(attn_bwd_tc, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
+  const cudaError_t e = allow_dynamic_smem(attn_bwd_tc, smem);
+  if (e != cudaSuccess) return e;
   const dim3 grid((p.Skv + kKeyTile - 1) / kKeyTile, p.R, p.B);
   return HS_LAUNCH(attn_bwd_tc, grid, kThreads, smem, stream, p);
 }
 
+// f(std::integral_constant<int, D>{}) for the head dims with compiled kernels, `otherwise` for the rest.
+template <typename R, typename F>
+R with_head_dim(int d, R otherwise, F&& f) {
+  switch (d) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 48: return f(std::integral_constant<int, 48>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 112: return f(std::integral_constant<int, 112>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return otherwise;
+  }
+}
+
 template <typename T>
 cudaError_t fwd_dim(const AttnFwdParams& p, cudaStream_t s) {
-  switch (p.D) {
-    case 16: return launch_fwd_tc<T, 16>(p, s);
-    case 32: return launch_fwd_tc<T, 32>(p, s);
-    case 48: return launch_fwd_tc<T, 48>(p, s);
-    case 64: return launch_fwd_tc<T, 64>(p, s);
-    case 80: return launch_fwd_tc<T, 80>(p, s);
-    case 96: return launch_fwd_tc<T, 96>(p, s);
-    case 112: return launch_fwd_tc<T, 112>(p, s);
-    case 128: return launch_fwd_tc<T, 128>(p, s);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_head_dim(p.D, cudaError_t(cudaErrorInvalidValue),
+                       [&](auto dim) { return launch_fwd_tc<T, decltype(dim)::value>(p, s); });
 }
 
 template <typename T>
 cudaError_t bwd_dim(const AttnBwdParams& p, cudaStream_t s) {
-  switch (p.D) {
-    case 16: return launch_bwd_tc<T, 16>(p, s);
-    case 32: return launch_bwd_tc<T, 32>(p, s);
-    case 48: return launch_bwd_tc<T, 48>(p, s);
-    case 64: return launch_bwd_tc<T, 64>(p, s);
-    case 80: return launch_bwd_tc<T, 80>(p, s);
-    case 96: return launch_bwd_tc<T, 96>(p, s);
-    case 112: return launch_bwd_tc<T, 112>(p, s);
-    case 128: return launch_bwd_tc<T, 128>(p, s);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <template <int> class Layout>
-size_t layout_bytes(int d) {
-  switch (d) {
-    case 16: return Layout<16>::total;
-    case 32: return Layout<32>::total;
-    case 48: return Layout<48>::total;
-    case 64: return Layout<64>::total;
-    case 80: return Layout<80>::total;
-    case 96: return Layout<96>::total;
-    case 112: return Layout<112>::total;
-    case 128: return Layout<128>::total;
-    default: return 0;
-  }
+  return with_head_dim(p.D, cudaError_t(cudaErrorInvalidValue),
+                       [&](auto dim) { return launch_bwd_tc<T, decltype(dim)::value>(p, s); });
 }
 
 }  // namespace
 
-size_t attn_forward_tc_smem(int head_dim) { return layout_bytes<FwdLayout>(head_dim); }
-size_t attn_backward_tc_smem(int head_dim) { return layout_bytes<BwdLayout>(head_dim); }
+bool attn_tc_runnable() {
+  // The driver may run a binary or JIT-compiled PTX built for an older architecture than the device (say
+  // TORCH_CUDA_ARCH_LIST="7.5+PTX" on an H100); there the kernels are a trap. Decided once per device.
+  constexpr int kMaxDevices = 64;
+  static int verdict[kMaxDevices] = {};  // 0 unknown, 1 runnable, 2 not (a benign race: all writers agree)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+#ifdef HS_CUDA_EMULATION
+  verdict[dev] = 0;  // the test emulator swaps its device between tests
+#endif
+  if (verdict[dev] == 0) {
+    cudaFuncAttributes attr;
+    const bool ok = cudaFuncGetAttributes(&attr, attn_fwd_tc_kernel<__half, 64>) == cudaSuccess &&
+                    attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+    verdict[dev] = ok ? 1 : 2;
+  }
+  return verdict[dev] == 1;
+}
+
+size_t attn_forward_tc_smem(int head_dim) {
+  return with_head_dim(head_dim, size_t(0), [](auto dim) { return FwdLayout<decltype(dim)::value>::total; });
+}
+size_t attn_backward_tc_smem(int head_dim) {
+  return with_head_dim(head_dim, size_t(0), [](auto dim) { return BwdLayout<decltype(dim)::value>::total; });
+}
 
 cudaError_t attn_forward_tc(const AttnFwdParams& p, cudaStream_t stream) {
   switch (p.dtype) {

@@ -69,6 +69,36 @@ __device__ __forceinline__ float mask_bias(const Strided4& m, int kind, int64_t 
   }
 }
 
+// Kernels asking for more than 48 KiB of dynamic shared memory must opt in first.
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// Inputs and dq workspace of compact grad head g of sample b in the backward pass.
+template <typename T>
+struct GradHead {
+  const T* q;
+  const T* dout;
+  const float* lse;    // stride p.lse_s2 between rows
+  const float* delta;  // contiguous rows
+  float* dq;           // (Sq, D) contiguous fp32
+  int64_t mask_head;
+};
+
+template <typename T>
+__device__ __forceinline__ GradHead<T> grad_head(const AttnBwdParams& p, int b, int g) {
+  GradHead<T> h;
+  h.q = static_cast<const T*>(p.q.data) + b * p.q.s0 + g * p.q.s1;
+  h.dout = static_cast<const T*>(p.dout.data) + b * p.dout.s0 + g * p.dout.s1;
+  h.lse = p.lse + b * p.lse_s0 + g * p.lse_s1;
+  h.delta = p.delta + (static_cast<int64_t>(b) * p.G + g) * p.Sq;
+  h.dq = p.dq_accum + (static_cast<int64_t>(b) * p.G + g) * p.Sq * p.D;
+  h.mask_head = p.mask_heads[g];
+  return h;
+}
+
 // 16-byte vector load/store (8 fp16/bf16 elements); the caller guarantees alignment.
 __device__ __forceinline__ uint4 load_vec16(const void* ptr) {
   HS_CHECK_ALIGN(ptr, 16);
@@ -82,6 +112,7 @@ __device__ __forceinline__ void store_vec16(void* ptr, uint4 v) {
 // Tensor-core kernels (attention_tc.cu): fp16/bf16, head_dim a multiple of 16 up to
 // kTcMaxHeadDim, compute capability 8.0 or newer. attention.cu decides when to use them.
 constexpr int kTcMaxHeadDim = 128;
+bool attn_tc_runnable();  // the kernels were built for sm_80+ in the binary the current device runs
 size_t attn_forward_tc_smem(int head_dim);   // dynamic shared memory per block, bytes
 size_t attn_backward_tc_smem(int head_dim);
 cudaError_t attn_forward_tc(const AttnFwdParams& p, cudaStream_t stream);

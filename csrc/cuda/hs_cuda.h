@@ -69,6 +69,10 @@ struct AttnBwdParams {
 constexpr int kMaxHeadDim = 256;
 
 cudaError_t attn_forward(const AttnFwdParams& p, cudaStream_t stream);
+// Whether attn_forward / attn_backward take the tensor-core kernels on the current device for this
+// dtype and head dim (otherwise the CUDA-core ones). Honours HEADSPARSE_CUDA_TENSOR_CORES=0.
+bool attn_forward_uses_tensor_cores(int dtype, int head_dim);
+bool attn_backward_uses_tensor_cores(int dtype, int head_dim);
 cudaError_t attn_backward(const AttnBwdParams& p, cudaStream_t stream);
 
 // Head statistics over X (the o_proj input) and G = dL/dX, both (B, S, C) with

@@ -8,7 +8,7 @@ tests/cuda_emu; not yet validated on a GPU.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -30,3 +30,10 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
     dq, dk, dv = extension.get().attn_backward(do, q, k, v, o, lse, _idx(kv_heads), _idx(mask_heads), mask,
                                                bool(causal), float(scale), stats)
     return dq, dk, dv
+
+
+def uses_tensor_cores(like: torch.Tensor, head_dim: int) -> Tuple[bool, bool]:
+    """(forward, backward): whether calls on ``like``'s CUDA device, dtype and ``head_dim`` run the
+    tensor-core kernels (fp16/bf16, head_dim a multiple of 16 up to 128, sm_80+, enough shared memory,
+    ``HEADSPARSE_CUDA_TENSOR_CORES`` not 0) rather than the CUDA-core ones."""
+    return tuple(extension.get().cuda_uses_tensor_cores(like, int(head_dim)))

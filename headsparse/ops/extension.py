@@ -13,7 +13,7 @@ import threading
 from typing import Optional, Tuple
 
 # Must equal HEADSPARSE_ABI_VERSION in csrc/bind.cpp.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _module = None

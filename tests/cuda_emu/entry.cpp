@@ -10,12 +10,19 @@ int hs_emu_attn_backward(const hc::AttnBwdParams* p) { return hc::attn_backward(
 int hs_emu_head_stats(const hc::HeadStatsParams* p) { return hc::head_stats(*p, nullptr); }
 int hs_emu_gram(const hc::GramParams* p) { return hc::gram(*p, nullptr); }
 
-// The emulated device: compute capability and the opt-in shared-memory limit per block.
-void hs_emu_configure(int cc_major, int cc_minor, int smem_optin) {
+// The emulated device: compute capability, the opt-in shared-memory limit per block, and the
+// architecture of the kernel binary the driver would run (ptxVersion/binaryVersion).
+void hs_emu_configure(int cc_major, int cc_minor, int smem_optin, int binary_arch) {
   hs_emu::device().cc_major = cc_major;
   hs_emu::device().cc_minor = cc_minor;
   hs_emu::device().smem_optin = smem_optin;
+  hs_emu::device().binary_arch = binary_arch;
   hs_emu::smem_attributes().clear();
+}
+
+int hs_emu_uses_tensor_cores(int dtype, int head_dim, int backward) {
+  return backward ? hc::attn_backward_uses_tensor_cores(dtype, head_dim)
+                  : hc::attn_forward_uses_tensor_cores(dtype, head_dim);
 }
 
 // First error since the last reset ("" if none), and the kernels launched since then.

@@ -164,6 +164,7 @@ struct Fiber {
 struct Device {
   int cc_major = 9, cc_minor = 0;
   int smem_optin = 232448;  // H100/H200 opt-in limit per block, bytes
+  int binary_arch = 90;     // what cudaFuncGetAttributes reports as ptxVersion / binaryVersion
 };
 
 struct Launch {
@@ -439,6 +440,14 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
       return cudaSuccess;
   }
   return cudaErrorInvalidValue;
+}
+struct cudaFuncAttributes {
+  int ptxVersion, binaryVersion;
+};
+template <class F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F*) {
+  attr->ptxVersion = attr->binaryVersion = hs_emu::device().binary_arch;
+  return cudaSuccess;
 }
 template <class F>
 inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute, int value) {
