@@ -7,7 +7,8 @@
 //   S = Q K^T on tensor cores, online softmax in fp32 through shared memory,
 //   P rounded to the input dtype (as FlashAttention does), O += P V on tensor
 //   cores. WMMA hides which row a lane's accumulator elements belong to, so a
-//   rescale of O goes through shared memory, and only when some row's max moved.
+//   rescale of O goes through shared memory (the consumed score tile), and only
+//   when some row's max moved.
 // Backward (one block = 64 keys of one compact KV head, 4 warps of 16 keys):
 //   dK and dV stay in accumulator fragments for the whole pass (no atomics);
 //   each warp owns its 16 key columns of P and dS, so only dQ = dS K needs the
@@ -42,23 +43,25 @@ template <typename T>
 using FragBt = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;  // transposed read
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-// Shared-memory layout of the forward kernel, byte offsets (16-bit elements are 2 bytes).
+// Shared-memory layout of the forward kernel, byte offsets (16-bit elements are 2 bytes). The Q tile is
+// dead once each warp holds its Q fragments, so the per-warp score/probability tiles reuse its space, and
+// O goes through the score tile 64 columns at a time: 62 KiB at D = 128, three blocks per H100 SM.
 template <int D>
 struct FwdLayout {
-  static constexpr int ld = D + kPad16;         // Q, K, V tiles
-  static constexpr int ld_s = kKeyTile + kPad32;  // per-warp scores, fp32
+  static constexpr int ld = D + kPad16;           // Q, K, V tiles
+  static constexpr int ld_s = kKeyTile + kPad32;  // per-warp scores (and O staging), fp32
   static constexpr int ld_p = kKeyTile + kPad16;  // per-warp probabilities, 16-bit
-  static constexpr int ld_o = D + kPad32;         // per-warp output staging, fp32
-  static constexpr size_t q = 0;
-  static constexpr size_t k = align128(q + size_t(kRowsPerBlock) * ld * 2);
+  static constexpr size_t k = 0;
   static constexpr size_t v = align128(k + size_t(kKeyTile) * ld * 2);
-  static constexpr size_t warps = align128(v + size_t(kKeyTile) * ld * 2);
+  static constexpr size_t q = align128(v + size_t(kKeyTile) * ld * 2);
+  static constexpr size_t warps = q;  // aliases the Q tile
   static constexpr size_t w_s = 0;
   static constexpr size_t w_p = align128(w_s + 16 * ld_s * 4);
-  static constexpr size_t w_o = align128(w_p + 16 * ld_p * 2);
-  static constexpr size_t w_stats = align128(w_o + 16 * ld_o * 4);  // row max, row sum, rescale factor
-  static constexpr size_t per_warp = align128(w_stats + 3 * 16 * 4);
-  static constexpr size_t total = warps + kWarps * per_warp;
+  static constexpr size_t per_warp = align128(w_p + 16 * ld_p * 2);
+  static constexpr size_t q_end = align128(q + size_t(kRowsPerBlock) * ld * 2);
+  static constexpr size_t warps_end = warps + kWarps * per_warp;
+  static constexpr size_t stats = q_end > warps_end ? q_end : warps_end;  // row max, sum, rescale per warp
+  static constexpr size_t total = align128(stats + kWarps * 3 * 16 * 4);
 };
 
 // Shared-memory layout of the backward kernel.
@@ -66,7 +69,7 @@ template <int D>
 struct BwdLayout {
   static constexpr int ld = D + kPad16;           // K, V, Q, dO tiles
   static constexpr int ld_p = kKeyTile + kPad16;  // P and dS (query rows x block keys), 16-bit
-  static constexpr int ld_s = 16 + kPad32;        // per-warp scores and dP (query rows x 16 keys), fp32
+  static constexpr int ld_s = 16 + kPad32;        // per-warp scores and dP (16 query rows x 16 keys), fp32
   static constexpr int ld_stage = D + kPad32;     // fp32 staging of dQ / dK / dV rows
   static constexpr size_t k = 0;
   static constexpr size_t v = align128(k + size_t(kKeyTile) * ld * 2);
@@ -77,8 +80,8 @@ struct BwdLayout {
   static constexpr size_t ds = align128(p + size_t(kQueryTile) * ld_p * 2);
   static constexpr size_t warps = align128(ds + size_t(kQueryTile) * ld_p * 2);
   static constexpr size_t w_s = 0;
-  static constexpr size_t w_dp = align128(w_s + size_t(kQueryTile) * ld_s * 4);
-  static constexpr size_t per_warp = align128(w_dp + size_t(kQueryTile) * ld_s * 4);
+  static constexpr size_t w_dp = align128(w_s + 16 * ld_s * 4);
+  static constexpr size_t per_warp = align128(w_dp + 16 * ld_s * 4);
   static constexpr size_t rows = warps + kWarps * per_warp;  // lse and delta of the query tile
   static constexpr size_t total = align128(rows + 2 * kQueryTile * 4);
   static_assert(size_t(kQueryTile) * ld_stage * 4 <= p - q, "staging must fit in the Q and dO tiles");
@@ -117,8 +120,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnFwdPara
   unsigned char* wsm = smem + L::warps + warp * L::per_warp;
   float* sw = reinterpret_cast<float*>(wsm + L::w_s);
   T* pw = reinterpret_cast<T*>(wsm + L::w_p);
-  float* ow = reinterpret_cast<float*>(wsm + L::w_o);
-  float* row_max = reinterpret_cast<float*>(wsm + L::w_stats);
+  float* row_max = reinterpret_cast<float*>(smem + L::stats) + warp * 3 * 16;
   float* row_sum = row_max + 16;
   float* row_alpha = row_sum + 16;
 
@@ -143,6 +145,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnFwdPara
     wmma::load_matrix_sync(qf[d], qs + warp * 16 * L::ld + d * 16, L::ld);
     wmma::fill_fragment(of[d], 0.f);
   }
+  __syncthreads();  // every warp holds its Q fragments before any warp reuses the Q tile as scratch
 
   // Keys the block, and this warp, may see (bottom-right causal alignment).
   int kend = Skv, warp_kend = wrow0 < Sq ? Skv : 0;
@@ -209,17 +212,22 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnFwdPara
     const bool any_rescale = __any_sync(0xffffffffu, rescale);
     __syncwarp();
 
-    if (any_rescale) {  // O *= alpha per row, through shared memory
+    if (any_rescale) {  // O *= alpha per row, through the (consumed) score tile, 4 fragments at a time
 #pragma unroll
-      for (int d = 0; d < DF; ++d) wmma::store_matrix_sync(ow + d * 16, of[d], L::ld_o, wmma::mem_row_major);
-      __syncwarp();
-      for (int e = lane; e < 16 * D; e += 32) {
-        const int r = e / D, c = e - r * D;
-        ow[r * L::ld_o + c] *= row_alpha[r];
+      for (int d0 = 0; d0 < DF; d0 += 4) {
+        const int nf = min(4, DF - d0);
+#pragma unroll
+        for (int f = 0; f < nf; ++f) wmma::store_matrix_sync(sw + f * 16, of[d0 + f], L::ld_s, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 16 * 16 * nf; e += 32) {
+          const int r = e / (16 * nf), c = e - r * 16 * nf;
+          sw[r * L::ld_s + c] *= row_alpha[r];
+        }
+        __syncwarp();
+#pragma unroll
+        for (int f = 0; f < nf; ++f) wmma::load_matrix_sync(of[d0 + f], sw + f * 16, L::ld_s, wmma::mem_row_major);
+        __syncwarp();  // all lanes have read the tile before the next chunk overwrites it
       }
-      __syncwarp();
-#pragma unroll
-      for (int d = 0; d < DF; ++d) wmma::load_matrix_sync(of[d], ow + d * 16, L::ld_o, wmma::mem_row_major);
     }
 
     // O += P V
@@ -236,16 +244,23 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnFwdPara
     }
   }
 
-  // O / l into the output; lse = m + log l (+inf for rows with nothing to attend).
-#pragma unroll
-  for (int d = 0; d < DF; ++d) wmma::store_matrix_sync(ow + d * 16, of[d], L::ld_o, wmma::mem_row_major);
-  __syncwarp();
+  // O / l into the output, 64 columns at a time through the score tile; lse = m + log l (+inf for rows
+  // with nothing to attend).
   T* op = static_cast<T*>(const_cast<void*>(p.out.data)) + b * p.out.s0 + h * p.out.s1;
-  for (int e = lane; e < 16 * D; e += 32) {
-    const int r = e / D, c = e - r * D, i = wrow0 + r;
-    if (i >= Sq) continue;
-    const float l = row_sum[r];
-    op[static_cast<int64_t>(i) * p.out.s2 + c * p.out.s3] = from_f<T>(l > 0.f ? ow[r * L::ld_o + c] / l : 0.f);
+#pragma unroll
+  for (int d0 = 0; d0 < DF; d0 += 4) {
+    const int nf = min(4, DF - d0);
+#pragma unroll
+    for (int f = 0; f < nf; ++f) wmma::store_matrix_sync(sw + f * 16, of[d0 + f], L::ld_s, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 16 * 16 * nf; e += 32) {
+      const int r = e / (16 * nf), c = e - r * 16 * nf, i = wrow0 + r;
+      if (i >= Sq) continue;
+      const float l = row_sum[r];
+      op[static_cast<int64_t>(i) * p.out.s2 + static_cast<int64_t>(d0 * 16 + c) * p.out.s3] =
+          from_f<T>(l > 0.f ? sw[r * L::ld_s + c] / l : 0.f);
+    }
+    __syncwarp();
   }
   if (lane < 16 && wrow0 + lane < Sq) {
     const float l = row_sum[lane];
@@ -310,7 +325,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_tc_kernel(const AttnBwdPara
       }
       __syncthreads();
 
-      // S = Q K_w^T and dP = dO V_w^T: the tile's 64 rows against this warp's 16 keys.
+      // Per 16-row block m: S = Q K_w^T and dP = dO V_w^T against this warp's 16 keys, then
+      // P = exp(S * scale + bias - lse) and dS = P (dP - delta) into the warp's columns of the P/dS tiles.
 #pragma unroll
       for (int m = 0; m < kQueryTile / 16; ++m) {
         FragC s, dp;
@@ -327,25 +343,23 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_tc_kernel(const AttnBwdPara
           wmma::load_matrix_sync(vb, vs + warp * 16 * L::ld + d * 16, L::ld);
           wmma::mma_sync(dp, doa, vb, dp);
         }
-        wmma::store_matrix_sync(sw + m * 16 * L::ld_s, s, L::ld_s, wmma::mem_row_major);
-        wmma::store_matrix_sync(dpw + m * 16 * L::ld_s, dp, L::ld_s, wmma::mem_row_major);
-      }
-      __syncwarp();
-
-      // P = exp(S * scale + bias - lse), dS = P (dP - delta), in this warp's 16 columns.
-      for (int e = lane; e < kQueryTile * 16; e += 32) {
-        const int rr = e / 16, c = e % 16, i = i0 + rr, j = jw + c;
-        float pv = 0.f, ds = 0.f;
-        const float lse_i = lse_s[rr];
-        if (i < Sq && j < Skv && !(p.causal && j > i + off) && lse_i != INFINITY) {
-          const float s = sw[rr * L::ld_s + c] * p.scale + mask_bias(p.mask, p.mask_kind, b, hm, i, j);
-          pv = expf(s - lse_i);
-          ds = pv * (dpw[rr * L::ld_s + c] - delta_s[rr]);
+        wmma::store_matrix_sync(sw, s, L::ld_s, wmma::mem_row_major);
+        wmma::store_matrix_sync(dpw, dp, L::ld_s, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 16 * 16; e += 32) {
+          const int rr = m * 16 + e / 16, c = e % 16, i = i0 + rr, j = jw + c;
+          float pv = 0.f, ds = 0.f;
+          const float lse_i = lse_s[rr];
+          if (i < Sq && j < Skv && !(p.causal && j > i + off) && lse_i != INFINITY) {
+            const float sv = sw[(e / 16) * L::ld_s + c] * p.scale + mask_bias(p.mask, p.mask_kind, b, hm, i, j);
+            pv = expf(sv - lse_i);
+            ds = pv * (dpw[(e / 16) * L::ld_s + c] - delta_s[rr]);
+          }
+          ps[rr * L::ld_p + warp * 16 + c] = from_f<T>(pv);
+          dss[rr * L::ld_p + warp * 16 + c] = from_f<T>(ds);
         }
-        ps[rr * L::ld_p + warp * 16 + c] = from_f<T>(pv);
-        dss[rr * L::ld_p + warp * 16 + c] = from_f<T>(ds);
+        __syncwarp();  // the scratch is read before block m + 1 overwrites it; P/dS are visible to the warp
       }
-      __syncwarp();
 
       // dV_w += P_w^T dO and dK_w += dS_w^T Q.
 #pragma unroll
