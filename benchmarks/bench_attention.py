@@ -22,7 +22,9 @@ TFLOP/s columns compare useful throughput.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,6 +110,9 @@ def _providers(args, heads: int, causal: bool, seq: int):
             out.append((f"hs-{backend}-grad{frac:g}", n / heads,
                         lambda q, k, v, b=backend, m=mask: hs.attention(q, k, v, grad_heads=m, causal=causal,
                                                                         backend=b)))
+        if backend == "cuda":  # the same kernels' CUDA-core family, to show what the tensor cores bring
+            out.append(("hs-cuda-cudacores-dense", 1.0,
+                        lambda q, k, v: hs.attention(q, k, v, causal=causal, backend="cuda")))
         pruned = torch.zeros(heads, dtype=torch.bool)
         pruned[torch.randperm(heads, generator=gen)[: heads // 2]] = True
         # half the heads pruned, the other half trained: forward and backward should both halve
@@ -128,38 +133,61 @@ def bench_one(args, seq: int, head_dim: int, causal: bool, timer):
     fwd_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
     rows = []
     for name, frac, fn in _providers(args, heads, causal, seq):
-        # a half-pruned call computes only its unpruned heads (all of them trained): count only that work
-        computed = frac if name.endswith("-pruned0.5") else 1.0
-        row = dict(provider=name, seq=seq, head_dim=head_dim, causal=causal, batch=batch, heads=heads,
-                   grad_fraction=frac, computed_fraction=computed, dtype=args.dtype)
-        try:
-            with torch.no_grad():
-                row["fwd_ms"] = timer(lambda: fn(q, k, v))
-            out = fn(q, k, v)
-            if out.requires_grad:
-                row["bwd_ms"] = timer(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True,
-                                                                  allow_unused=True))
-
-                def step():
-                    o = fn(q, k, v)
-                    torch.autograd.grad(o, (q, k, v), do, allow_unused=True)
-
-                row["fwd_bwd_ms"] = timer(step)
-            else:  # grad fraction 0: the backward has nothing to do
-                row["bwd_ms"] = 0.0
-                row["fwd_bwd_ms"] = timer(lambda: fn(q, k, v))
-            out = None  # free the graph before the next measurement
-            row["saved_bytes"] = saved_tensor_bytes(lambda: fn(q, k, v))[0]
-            row["fwd_tflops"] = fwd_flops * computed / row["fwd_ms"] / 1e9
-            bwd_flops = 2.5 * fwd_flops * frac
-            row["bwd_tflops"] = bwd_flops / row["bwd_ms"] / 1e9 if row["bwd_ms"] > 0 else None
-            row["fwd_bwd_tflops"] = (fwd_flops * computed + bwd_flops) / row["fwd_bwd_ms"] / 1e9
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        rows.append(row)
+        with _provider_env(name):
+            rows.append(_bench_provider(name, frac, fn, q, k, v, do, fwd_flops, timer,
+                                        dict(seq=seq, head_dim=head_dim, causal=causal, batch=batch, heads=heads),
+                                        args.dtype))
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+@contextlib.contextmanager
+def _provider_env(name: str):
+    """Environment a provider runs under (forward and backward): the CUDA-core row switches tensor cores off."""
+    overrides = {"HEADSPARSE_CUDA_TENSOR_CORES": "0"} if name == "hs-cuda-cudacores-dense" else {}
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, val in saved.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
+
+
+def _bench_provider(name, frac, fn, q, k, v, do, fwd_flops, timer, shape, dtype: str) -> dict:
+    """One row: forward, backward and fwd+bwd times, saved bytes and throughput of provider ``name``."""
+    # a half-pruned call computes only its unpruned heads (all of them trained): count only that work
+    computed = frac if name.endswith("-pruned0.5") else 1.0
+    row = dict(provider=name, **shape, grad_fraction=frac, computed_fraction=computed, dtype=dtype)
+    try:
+        with torch.no_grad():
+            row["fwd_ms"] = timer(lambda: fn(q, k, v))
+        out = fn(q, k, v)
+        if out.requires_grad:
+            row["bwd_ms"] = timer(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True,
+                                                              allow_unused=True))
+
+            def step():
+                o = fn(q, k, v)
+                torch.autograd.grad(o, (q, k, v), do, allow_unused=True)
+
+            row["fwd_bwd_ms"] = timer(step)
+        else:  # grad fraction 0: the backward has nothing to do
+            row["bwd_ms"] = 0.0
+            row["fwd_bwd_ms"] = timer(lambda: fn(q, k, v))
+        out = None  # free the graph before the next measurement
+        row["saved_bytes"] = saved_tensor_bytes(lambda: fn(q, k, v))[0]
+        row["fwd_tflops"] = fwd_flops * computed / row["fwd_ms"] / 1e9
+        bwd_flops = 2.5 * fwd_flops * frac
+        row["bwd_tflops"] = bwd_flops / row["bwd_ms"] / 1e9 if row["bwd_ms"] > 0 else None
+        row["fwd_bwd_tflops"] = (fwd_flops * computed + bwd_flops) / row["fwd_bwd_ms"] / 1e9
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return row
 
 
 def _fmt(x, digits=2):

@@ -66,7 +66,7 @@ stage attention_bench "${HS_T_ATTN:-200}" "$PY" benchmarks/bench_attention.py --
 # The unvalidated cuda backend in a process of its own (an illegal access would poison the CUDA context of
 # every later row), at the target shape only; its markdown is dropped to stay within 8 result files.
 export HEADSPARSE_ENABLE_UNVALIDATED_CUDA=1
-stage attention_bench_cuda "${HS_T_ATTN_CUDA:-60}" "$PY" benchmarks/bench_attention.py --seqs 4096 \
+stage attention_bench_cuda "${HS_T_ATTN_CUDA:-90}" "$PY" benchmarks/bench_attention.py --seqs 4096 \
   --head-dims 128 --flex-seqs 0 --backends cuda --out "$OUT_DIR/attention_cuda"
 rm -f "$OUT_DIR/attention_cuda.md"
 stage train_step_bench "${HS_T_TRAIN:-150}" "$PY" benchmarks/bench_train_step.py --device cuda \
