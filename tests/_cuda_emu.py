@@ -22,7 +22,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-HEADERS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.h*")) + glob.glob(os.path.join(EMU_DIR, "*.h")))
+HEADERS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.h")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh"))
+                 + glob.glob(os.path.join(EMU_DIR, "*.h")))
 ENTRY = os.path.join(EMU_DIR, "entry.cpp")
 SELFTEST = os.path.join(EMU_DIR, "selftest.cpp")
 
@@ -40,10 +41,11 @@ def _compile_one(src: str, obj: str) -> subprocess.Popen:
 def build() -> str:
     """Compile (once per source version) and return the shared library's path."""
     digest = hashlib.sha256()
+    digest.update(subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.encode())
     for path in CUDA_SOURCES + HEADERS + [ENTRY, SELFTEST, __file__]:
         with open(path, "rb") as fh:
             digest.update(path.encode() + fh.read())
-    out_dir = os.path.join(tempfile.gettempdir(), f"headsparse-cuda-emu-{digest.hexdigest()[:16]}")
+    out_dir = os.path.join(tempfile.gettempdir(), f"headsparse-cuda-emu-{os.getuid()}-{digest.hexdigest()[:16]}")
     lib = os.path.join(out_dir, "libhs_cuda_emu.so")
     if os.path.isfile(lib):
         return lib
@@ -136,7 +138,8 @@ def lib() -> ctypes.CDLL:
 
 SELFTESTS = {1: "missing __syncthreads", 2: "missing __syncwarp after a fragment store",
              3: "misaligned WMMA pointer", 4: "divergent __syncthreads", 5: "shared-memory overrun",
-             6: "shared memory over 48 KiB without the opt-in"}
+             6: "shared memory over 48 KiB without the opt-in",
+             7: "missing __syncwarp before a lane-strided read-back of a fragment"}
 
 
 def selftest(which: int) -> bool:
@@ -203,7 +206,7 @@ def forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> t
     """Like csrc/bind.cpp's cuda_attn_forward: writes out[:, heads], returns lse (B, P, Sq) fp32."""
     h, hk, hm = (t.to(torch.int64).contiguous() for t in (heads, kv_heads, mask_heads))
     P = h.numel()
-    lse = torch.empty(q.shape[0], P, q.shape[2], dtype=torch.float32)
+    lse = torch.full((q.shape[0], P, q.shape[2]), float("nan"), dtype=torch.float32)  # NaN: unwritten shows
     p = AttnFwdParams()
     p.q, p.k, p.v, p.out = (_strided4(t) for t in (q, k, v, out))
     p.mask, p.mask_kind = _mask(mask)
@@ -222,12 +225,14 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
     B, G, Sq, D = q.shape
     R, Skv = k.shape[1], k.shape[2]
     dq32 = torch.zeros(B, G, Sq, D, dtype=torch.float32)
-    delta = torch.empty(B, G, Sq, dtype=torch.float32)
-    dk = torch.empty(B, R, Skv, D, dtype=q.dtype)
-    dv = torch.empty(B, R, Skv, D, dtype=q.dtype)
+    # NaN where bind.cpp has empty(): an element a kernel forgets to write fails the comparison
+    delta = torch.full((B, G, Sq), float("nan"), dtype=torch.float32)
+    dk = torch.full((B, R, Skv, D), float("nan"), dtype=q.dtype)
+    dv = torch.full((B, R, Skv, D), float("nan"), dtype=q.dtype)
     stats32 = None
     if stats is not None:
-        stats32 = stats if stats.dtype == torch.float32 and stats.is_contiguous() else torch.zeros(B, G)
+        stats32 = (stats if stats.dtype == torch.float32 and stats.is_contiguous()
+                   else torch.zeros(B, G, dtype=torch.float32))
     p = AttnBwdParams()
     p.dout, p.q, p.o, p.k, p.v = (_strided4(t) for t in (do, q, o, k, v))
     p.lse = lse.data_ptr()

@@ -1,4 +1,4 @@
-// C entry points of the emulated CUDA kernels, for tests/cuda_emu/__init__.py (ctypes).
+// C entry points of the emulated CUDA kernels, for tests/_cuda_emu.py (ctypes).
 #include "cuda/hs_cuda.h"
 
 namespace hc = headsparse_cuda;

@@ -4,7 +4,7 @@
 // HS_CUDA_EMULATION is defined (g++ -x c++). Each block runs as one fiber per
 // thread on a single OS thread; __syncthreads, __syncwarp and the warp
 // shuffles are barriers between fibers. The scheduler runs every runnable
-// fiber up to its next barrier, alternating the order each round, so a
+// fiber up to its next barrier, in a fresh pseudo-random order each round, so a
 // missing barrier reads stale or poisoned (NaN-filled) shared memory instead
 // of passing by luck. WMMA is emulated with the documented semantics and none
 // of the hardware's data layout: every lane holds the whole tile, a store
@@ -31,6 +31,7 @@
 #include <math.h>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #define __global__
@@ -77,15 +78,50 @@ struct __nv_bfloat16 {
   uint16_t bits;
 };
 
+// fp16 <-> fp32 in integer arithmetic (g++ < 12 and aarch64 C++ lack _Float16); round to nearest even,
+// NaN kept quiet. Bit-exact against _Float16 for all 2^32 floats.
 inline float __half2float(__half h) {
-  _Float16 f;
-  std::memcpy(&f, &h.bits, 2);
-  return static_cast<float>(f);
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  uint32_t exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13) | (man ? 0x400000u : 0u);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal half: normalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while ((man & 0x400u) == 0);
+    u = sign | ((112u - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 inline __half __float2half_rn(float x) {
-  const _Float16 f = static_cast<_Float16>(x);  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
   __half h;
-  std::memcpy(&h.bits, &f, 2);
+  if (a > 0x7f800000u) {  // NaN, quiet
+    h.bits = sign | 0x7e00u | static_cast<uint16_t>((a >> 13) & 0x3ffu);
+  } else if (a >= 0x477ff000u) {  // rounds to inf (>= 65520) or is inf
+    h.bits = sign | 0x7c00u;
+  } else if (a >= 0x38800000u) {  // normal half: rebias the exponent 127 -> 15 and round
+    const uint32_t m = a - 0x38000000u;
+    h.bits = sign | static_cast<uint16_t>((m + 0xfffu + ((m >> 13) & 1u)) >> 13);
+  } else if (a < 0x33000001u) {  // <= 2^-25 rounds to zero
+    h.bits = sign;
+  } else {  // subnormal half: units of 2^-24
+    const uint32_t e = a >> 23, man = (a & 0x7fffffu) | 0x800000u;
+    const uint32_t sh = 126u - e;
+    const uint32_t q = man >> sh, rem = man & ((1u << sh) - 1), half = 1u << (sh - 1);
+    h.bits = sign | static_cast<uint16_t>(q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u));
+  }
   return h;
 }
 inline float __bfloat162float(__nv_bfloat16 b) {
@@ -127,8 +163,8 @@ struct Barrier {
 };
 
 // Fiber switch. swapcontext saves the signal mask with a system call on every
-// switch, which made the emulator 50x slower; on x86-64 a six-register switch
-// does the same job.
+// switch, which made the shuffle-heavy kernels about 12x slower end to end; on
+// x86-64 a six-register switch does the same job (other CPUs use ucontext).
 #if defined(__x86_64__)
 #define HS_EMU_FAST_SWITCH 1
 // Saves the callee-saved registers on the current stack, stores its pointer in
@@ -212,12 +248,21 @@ inline int lane() { return cur().linear % 32; }
 inline int warp_base() { return cur().linear - lane(); }
 
 constexpr size_t kSmemAlign = 128;
-constexpr size_t kGuardBytes = 256;
-constexpr unsigned char kGuard = 0xA5;
+constexpr size_t kGuardBytes = 256;  // before and after the shared memory
+// Guard bytes: 0xFFC1 repeated is NaN in fp32, fp16 and bf16 (a stray read poisons the result) and
+// differs from the 0xFF poison of the shared memory itself (a stray write is detected).
+inline bool guard_intact(const unsigned char* g) {
+  for (size_t i = 0; i < kGuardBytes; ++i)
+    if (g[i] != ((i % 2) ? 0xFF : 0xC1)) return false;
+  return true;
+}
+inline void fill_guard(unsigned char* g) {
+  for (size_t i = 0; i < kGuardBytes; ++i) g[i] = (i % 2) ? 0xFF : 0xC1;
+}
 
 inline unsigned char* dynamic_smem() {
   Launch* L = launch_state();
-  uintptr_t base = reinterpret_cast<uintptr_t>(L->smem.data());
+  uintptr_t base = reinterpret_cast<uintptr_t>(L->smem.data()) + kGuardBytes;
   base = (base + kSmemAlign - 1) & ~(kSmemAlign - 1);
   return reinterpret_cast<unsigned char*>(base);
 }
@@ -297,13 +342,15 @@ cudaError_t launch(const char* name, void (*kernel)(P), dim3 grid, dim3 block, s
   L.smem_bytes = smem;
   L.warp_barriers.resize(n / 32);
   L.exchange.resize(n);
-  L.smem.resize(smem + kSmemAlign + kGuardBytes);
+  L.smem.resize(kGuardBytes + kSmemAlign + smem + kGuardBytes);
   L.body = [&]() { kernel(arg); };
   launch_state() = &L;
   constexpr size_t kStack = 256 * 1024;
   L.fibers.assign(n, Fiber());
   for (auto& f : L.fibers) f.stack.resize(kStack);
-  int round = 0;
+  uint64_t rng = 0x9E3779B97F4A7C15ull;  // fixed seed: every run schedules the same way
+  std::vector<int> order(n);
+  for (int t = 0; t < n; ++t) order[t] = t;
   for (unsigned bz = 0; bz < grid.z && error_text().empty(); ++bz)
     for (unsigned by = 0; by < grid.y && error_text().empty(); ++by)
       for (unsigned bx = 0; bx < grid.x && error_text().empty(); ++bx) {
@@ -311,7 +358,9 @@ cudaError_t launch(const char* name, void (*kernel)(P), dim3 grid, dim3 block, s
         // Poison: 0xFF bytes are NaN in fp32, fp16 and bf16.
         std::memset(L.smem.data(), 0xFF, L.smem.size());
         unsigned char* guard = dynamic_smem() + smem;
-        std::memset(guard, kGuard, kGuardBytes);
+        unsigned char* guard_before = dynamic_smem() - kGuardBytes;
+        fill_guard(guard);
+        fill_guard(guard_before);
         L.block_barrier = Barrier();
         for (auto& wb : L.warp_barriers) wb = Barrier();
         for (int t = 0; t < n; ++t) {
@@ -332,9 +381,16 @@ cudaError_t launch(const char* name, void (*kernel)(P), dim3 grid, dim3 block, s
         }
         for (;;) {
           bool progressed = false, all_done = true;
-          const bool reverse = (round++ % 2) == 1;
+          // A fresh pseudo-random order every round, so a missing barrier is seen in both directions in
+          // every phase, a block's first one included.
+          for (int k = n - 1; k > 0; --k) {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            std::swap(order[k], order[rng % (k + 1)]);
+          }
           for (int k = 0; k < n; ++k) {
-            Fiber& f = L.fibers[reverse ? n - 1 - k : k];
+            Fiber& f = L.fibers[order[k]];
             if (f.done) continue;
             all_done = false;
             if (f.waiting != nullptr) {
@@ -356,11 +412,8 @@ cudaError_t launch(const char* name, void (*kernel)(P), dim3 grid, dim3 block, s
             break;
           }
         }
-        for (size_t g = 0; g < kGuardBytes; ++g)
-          if (guard[g] != kGuard) {
-            fail(std::string(name) + ": write past the end of dynamic shared memory");
-            break;
-          }
+        if (!guard_intact(guard)) fail(std::string(name) + ": write past the end of dynamic shared memory");
+        if (!guard_intact(guard_before)) fail(std::string(name) + ": write before the start of dynamic shared memory");
       }
   launch_state() = nullptr;
   return error_text().empty() ? cudaSuccess : cudaErrorLaunchFailure;
@@ -514,13 +567,18 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
 }
 
-// A lane writes only the elements it would own on hardware (here: index % 32 == lane).
+// A lane writes only the elements it owns, with the sm_80 mma.m16n8k16 accumulator ownership
+// (row % 8, column pair): unlike a stride-32 map, this never matches a kernel's own lane-strided
+// read-back loop, so a missing __syncwarp between the store and such a loop reads stale data.
+inline int accumulator_owner(int r, int c) { return (r % 8) * 4 + (c % 8) / 2; }
+
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
   check_pointer(p, ldm, "store_matrix_sync");
   const int l = hs_emu::lane();
-  for (int e = l; e < 256; e += 32) {
+  for (int e = 0; e < 256; ++e) {
     const int r = e / 16, c = e % 16;
+    if (accumulator_owner(r, c) != l) continue;
     (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
   }
 }

@@ -30,6 +30,19 @@ void fragment_kernel(const Args a) {
   a.out[threadIdx.x] = s[(threadIdx.x * 7 + 3) % 256];
 }
 
+// Stores a WMMA accumulator and reads it back with a lane-strided loop (the kernels' idiom).
+void readback_kernel(const Args a) {
+  HS_DYNAMIC_SMEM(smem);
+  float* s = reinterpret_cast<float*>(smem);
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+  nvcuda::wmma::fill_fragment(f, 2.f);
+  nvcuda::wmma::store_matrix_sync(s, f, 16, nvcuda::wmma::mem_row_major);
+  if (a.variant == 0) __syncwarp();
+  float sum = 0.f;
+  for (int e = threadIdx.x % 32; e < 256; e += 32) sum += s[e];
+  a.out[threadIdx.x] = sum / 8.f;  // 2 when every element was visible
+}
+
 void divergent_kernel(const Args a) {
   if (threadIdx.x < 32) __syncthreads();
   a.out[threadIdx.x] = 1.f;
@@ -56,6 +69,7 @@ extern "C" int hs_emu_selftest(int which) {
   auto* neighbour = neighbour_kernel;
   auto* fragment = fragment_kernel;
   auto* divergent = divergent_kernel;
+  auto* readback = readback_kernel;
   auto* overflow = overflow_kernel;
   switch (which) {
     case 0: {  // controls: every kernel right when written right
@@ -64,6 +78,7 @@ extern "C" int hs_emu_selftest(int which) {
       bad |= HS_LAUNCH(neighbour, 2, 128, 128 * 4, nullptr, a) != cudaSuccess || wrong(out, 128, false);
       bad |= HS_LAUNCH(fragment, 1, 32, 256 * 4 + 64, nullptr, a) != cudaSuccess || wrong(out, 32, true);
       bad |= HS_LAUNCH(overflow, 1, 64, 64 * 4, nullptr, a) != cudaSuccess;
+      bad |= HS_LAUNCH(readback, 1, 32, 256 * 4, nullptr, a) != cudaSuccess || wrong(out, 32, true);
       return bad || !hs_emu::error_text().empty();
     }
     case 1:  // missing __syncthreads
@@ -80,6 +95,8 @@ extern "C" int hs_emu_selftest(int which) {
     case 5:  // write past the dynamic shared memory
       HS_LAUNCH(overflow, 1, 64, 64 * 4, nullptr, a);
       return hs_emu::error_text().find("past the end") == std::string::npos;
+    case 7:  // missing __syncwarp between a fragment store and a lane-strided read-back
+      return HS_LAUNCH(readback, 1, 32, 256 * 4, nullptr, a) == cudaSuccess && !wrong(out, 32, true);
     case 6:  // more than 48 KiB of dynamic shared memory without the opt-in attribute
       a.variant = 0;
       HS_LAUNCH(overflow, 1, 64, 64 * 1024, nullptr, a);
