@@ -50,8 +50,9 @@ constexpr int kGramTokens = 32; // tokens staged per step
 
 template <typename T>
 __global__ void __launch_bounds__(kGramTile * kGramRows) gram_kernel(const GramParams p) {
-  __shared__ float xa[kGramTokens][kGramTile + 1];
-  __shared__ float xb[kGramTokens][kGramTile + 1];
+  HS_DYNAMIC_SMEM(smem);  // dynamic rather than static, so the test emulator poisons it
+  auto* xa = reinterpret_cast<float(*)[kGramTile + 1]>(smem);
+  auto* xb = xa + kGramTokens;
   const int ca0 = blockIdx.y * kGramTile, cb0 = blockIdx.x * kGramTile;
   const int tx = threadIdx.x, ty = threadIdx.y;  // tx: column in tile, ty: row group
   constexpr int kPer = kGramTile / kGramRows;
@@ -104,7 +105,8 @@ cudaError_t launch_gram(const GramParams& p, cudaStream_t stream) {
   const int tiles = (p.C + kGramTile - 1) / kGramTile;
   const dim3 grid(tiles, tiles);
   auto* gram_simt = gram_kernel<T>;
-  return HS_LAUNCH(gram_simt, grid, dim3(kGramTile, kGramRows), 0, stream, p);
+  constexpr size_t smem = 2 * kGramTokens * (kGramTile + 1) * sizeof(float);
+  return HS_LAUNCH(gram_simt, grid, dim3(kGramTile, kGramRows), smem, stream, p);
 }
 
 }  // namespace

@@ -40,7 +40,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__ static
+// Only dynamic shared memory (HS_DYNAMIC_SMEM) is emulated, poisoned and guarded; a static
+// __shared__ array would silently start as zeros and keep the previous block's data.
+#define __shared__ static_assert(false, "static __shared__ is not emulated: use HS_DYNAMIC_SMEM");
 
 // ---------------------------------------------------------------- runtime types
 
