@@ -18,7 +18,7 @@ from headsparse.ops import registry
 from headsparse.ops.head_stats import gram_torch, head_stats_torch
 
 import _cuda_emu as emu
-from attention_cases import Case, make_inputs, run_and_compare
+from attention_cases import TOL, Case, make_inputs, run_and_compare
 from test_attention_backends import SHAPE_CASES
 
 if emu.compiler() is None:  # pragma: no cover - g++ is part of the documented setup
@@ -115,6 +115,23 @@ def test_long_sequence_several_tiles(device):
     assert _kernels_of_one_call() == TC
 
 
+def _compare_fp16(inputs, do, kw, ref_kw):
+    """cuda_emu on fp16 ``inputs`` (q, k, v, any layout) against the float64 reference: outputs and gradients.
+
+    For inputs that run_and_compare cannot make (other layouts, other mask dtypes); TOL[float16] tolerances.
+    """
+    leaves = [t.requires_grad_() for t in inputs]
+    out = hs.attention(*leaves, backend="cuda_emu", **kw)
+    grads = torch.autograd.grad(out, leaves, do)
+    ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref = hs.attention_reference(*ref_leaves, **ref_kw)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    atol_o, atol_g = TOL[torch.float16]
+    torch.testing.assert_close(out.double(), ref, atol=atol_o, rtol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=atol_g, rtol=0)
+
+
 # Exact multiples of the 64-row / 64-key tiles, and one row or key past them.
 TILE_EDGE_CASES = [Case(b=1, hq=2, hkv=1, sq=sq, skv=skv, d=64, causal=True, mask="bool_empty_rows")
                    for sq, skv in ((64, 64), (128, 64), (64, 128), (65, 129))]
@@ -135,15 +152,8 @@ def test_additive_mask_dtypes(mask_dtype, family, device):
     case = Case(b=2, hq=4, hkv=2, sq=23, skv=31, d=64, causal=True, mask="additive")
     q, k, v, do, kw = make_inputs(case, torch.float16)
     mask = kw["attention_mask"].to(mask_dtype)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = hs.attention(*leaves, backend="cuda_emu", **dict(kw, attention_mask=mask))
-    grads = torch.autograd.grad(out, leaves, do)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = hs.attention_reference(*ref_leaves, **dict(kw, attention_mask=mask.double()))
-    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
-    torch.testing.assert_close(out.double(), ref, atol=4e-3, rtol=0)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), rg, atol=1.5e-2, rtol=0)
+    _compare_fp16([t.clone() for t in (q, k, v)], do, dict(kw, attention_mask=mask),
+                  dict(kw, attention_mask=mask.double()))
     assert _kernels_of_one_call() == (TC if family == "tc" else SIMT)
 
 
@@ -162,17 +172,10 @@ def test_strided_inputs_both_load_paths(layout, device):
     misaligned data pointer takes the scalar loads. Outputs and gradients match float64 either way."""
     case = Case(b=2, hq=4, hkv=2, sq=33, skv=40, d=64, causal=True)
     q, k, v, do, kw = make_inputs(case, torch.float16)
-    leaves = [_strided_layouts(t)[layout].requires_grad_() for t in (q, k, v)]
+    inputs = [_strided_layouts(t)[layout] for t in (q, k, v)]
     if layout == "misaligned":
-        assert all(t.data_ptr() % 16 != 0 for t in leaves)
-    out = hs.attention(*leaves, backend="cuda_emu", **kw)
-    grads = torch.autograd.grad(out, leaves, do)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = hs.attention_reference(*ref_leaves, **kw)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
-    torch.testing.assert_close(out.double(), ref, atol=4e-3, rtol=0)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), rg, atol=1.5e-2, rtol=0)
+        assert all(t.data_ptr() % 16 != 0 for t in inputs)
+    _compare_fp16(inputs, do, kw, kw)
     assert _kernels_of_one_call() == TC
 
 

@@ -192,22 +192,18 @@ __global__ void __launch_bounds__(kBwdWarps * 32) attn_bwd_kernel(const AttnBwdP
   for (int g = 0; g < p.G; ++g) {
     if (p.kv_pos[g] != r) continue;  // block-uniform
     const detail::GradHead<T> gh = detail::grad_head<T>(p, b, g);
-    const int64_t hm = gh.mask_head;
-    const T *qp = gh.q, *dop = gh.dout;
-    const float *lsep = gh.lse, *deltap = gh.delta;
-    float* dqp = gh.dq;
     const int istart = p.causal ? max(0, j0 - off) : 0;
     for (int i0 = istart; i0 < Sq; i0 += kBwdRowChunk) {
       __syncthreads();
       for (int idx = threadIdx.x; idx < kBwdRowChunk * D; idx += blockDim.x) {
         const int ii = idx / D, d = idx - ii * D, i = i0 + ii;
-        qs[idx] = i < Sq ? to_f(qp[i * p.q.s2 + d * p.q.s3]) : 0.f;
-        dos[idx] = i < Sq ? to_f(dop[i * p.dout.s2 + d * p.dout.s3]) : 0.f;
+        qs[idx] = i < Sq ? to_f(gh.q[i * p.q.s2 + d * p.q.s3]) : 0.f;
+        dos[idx] = i < Sq ? to_f(gh.dout[i * p.dout.s2 + d * p.dout.s3]) : 0.f;
       }
       if (threadIdx.x < kBwdRowChunk) {
         const int i = i0 + threadIdx.x;
-        lses[threadIdx.x] = i < Sq ? lsep[i * p.lse_s2] : INFINITY;
-        deltas[threadIdx.x] = i < Sq ? deltap[i] : 0.f;
+        lses[threadIdx.x] = i < Sq ? gh.lse[i * p.lse_s2] : INFINITY;
+        deltas[threadIdx.x] = i < Sq ? gh.delta[i] : 0.f;
       }
       __syncthreads();
       const int nrows = min(kBwdRowChunk, Sq - i0);
@@ -232,7 +228,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) attn_bwd_kernel(const AttnBwdP
               dpp += dos[ii * D + d] * vr[kk][t];
             }
           }
-          const float s = warp_sum(sp) * p.scale + mask_bias(p.mask, p.mask_kind, b, hm, i, j);
+          const float s = warp_sum(sp) * p.scale + mask_bias(p.mask, p.mask_kind, b, gh.mask_head, i, j);
           const float dpv = warp_sum(dpp);
           const float pr = expf(s - lse_i);
           const float ds = pr * (dpv - delta_i);
@@ -251,7 +247,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) attn_bwd_kernel(const AttnBwdP
 #pragma unroll
           for (int t = 0; t < DPL; ++t) {
             const int d = lane + 32 * t;
-            if (d < D) atomicAdd(dqp + static_cast<int64_t>(i) * D + d, dq[t] * p.scale);
+            if (d < D) atomicAdd(gh.dq + static_cast<int64_t>(i) * D + d, dq[t] * p.scale);
           }
         }
       }
@@ -286,18 +282,14 @@ cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
 }
 
 // Whether the current device can run the tensor-core kernels for this call:
-// fp16/bf16, head dim a multiple of 16 up to 128, compute capability >= 8.0
-// and enough opt-in shared memory per block (sm_86/89 have less than sm_80/90).
+// fp16/bf16, head dim a multiple of 16 up to 128, and a device that runs them
+// with enough opt-in shared memory per block for `smem` (attn_tc_smem_limit).
 // HEADSPARSE_CUDA_TENSOR_CORES=0 forces the CUDA-core kernels (for comparisons and tests).
 bool use_tensor_cores(int dtype, int D, size_t smem) {
   const char* env = std::getenv("HEADSPARSE_CUDA_TENSOR_CORES");
   if (env != nullptr && env[0] == '0') return false;
   if ((dtype != kF16 && dtype != kBF16) || D % 16 != 0 || D > detail::kTcMaxHeadDim) return false;
-  int dev = 0, major = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 8) return false;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return false;
-  return smem <= static_cast<size_t>(optin) && detail::attn_tc_runnable();
+  return smem <= detail::attn_tc_smem_limit();
 }
 
 template <typename T, int DPL, int KPW>

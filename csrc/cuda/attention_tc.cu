@@ -107,6 +107,22 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t 
   }
 }
 
+// A warp's 16 x D accumulator fragments times `scale` into rows [row0, row0 + 16) of a contiguous (rows, D)
+// matrix in global memory (rows >= limit skipped), through the warp's fp32 staging rows (leading dim ld).
+template <typename T, int D>
+__device__ __forceinline__ void store_warp_rows(const FragC (&f)[D / 16], float* stage, int ld, T* dst, int row0,
+                                                int limit, float scale) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int d = 0; d < D / 16; ++d) wmma::store_matrix_sync(stage + d * 16, f[d], ld, wmma::mem_row_major);
+  __syncwarp();
+  for (int e = lane; e < 16 * D; e += 32) {
+    const int rr = e / D, c = e - rr * D, j = row0 + rr;
+    if (j < limit) dst[static_cast<int64_t>(j) * D + c] = from_f<T>(stage[rr * ld + c] * scale);
+  }
+  __syncwarp();  // the staging is read before the caller reuses it
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnFwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -267,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc_kernel(const AttnFwdPara
     p.lse[(static_cast<int64_t>(b) * p.P + prog) * Sq + wrow0 + lane] = l > 0.f ? row_max[lane] + logf(l) : INFINITY;
   }
 #else
-  __trap();  // built below sm_80: never dispatched (attn_tc_runnable), and loud if it ever is
+  __trap();  // built below sm_80: never dispatched (attn_tc_smem_limit), and loud if it ever is
 #endif
 }
 
@@ -309,19 +325,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_tc_kernel(const AttnBwdPara
   for (int g = 0; g < p.G; ++g) {
     if (p.kv_pos[g] != r) continue;  // block-uniform
     const GradHead<T> gh = grad_head<T>(p, b, g);
-    const int64_t hm = gh.mask_head;
-    const T *qp = gh.q, *dop = gh.dout;
-    const float *lsep = gh.lse, *deltap = gh.delta;
-    float* dqp = gh.dq;
     const int istart = p.causal ? max(0, j0 - off) : 0;  // earlier rows see none of the block's keys
     for (int i0 = istart; i0 < Sq; i0 += kQueryTile) {
       __syncthreads();  // staging (aliasing Q/dO) and P/dS of the previous step are consumed
-      load_rows<T, D>(qs, L::ld, qp, p.q.s2, p.q.s3, i0, kQueryTile, Sq);
-      load_rows<T, D>(dos, L::ld, dop, p.dout.s2, p.dout.s3, i0, kQueryTile, Sq);
+      load_rows<T, D>(qs, L::ld, gh.q, p.q.s2, p.q.s3, i0, kQueryTile, Sq);
+      load_rows<T, D>(dos, L::ld, gh.dout, p.dout.s2, p.dout.s3, i0, kQueryTile, Sq);
       for (int t = threadIdx.x; t < kQueryTile; t += blockDim.x) {
         const int i = i0 + t;
-        lse_s[t] = i < Sq ? lsep[static_cast<int64_t>(i) * p.lse_s2] : INFINITY;
-        delta_s[t] = i < Sq ? deltap[i] : 0.f;
+        lse_s[t] = i < Sq ? gh.lse[static_cast<int64_t>(i) * p.lse_s2] : INFINITY;
+        delta_s[t] = i < Sq ? gh.delta[i] : 0.f;
       }
       __syncthreads();
 
@@ -351,7 +363,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_tc_kernel(const AttnBwdPara
           float pv = 0.f, ds = 0.f;
           const float lse_i = lse_s[rr];
           if (i < Sq && j < Skv && !(p.causal && j > i + off) && lse_i != INFINITY) {
-            const float sv = sw[(e / 16) * L::ld_s + c] * p.scale + mask_bias(p.mask, p.mask_kind, b, hm, i, j);
+            const float sv =
+                sw[(e / 16) * L::ld_s + c] * p.scale + mask_bias(p.mask, p.mask_kind, b, gh.mask_head, i, j);
             pv = expf(sv - lse_i);
             ds = pv * (dpw[(e / 16) * L::ld_s + c] - delta_s[rr]);
           }
@@ -396,7 +409,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_tc_kernel(const AttnBwdPara
       __syncwarp();
       for (int e = lane; e < 16 * D; e += 32) {
         const int rr = e / D, c = e - rr * D, i = i0 + warp * 16 + rr;
-        if (i < Sq) atomicAdd(dqp + static_cast<int64_t>(i) * D + c, stage[(warp * 16 + rr) * L::ld_stage + c] * p.scale);
+        if (i < Sq)
+          atomicAdd(gh.dq + static_cast<int64_t>(i) * D + c, stage[(warp * 16 + rr) * L::ld_stage + c] * p.scale);
       }
     }
   }
@@ -406,21 +420,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_tc_kernel(const AttnBwdPara
   float* wstage = stage + warp * 16 * L::ld_stage;
   T* dkp = static_cast<T*>(p.dk) + ((static_cast<int64_t>(b) * p.R + r) * Skv) * D;
   T* dvp = static_cast<T*>(p.dv) + ((static_cast<int64_t>(b) * p.R + r) * Skv) * D;
-#pragma unroll
-  for (int d = 0; d < DF; ++d) wmma::store_matrix_sync(wstage + d * 16, dkf[d], L::ld_stage, wmma::mem_row_major);
-  __syncwarp();
-  for (int e = lane; e < 16 * D; e += 32) {
-    const int rr = e / D, c = e - rr * D, j = jw + rr;
-    if (j < Skv) dkp[static_cast<int64_t>(j) * D + c] = from_f<T>(wstage[rr * L::ld_stage + c] * p.scale);
-  }
-  __syncwarp();
-#pragma unroll
-  for (int d = 0; d < DF; ++d) wmma::store_matrix_sync(wstage + d * 16, dvf[d], L::ld_stage, wmma::mem_row_major);
-  __syncwarp();
-  for (int e = lane; e < 16 * D; e += 32) {
-    const int rr = e / D, c = e - rr * D, j = jw + rr;
-    if (j < Skv) dvp[static_cast<int64_t>(j) * D + c] = from_f<T>(wstage[rr * L::ld_stage + c]);
-  }
+  store_warp_rows<T, D>(dkf, wstage, L::ld_stage, dkp, jw, Skv, p.scale);
+  store_warp_rows<T, D>(dvf, wstage, L::ld_stage, dvp, jw, Skv, 1.f);
 #else
   __trap();
 #endif
@@ -476,23 +477,34 @@ cudaError_t bwd_dim(const AttnBwdParams& p, cudaStream_t s) {
 
 }  // namespace
 
-bool attn_tc_runnable() {
-  // The driver may run a binary or JIT-compiled PTX built for an older architecture than the device (say
-  // TORCH_CUDA_ARCH_LIST="7.5+PTX" on an H100); there the kernels are a trap. Decided once per device.
+size_t attn_tc_smem_limit() {
+  // Device properties do not change, so they are read once per device: per-call queries would sit on the
+  // hot path of every attention call.
   constexpr int kMaxDevices = 64;
-  static int verdict[kMaxDevices] = {};  // 0 unknown, 1 runnable, 2 not (a benign race: all writers agree)
+  struct Verdict {
+    bool known;
+    size_t limit;
+  };
+  static Verdict cache[kMaxDevices] = {};  // a benign race: every writer stores the same verdict
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return 0;
 #ifdef HS_CUDA_EMULATION
-  verdict[dev] = 0;  // the test emulator swaps its device between tests
+  cache[dev].known = false;  // the test emulator swaps its device between tests
 #endif
-  if (verdict[dev] == 0) {
+  if (!cache[dev].known) {
+    int major = 0, optin = 0;
     cudaFuncAttributes attr;
-    const bool ok = cudaFuncGetAttributes(&attr, attn_fwd_tc_kernel<__half, 64>) == cudaSuccess &&
+    // The driver may run a binary or JIT-compiled PTX built for an older architecture than the device (say
+    // TORCH_CUDA_ARCH_LIST="7.5+PTX" on an H100); there the kernels are a trap.
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    major >= 8 &&
+                    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+                    cudaFuncGetAttributes(&attr, attn_fwd_tc_kernel<__half, 64>) == cudaSuccess &&
                     attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
-    verdict[dev] = ok ? 1 : 2;
+    cache[dev].limit = ok ? static_cast<size_t>(optin) : 0;
+    cache[dev].known = true;
   }
-  return verdict[dev] == 1;
+  return cache[dev].limit;
 }
 
 size_t attn_forward_tc_smem(int head_dim) {

@@ -112,7 +112,9 @@ __device__ __forceinline__ void store_vec16(void* ptr, uint4 v) {
 // Tensor-core kernels (attention_tc.cu): fp16/bf16, head_dim a multiple of 16 up to
 // kTcMaxHeadDim, compute capability 8.0 or newer. attention.cu decides when to use them.
 constexpr int kTcMaxHeadDim = 128;
-bool attn_tc_runnable();  // the kernels were built for sm_80+ in the binary the current device runs
+// Opt-in shared memory per block the tensor-core kernels may use on the current device, bytes: 0 if they
+// cannot run there (compute capability below 8.0, or the binary the driver runs was built below sm_80).
+size_t attn_tc_smem_limit();
 size_t attn_forward_tc_smem(int head_dim);   // dynamic shared memory per block, bytes
 size_t attn_backward_tc_smem(int head_dim);
 cudaError_t attn_forward_tc(const AttnFwdParams& p, cudaStream_t stream);
