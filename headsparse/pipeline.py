@@ -32,6 +32,7 @@ import torch
 
 from ._atomic import atomic_path, atomic_write_text
 from .metrics import aer
+from .stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci
 from .provenance import provenance
 from .mining.core import METHODS, mine
 from .mining.data import as_examples, collate, model_device, pad_id_of
@@ -46,14 +47,15 @@ PIPELINE_METHODS = METHODS + ("all",)  # "all": head-sparse tuning on the whole 
 # ----------------------------------------------------------------------- task
 @dataclass
 class Task:
-    """A mining/tuning task.
+    """A mining/tuning/evaluation task, tokenised.
 
-    pool: training candidates (examples); is_target: which pool examples are
-    target-task examples (for mining precision/recall; may be None); target:
-    the small target set (head scoring, P2D/LESS prototypes); eval: held-out
-    multiple-choice items {"input_ids": prompt, "choices": [token id per
-    answer], "answer": index}; quality = accuracy of the answer tokens' logits
-    after the prompt.
+    pool: training candidates (examples: ``input_ids`` and optional ``labels``
+    and ``task``); target: the small target set (head scoring, P2D/LESS
+    prototypes); eval: held-out multiple-choice items ``{"prompt_ids",
+    "choice_ids": [ids per choice], "answer": index}``; dev: items of the same
+    kind for every choice (learning rate, epochs), never the eval items;
+    is_target: which pool examples belong to the target task (mining precision
+    and recall; None when unknown); quality = accuracy on eval.
     """
 
     name: str
@@ -62,38 +64,101 @@ class Task:
     eval: List[Dict]
     is_target: Optional[List[bool]] = None
     description: str = ""
+    dev: Optional[List[Dict]] = None
+
+
+@dataclass
+class EvalResult:
+    """Per-item outcome of :func:`evaluate`: correct or not, and the answer's negative log-likelihood."""
+
+    correct: List[bool]
+    nll: List[float]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    @property
+    def answer_nll(self) -> float:
+        return sum(self.nll) / len(self.nll)
+
+
+def _check_item(it, i: int, name: str = "eval") -> None:
+    ok = (isinstance(it, dict) and isinstance(it.get("prompt_ids"), (list, tuple)) and len(it["prompt_ids"]) > 0
+          and isinstance(it.get("choice_ids"), (list, tuple)) and len(it["choice_ids"]) >= 2
+          and all(isinstance(c, (list, tuple)) and len(c) > 0 for c in it["choice_ids"])
+          and isinstance(it.get("answer"), int) and 0 <= it["answer"] < len(it["choice_ids"]))
+    if not ok:
+        raise ValueError(f"{name} item {i} must be {{'prompt_ids': [...], 'choice_ids': [[...], ...] (>= 2), "
+                         f"'answer': index}}, got {it!r:.200}")
+
+
+def _last_logprobs(model, prompts: List[List[int]], pad: int, dev) -> torch.Tensor:
+    """(B, vocab) float32 log-probabilities of the token after each prompt; logits only at those positions."""
+    b = collate([{"input_ids": p} for p in prompts], pad, dev)
+    last = b["attention_mask"].sum(1) - 1
+    keep, inv = torch.unique(last, return_inverse=True)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=keep).logits
+    return torch.log_softmax(logits[torch.arange(len(prompts), device=logits.device), inv].float(), -1)
+
+
+def _sequence_logprobs(model, prompt: List[int], choices: List[List[int]], pad: int, dev) -> List[float]:
+    """Sum of log-probabilities of each choice's tokens after ``prompt`` (one batch of len(choices) rows)."""
+    b = collate([{"input_ids": prompt + c} for c in choices], pad, dev)
+    lp = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float(), -1)
+    out = []
+    for r, c in enumerate(choices):
+        pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=lp.device)
+        out.append(float(lp[r, pos, torch.tensor(c, device=lp.device)].sum()))
+    return out
 
 
 def evaluate(model, items: Sequence[Dict], batch_size: int = 16, pad_id: Optional[int] = None,
-             detail: bool = False):
-    """Accuracy of the multiple-choice ``items`` (next-token logits of the choices after the prompt).
+             progress: bool = False) -> EvalResult:
+    """Multiple-choice evaluation by log-likelihood: per item, the choice whose tokens the model finds likeliest.
 
-    With ``detail=True`` returns ``(accuracy, answer_nll)``, where answer_nll is
-    the mean negative log-likelihood (full-vocabulary softmax) of the correct
-    answer token: it also measures whether the model learnt to answer with a
-    label word at all, which the accuracy between the choices does not.
+    A choice's score is the sum of its tokens' log-probabilities after the prompt
+    (full-vocabulary softmax, no length normalisation); ties go to the first
+    choice. ``nll`` is minus that score for the correct choice. Items whose
+    choices are all single tokens cost one batched forward (logits only at the
+    last prompt position); the others one forward per choice.
     """
     if not items:
         raise ValueError("eval items are empty")
+    for i, it in enumerate(items):
+        _check_item(it, i)
     pad = pad_id_of(model, pad_id)
     dev = model_device(model)
     was = model.training
     model.eval()
-    correct, nll = 0, 0.0
+    correct: List[Optional[bool]] = [None] * len(items)
+    nll: List[float] = [0.0] * len(items)
+    single = [i for i, it in enumerate(items) if all(len(c) == 1 for c in it["choice_ids"])]
+    multi = [i for i, it in enumerate(items) if any(len(c) != 1 for c in it["choice_ids"])]
+
+    def record(i, scores):
+        ans = items[i]["answer"]
+        best = max(range(len(scores)), key=lambda c: (scores[c], -c))
+        correct[i] = best == ans
+        nll[i] = -scores[ans]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), desc="eval", unit="item", disable=not progress, leave=False)
     with torch.no_grad():
-        for s in range(0, len(items), batch_size):
-            chunk = items[s:s + batch_size]
-            b = collate([{"input_ids": it["input_ids"]} for it in chunk], pad, dev)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            last = b["attention_mask"].sum(1) - 1
-            for r, it in enumerate(chunk):
-                row = logits[r, last[r]].float()
-                pred = max(range(len(it["choices"])), key=lambda c: float(row[it["choices"][c]]))
-                correct += int(pred == it["answer"])
-                nll -= float(torch.log_softmax(row, -1)[it["choices"][it["answer"]]])
+        for s in range(0, len(single), batch_size):
+            idx = single[s:s + batch_size]
+            lp = _last_logprobs(model, [list(items[i]["prompt_ids"]) for i in idx], pad, dev)
+            for r, i in enumerate(idx):
+                record(i, [float(lp[r, c[0]]) for c in items[i]["choice_ids"]])
+            bar.update(len(idx))
+        for i in multi:
+            record(i, _sequence_logprobs(model, list(items[i]["prompt_ids"]),
+                                         [list(c) for c in items[i]["choice_ids"]], pad, dev))
+            bar.update(1)
+    bar.close()
     model.train(was)
-    acc = correct / len(items)
-    return (acc, nll / len(items)) if detail else acc
+    return EvalResult([bool(c) for c in correct], nll)
 
 
 # -------------------------------------------------------------------- scoring
@@ -114,10 +179,13 @@ def score_heads_for_pipeline(model, data, batch_size: int = 8, method: str = "gr
 # ------------------------------------------------------------------ config
 @dataclass
 class RunConfig:
+    """Settings of :func:`run_pipeline`. Learning rates and epochs are choices: make them on a dev split."""
+
     methods: Sequence[str] = ("p2d", "random")
     fraction: float = 0.1  # share of the pool mined
     head_fraction: float = 0.1  # share of heads trained
-    epochs: int = 2
+    epochs: int = 1  # full fine-tuning epochs
+    epochs_heads: Optional[int] = None  # head-sparse epochs (None: same as epochs)
     batch_size: int = 8
     lr_full: float = 3e-5
     lr_heads: float = 1e-3
@@ -126,10 +194,10 @@ class RunConfig:
     probe_batch_size: int = 16
     eval_batch_size: int = 32
     progress: bool = True
-    base_eval: bool = True
     head_scorer: str = "gradient"  # a headsparse.score_heads method
     tune_mode: str = "sparse"  # "sparse" or "apt" (APT-style adaptive pruning of FROZEN heads while tuning)
     apt_keep: float = 0.6  # apt: retained share of heads at the end
+    n_boot: int = 2000  # bootstrap resamples for every confidence interval
 
     def check(self) -> None:
         bad = [m for m in self.methods if m not in PIPELINE_METHODS]
@@ -139,10 +207,13 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
-        for name in ("epochs", "batch_size", "probe_batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "probe_batch_size", "eval_batch_size", "n_boot"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.epochs_heads is not None and (isinstance(self.epochs_heads, bool)
+                                              or not isinstance(self.epochs_heads, int) or self.epochs_heads < 1):
+            raise ValueError(f"epochs_heads must be a positive int or None, got {self.epochs_heads!r}")
         if self.tune_mode not in ("sparse", "apt"):
             raise ValueError(f"tune_mode must be 'sparse' or 'apt', got {self.tune_mode!r}")
         for name in ("lr_full", "lr_heads"):
@@ -171,6 +242,38 @@ def _warmup(model, task: Task, plan_probe: HeadPlan, pad: int) -> float:
     return time.perf_counter() - t0
 
 
+def trained_parts(plan: Optional[HeadPlan], model, trainable_params: int) -> Dict:
+    """What an arm trains: query heads, KV heads (of total) and parameters."""
+    ref = HeadPlan.for_model(model, "train")
+    total_q = ref.num_layers * ref.num_q_heads
+    total_kv = ref.num_layers * ref.num_kv_heads
+    if plan is None:
+        return {"query_heads": total_q, "kv_heads": total_kv, "total_query_heads": total_q,
+                "total_kv_heads": total_kv, "trainable_params": trainable_params, "other_modules": "all"}
+    kv = sum(sum(plan.kv_trainable(layer)) for layer in range(plan.num_layers))
+    return {"query_heads": plan.count("train"), "kv_heads": kv, "total_query_heads": total_q,
+            "total_kv_heads": total_kv, "trainable_params": trainable_params, "other_modules": "none"}
+
+
+class _Arms:
+    """Per-item outcomes of every arm and the statistics that compare them."""
+
+    def __init__(self, cfg: RunConfig, base: EvalResult):
+        self.cfg, self.base = cfg, base
+
+    def row(self, res: EvalResult, full: Optional[EvalResult]) -> Dict:
+        n, s = self.cfg.n_boot, self.cfg.seed
+        out = {"q": res.accuracy, "q_ci": bootstrap_ci(res.correct, n_boot=n, seed=s).as_dict(),
+               "answer_nll": res.answer_nll, "n_eval": len(res.correct),
+               "vs_base": paired_bootstrap_ci(res.correct, self.base.correct, n_boot=n, seed=s).as_dict(),
+               "vs_base_mcnemar_p": mcnemar_p(res.correct, self.base.correct)}
+        if full is not None:
+            out["vs_full"] = paired_bootstrap_ci(res.correct, full.correct, n_boot=n, seed=s).as_dict()
+            out["vs_full_mcnemar_p"] = mcnemar_p(res.correct, full.correct)
+        out["correct"] = [int(c) for c in res.correct]
+        return out
+
+
 def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet: bool = False) -> Dict:
     """Run every stage on ``model`` (left untouched: each variant trains a deep copy); returns the report dict."""
     cfg = config or RunConfig()
@@ -179,8 +282,14 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     target = as_examples(task.target, "target")
     if task.is_target is not None and len(task.is_target) != len(pool):
         raise ValueError(f"task.is_target has {len(task.is_target)} entries for a pool of {len(pool)}")
+    if not task.eval:
+        raise ValueError("task.eval is empty")
+    for name, items in (("eval", task.eval), ("dev", task.dev or [])):
+        for i, it in enumerate(items):
+            _check_item(it, i, name)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    epochs_heads = cfg.epochs_heads or cfg.epochs
     env = environment()  # commit and date as the run starts; the load average is taken again at the end
     env["load_average_start"] = env.pop("load_average")
     pad = pad_id_of(model, None)
@@ -189,26 +298,40 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     nl_plan = HeadPlan.for_model(model, "train")
     stages["warmup"] = _warmup(model, task, nl_plan, pad)
 
-    if cfg.base_eval:
+    def assess(m, label: str):
         t0 = time.perf_counter()
-        q_base, nll_base = evaluate(model, task.eval, cfg.eval_batch_size, pad, detail=True)
-        stages["base_eval"] = time.perf_counter() - t0
-        _log(f"base model quality {q_base:.4f}, answer NLL {nll_base:.3f} ({stages['base_eval']:.1f} s)", quiet)
-    else:
-        q_base = nll_base = None
+        res = evaluate(m, task.eval, cfg.eval_batch_size, pad, progress=cfg.progress)
+        dev = evaluate(m, task.dev, cfg.eval_batch_size, pad, progress=cfg.progress) if task.dev else None
+        stages[f"{label}_eval"] = time.perf_counter() - t0
+        return res, dev
+
+    base, base_dev = assess(model, "base")
+    arms = _Arms(cfg, base)
+    _log(f"base model: quality {base.accuracy:.4f}, answer NLL {base.answer_nll:.3f} "
+         f"({stages['base_eval']:.1f} s)", quiet)
 
     # full-data full-parameter baseline
     full_model = copy.deepcopy(model)
     res_full = tune(full_model, None, pool, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr_full,
                     seed=cfg.seed, progress=cfg.progress)
     t_full = res_full.time_s
-    t0 = time.perf_counter()
-    q_full, nll_full = evaluate(full_model, task.eval, cfg.eval_batch_size, pad, detail=True)
-    stages["full_train"], stages["full_eval"] = t_full, time.perf_counter() - t0
+    stages["full_train"] = t_full
+    full, full_dev = assess(full_model, "full")
     del full_model
-    _log(f"full fine-tuning: {res_full.steps} steps in {t_full:.1f} s, quality {q_full:.4f}", quiet)
-    if q_full <= 0:
-        raise RuntimeError("the full fine-tuning baseline has quality 0; the AER is undefined")
+    _log(f"full fine-tuning: {res_full.steps} steps in {t_full:.1f} s, quality {full.accuracy:.4f}", quiet)
+
+    def finish(row, res, dev, t_select, t_train):
+        row.update(arms.row(res, full if row["method"] != "full" else None))
+        row.update(aer(t_select, t_train, t_full, res.accuracy, full.accuracy, base.accuracy).as_dict())
+        if dev is not None:
+            row["q_dev"] = dev.accuracy
+        rows.append(row)
+
+    finish({"method": "base (untuned)", "data": "none", "trained": trained_parts(None, model, 0) | {
+        "query_heads": 0, "kv_heads": 0, "other_modules": "none"}, "steps": 0}, base, base_dev, 0.0, 0.0)
+    finish({"method": "full", "data": f"{len(pool)} of {len(pool)}",
+            "trained": trained_parts(None, model, res_full.trainable_params), "steps": res_full.steps,
+            "epochs": cfg.epochs, "lr": cfg.lr_full}, full, full_dev, 0.0, t_full)
 
     # head scoring
     t0 = time.perf_counter()
@@ -220,10 +343,6 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     _log(f"head scoring ({scorer}): {t_score:.1f} s; training {plan.count('train')} of "
          f"{plan.num_layers * plan.num_q_heads} heads, lowest trainable layer {plan.lowest_trainable_layer}", quiet)
 
-    rows.append({"method": "full", "data": "all", "params": "all", "t_select": 0.0, "t_train": t_full,
-                 "quality": q_full, "answer_nll": nll_full, "trainable_params": res_full.trainable_params,
-                 "steps": res_full.steps,
-                 **aer(0.0, t_full, t_full, q_full, q_full).as_dict()})
     for method in cfg.methods:
         if method == "all":
             t_mine, subset, pr, mres = 0.0, pool, None, None
@@ -239,35 +358,33 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         data = mres if (mres is not None and mres.selector is not None) else subset
         if cfg.tune_mode == "apt" and not isinstance(data, list):
             data = subset  # APT trains on the mined subset (no on-policy re-selection)
-        res = tune(m, plan, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr_heads, grad=cfg.grad,
+        res = tune(m, plan, data, epochs=epochs_heads, batch_size=cfg.batch_size, lr=cfg.lr_heads, grad=cfg.grad,
                    seed=cfg.seed, progress=cfg.progress, mode=cfg.tune_mode,
                    apt_options={"keep_final": cfg.apt_keep} if cfg.tune_mode == "apt" else None)
-        t0 = time.perf_counter()
-        q, nll = evaluate(m, task.eval, cfg.eval_batch_size, pad, detail=True)
-        stages[f"{method}_train"], stages[f"{method}_eval"] = res.time_s, time.perf_counter() - t0
-        del m
-        parts = aer(t_score + t_mine, res.time_s, t_full, q, q_full)
+        stages[f"{method}_train"] = res.time_s
+        ev, ev_dev = assess(m, method)
+        final_plan = res.info.get("plan", plan)
         row = {"method": method, "data": f"{len(subset)} of {len(pool)}",
-               "params": f"{plan.count('train')} heads" + (
-                   f", {res.info['plan'].count('pruned')} pruned" if cfg.tune_mode == "apt" else ""),
-               "t_score": t_score, "t_mine": t_mine,
-               "quality": q, "answer_nll": nll, "trainable_params": res.trainable_params, "steps": res.steps,
-               "reselect_s": res.reselect_time_s, **parts.as_dict()}
+               "trained": trained_parts(plan, model, res.trainable_params)
+               | ({"pruned_query_heads": final_plan.count("pruned")} if cfg.tune_mode == "apt" else {}),
+               "t_score": t_score, "t_mine": t_mine, "steps": res.steps, "epochs": epochs_heads, "lr": cfg.lr_heads,
+               "reselect_s": res.reselect_time_s}
         if pr is not None:
             row.update({"mining_precision": pr["precision"], "mining_recall": pr["recall"]})
-        rows.append(row)
-        _log(f"{method}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps), quality {q:.4f}; "
-             f"{parts}", quiet)
+        del m
+        finish(row, ev, ev_dev, t_score + t_mine, res.time_s)
+        r = rows[-1]
+        _log(f"{method}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps), quality {ev.accuracy:.4f}; "
+             f"{aer(r['t_select'], r['t_train'], t_full, ev.accuracy, full.accuracy, base.accuracy)}", quiet)
 
     return {
         "task": {"name": task.name, "description": task.description, "pool": len(pool), "target_set": len(target),
-                 "eval": len(task.eval),
+                 "eval": len(task.eval), "dev": len(task.dev) if task.dev else 0,
                  "pool_targets": sum(task.is_target) if task.is_target is not None else None},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "head_scorer": scorer,
         "plan": plan.to_dict(),
-        "base_quality": q_base,
-        "base_answer_nll": nll_base,
+        "base_quality": base.accuracy,
         "stages_s": stages,
         "rows": rows,
         "environment": {**env, "load_average_end": environment()["load_average"]},
@@ -287,21 +404,48 @@ def _fmt(v, nd=3) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
+        if math.isnan(v):
+            return "undefined"
         return "inf" if math.isinf(v) else f"{v:.{nd}f}"
     return str(v)
 
 
+def _ci(d: Optional[Dict], nd: int = 3, signed: bool = False) -> str:
+    if not d:
+        return "-"
+    f = f"{{:+.{nd}f}}" if signed else f"{{:.{nd}f}}"
+    return f"{f.format(d['estimate'])} [{f.format(d['low'])}, {f.format(d['high'])}]"
+
+
+def _p(v) -> str:
+    return "-" if v is None else (f"{v:.3f}" if v >= 0.001 else f"{v:.1e}")
+
+
+def _trained(t: Dict) -> str:
+    if t["other_modules"] == "all":
+        return f"all ({t['trainable_params']:,} params)"
+    if not t["query_heads"]:
+        return "nothing"
+    s = (f"{t['query_heads']}/{t['total_query_heads']} q heads, {t['kv_heads']}/{t['total_kv_heads']} kv heads, "
+         f"{t['trainable_params']:,} params")
+    return s + (f", {t['pruned_query_heads']} pruned" if "pruned_query_heads" in t else "")
+
+
 def table(report: Dict) -> str:
-    """The AER table (markdown) of a report."""
-    head = ("| method | data | trained | T_select s | T_train s | T_full s | Q | Q_full | cost ratio | quality ratio "
-            "| AER | speedup | mining P/R | answer NLL |")
+    """The results table (markdown) of a report: quality with CIs, paired comparisons, cost, AER."""
+    head = ("| arm | data | trained | Q [95% CI] | Q - Q_base [95% CI] | McNemar p vs base | Q - Q_full [95% CI] "
+            "| McNemar p vs full | answer NLL | gain recovered | T_select s | T_train s | cost ratio | speedup | AER "
+            "| AER (old, Q/Q_full) | mining P/R | dev Q |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in report["rows"]:
         pr = (f"{r['mining_precision']:.2f}/{r['mining_recall']:.2f}" if "mining_precision" in r else "-")
-        lines.append(f"| {r['method']} | {r['data']} | {r['params']} | {_fmt(r['t_select'], 1)} | "
-                     f"{_fmt(r['t_train'], 1)} | {_fmt(r['t_full'], 1)} | {_fmt(r['q'], 4)} | {_fmt(r['q_full'], 4)} | "
-                     f"{_fmt(r['cost_ratio'])} | {_fmt(r['quality_ratio'])} | {_fmt(r['aer'])} | "
-                     f"{_fmt(r['speedup'], 2)}x | {pr} | {_fmt(r.get('answer_nll'))} |")
+        lines.append(
+            f"| {r['method']} | {r['data']} | {_trained(r['trained'])} | {_ci(r['q_ci'])} | "
+            f"{_ci(r['vs_base'], signed=True)} | {_p(r['vs_base_mcnemar_p'])} | {_ci(r.get('vs_full'), signed=True)} | "
+            f"{_p(r.get('vs_full_mcnemar_p'))} | {_fmt(r['answer_nll'])} | {_fmt(r['gain_recovered'])} | "
+            f"{_fmt(r['t_select'], 1)} | {_fmt(r['t_train'], 1)} | {_fmt(r['cost_ratio'])} | "
+            f"{_fmt(r['speedup'], 2)}x | {_fmt(r['aer'])} | {_fmt(r['aer_quality_ratio'])} | {pr} | "
+            f"{_fmt(r.get('q_dev'))} |")
     return "\n".join(lines)
 
 
@@ -313,17 +457,20 @@ def markdown(report: Dict) -> str:
            f"Python {env['python']}, torch {env['torch']}, "
            f"transformers {env['transformers']}, headsparse {env['headsparse']}, commit {env['commit']}.", "",
            task["description"], "",
-           f"Pool {task['pool']} examples ({task['pool_targets']} target-task), target set {task['target_set']}, "
-           f"held-out eval {task['eval']}. Config: {json.dumps(cfg)}.", "",
-           f"Head scorer: {report['head_scorer']}; plan trains {sum(r.count('T') for r in report['plan']['modes'])} "
-           f"heads. Base model quality (no tuning): {_fmt(report['base_quality'], 4)}, answer NLL "
-           f"{_fmt(report.get('base_answer_nll'))}.", "",
-           "Q is the accuracy between the answer choices; answer NLL (lower is better, not part of the AER) is the "
-           "held-out negative log-likelihood of the correct answer token over the whole vocabulary.", "",
-           "AER = ((T_select + T_train) / T_full) / (Q / Q_full), lower is better; "
-           "speedup = T_full / (T_select + T_train); T_select = head scoring + mining.", "",
-           table(report), "", "Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages_s"].items()),
-           ""]
+           f"Pool {task['pool']} examples ({_fmt(task['pool_targets'])} of the target task), target set "
+           f"{task['target_set']}, dev {task['dev']}, held-out eval {task['eval']}. Config: {json.dumps(cfg)}.", "",
+           f"Head scorer: {report['head_scorer']}.", "",
+           "Q: accuracy on the held-out eval items (multiple choice by log-likelihood), with a 95% percentile "
+           f"bootstrap CI ({cfg['n_boot']} resamples of the items). Differences are paired (the same items resampled "
+           "for both arms) with an exact McNemar p-value. Answer NLL: mean negative log-likelihood of the correct "
+           "choice (lower is better).", "",
+           "gain recovered G = (Q - Q_base) / (Q_full - Q_base); AER = ((T_select + T_train) / T_full) / G, lower is "
+           "better, inf when the arm gained nothing (G <= 0), undefined when full fine-tuning gained nothing; "
+           "speedup = T_full / (T_select + T_train); T_select = head scoring + mining. 'AER (old, Q/Q_full)' divides "
+           "by Q / Q_full instead and rewards doing nothing: shown for comparison only. Every choice of learning "
+           "rate and epochs was made on the dev split ('dev Q').", "",
+           table(report), "",
+           "Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages_s"].items()), ""]
     return "\n".join(out)
 
 
@@ -334,6 +481,7 @@ def _load(env: Dict, when: str) -> str:
 
 def write_report(report: Dict, out_dir: str, stem: str = "run") -> Dict[str, str]:
     """Write ``<stem>.json`` and ``<stem>.md`` (and ``<stem>.png`` if matplotlib is there) into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, f"{stem}.json"), "md": os.path.join(out_dir, f"{stem}.md")}
     atomic_write_text(paths["json"], json.dumps(report, indent=1, default=str))
     atomic_write_text(paths["md"], markdown(report))
@@ -344,6 +492,7 @@ def write_report(report: Dict, out_dir: str, stem: str = "run") -> Dict[str, str
 
 
 def _plot(report: Dict, path: str) -> Optional[str]:
+    """Quality with its 95% CI against cost (share of full fine-tuning's time) per arm; the base model as a band."""
     try:
         import matplotlib
 
@@ -351,17 +500,24 @@ def _plot(report: Dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except Exception:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4))
     for r in report["rows"]:
-        ax.scatter(r["cost_ratio"], r["q"])
-        ax.annotate(r["method"], (r["cost_ratio"], r["q"]))
-    ax.set_xlabel("cost / full fine-tuning cost")
-    ax.set_ylabel("quality")
-    ax.set_title(report["task"]["name"])
+        ci = r["q_ci"]
+        if r["method"].startswith("base"):
+            ax.axhline(r["q"], color="grey", ls="--", lw=1, label=f"base (untuned) {r['q']:.3f}")
+            ax.axhspan(ci["low"], ci["high"], color="grey", alpha=0.15)
+            continue
+        ax.errorbar(r["cost_ratio"], r["q"], yerr=[[r["q"] - ci["low"]], [ci["high"] - r["q"]]], fmt="o",
+                    capsize=4, label=f"{r['method']} (AER {_fmt(r['aer'])})")
+    ax.set_xscale("log")
+    ax.set_xlabel("cost: (T_select + T_train) / T_full (log scale)")
+    ax.set_ylabel("held-out quality (95% CI)")
+    ax.set_title(report["task"]["name"], fontsize=9)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     try:
         with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png")
+            fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
     return path

