@@ -198,6 +198,7 @@ class RunConfig:
     tune_mode: str = "sparse"  # "sparse" or "apt" (APT-style adaptive pruning of FROZEN heads while tuning)
     apt_keep: float = 0.6  # apt: retained share of heads at the end
     n_boot: int = 2000  # bootstrap resamples for every confidence interval
+    random_seeds: int = 1  # the random arm (cheap) runs with seeds seed, seed+1, ...: its spread across draws
 
     def check(self) -> None:
         bad = [m for m in self.methods if m not in PIPELINE_METHODS]
@@ -207,7 +208,7 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
-        for name in ("epochs", "batch_size", "probe_batch_size", "eval_batch_size", "n_boot"):
+        for name in ("epochs", "batch_size", "probe_batch_size", "eval_batch_size", "n_boot", "random_seeds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -343,38 +344,41 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     _log(f"head scoring ({scorer}): {t_score:.1f} s; training {plan.count('train')} of "
          f"{plan.num_layers * plan.num_q_heads} heads, lowest trainable layer {plan.lowest_trainable_layer}", quiet)
 
-    for method in cfg.methods:
+    arms_to_run = [(m, cfg.seed) for m in cfg.methods]
+    arms_to_run += [("random", cfg.seed + k) for k in range(1, cfg.random_seeds) if "random" in cfg.methods]
+    for method, seed in arms_to_run:
+        label = method if seed == cfg.seed else f"{method} (seed {seed})"
         if method == "all":
             t_mine, subset, pr, mres = 0.0, pool, None, None
         else:
             mres = mine(model, pool, plan, method=method, fraction=cfg.fraction, target=target,
-                        batch_size=cfg.probe_batch_size if method != "slap" else cfg.batch_size, seed=cfg.seed,
+                        batch_size=cfg.probe_batch_size if method != "slap" else cfg.batch_size, seed=seed,
                         progress=cfg.progress)
             t_mine = mres.time_s
             subset = mres.subset(pool)
             pr = mres.precision_recall(task.is_target) if task.is_target is not None else None
-        stages[f"{method}_mine"] = t_mine
+        stages[f"{label}_mine"] = t_mine
         m = copy.deepcopy(model)
         data = mres if (mres is not None and mres.selector is not None) else subset
         if cfg.tune_mode == "apt" and not isinstance(data, list):
             data = subset  # APT trains on the mined subset (no on-policy re-selection)
         res = tune(m, plan, data, epochs=epochs_heads, batch_size=cfg.batch_size, lr=cfg.lr_heads, grad=cfg.grad,
-                   seed=cfg.seed, progress=cfg.progress, mode=cfg.tune_mode,
+                   seed=seed, progress=cfg.progress, mode=cfg.tune_mode,
                    apt_options={"keep_final": cfg.apt_keep} if cfg.tune_mode == "apt" else None)
-        stages[f"{method}_train"] = res.time_s
-        ev, ev_dev = assess(m, method)
+        stages[f"{label}_train"] = res.time_s
+        ev, ev_dev = assess(m, label)
         final_plan = res.info.get("plan", plan)
-        row = {"method": method, "data": f"{len(subset)} of {len(pool)}",
+        row = {"method": label, "data": f"{len(subset)} of {len(pool)}",
                "trained": trained_parts(plan, model, res.trainable_params)
                | ({"pruned_query_heads": final_plan.count("pruned")} if cfg.tune_mode == "apt" else {}),
                "t_score": t_score, "t_mine": t_mine, "steps": res.steps, "epochs": epochs_heads, "lr": cfg.lr_heads,
-               "reselect_s": res.reselect_time_s}
+               "seed": seed, "reselect_s": res.reselect_time_s}
         if pr is not None:
             row.update({"mining_precision": pr["precision"], "mining_recall": pr["recall"]})
         del m
         finish(row, ev, ev_dev, t_score + t_mine, res.time_s)
         r = rows[-1]
-        _log(f"{method}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps), quality {ev.accuracy:.4f}; "
+        _log(f"{label}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps), quality {ev.accuracy:.4f}; "
              f"{aer(r['t_select'], r['t_train'], t_full, ev.accuracy, full.accuracy, base.accuracy)}", quiet)
 
     return {

@@ -7,8 +7,8 @@ import os
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
 # Chosen on the dev split by benchmarks/pilot_task.py (benchmarks/results/pilot-analogy-mix.md), never on eval.
-SMOLLM2_DEFAULTS = dict(epochs=1, epochs_heads=2, batch_size=8, lr_full=3e-5, lr_heads=1e-3)
-TINY_DEFAULTS = dict(epochs=2, epochs_heads=2, batch_size=8, lr_full=1e-3, lr_heads=3e-3)
+SMOLLM2_DEFAULTS = dict(epochs=1, epochs_heads=2, batch_size=8, lr_full=3e-5, lr_heads=1e-3, random_seeds=3)
+TINY_DEFAULTS = dict(epochs=2, epochs_heads=2, batch_size=8, lr_full=1e-3, lr_heads=3e-3, random_seeds=1)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +41,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=int, default=None, help="built-in synthetic task (tiny): target examples in the pool")
     p.add_argument("--eval-size", type=int, default=None, help="built-in synthetic task (tiny): eval items")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-seeds", type=int, default=None,
+                   help="run the random arm with this many seeds (default 3 for smollm2, 1 for tiny)")
     p.add_argument("--out", default=None, help=f"report folder (default {DEFAULT_OUT}, or a temp folder for tiny)")
     p.add_argument("--stem", default=None, help="report file name stem (default: run-<model>)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -115,7 +117,8 @@ def cmd_run(args) -> int:
     cfg = RunConfig(methods=methods, fraction=args.fraction, head_fraction=args.head_fraction,
                     epochs=pick("epochs"), epochs_heads=pick("epochs_heads"), batch_size=pick("batch_size"),
                     lr_full=pick("lr_full"), lr_heads=pick("lr_heads"), grad=args.grad, seed=args.seed,
-                    progress=not args.no_progress, tune_mode=args.tune_mode, apt_keep=args.apt_keep)
+                    progress=not args.no_progress, tune_mode=args.tune_mode, apt_keep=args.apt_keep,
+                    random_seeds=pick("random_seeds"))
     report = run_pipeline(model, task, cfg)
     out = args.out or (tempfile.mkdtemp(prefix="headsparse-run-") if tiny else DEFAULT_OUT)
     stem = args.stem or f"run-{'tiny' if tiny else os.path.basename(os.path.normpath(str(args.model)))}"

@@ -248,12 +248,12 @@ def _newsgroup_posts() -> List[Tuple[str, str]]:
         subject = next((l[len("Subject:"):].strip() for l in head.splitlines() if l.startswith("Subject:")), "")
         line = next((l.strip() for l in body.splitlines()
                      if len(l.split()) >= 5 and not l.startswith(">") and "@" not in l and "writes" not in l), "")
-        text = f"Subject: {' '.join(subject.split()[:6])}. {' '.join(line.split()[:8])}"
+        text = f"Subject: {' '.join(subject.split()[:5])}. {' '.join(line.split()[:6])}"
         out.append((text, names[bunch["target_names"][int(y)]]))
     return out
 
 
-def analogy_mix_records(tok=None, *, n_analogy: int = 160, n_other: int = 60, n_text: int = 60,
+def analogy_mix_records(tok=None, *, n_analogy: int = 150, n_other: int = 40, n_text: int = 40,
                         n_target_set: int = 16, n_dev: int = 150, n_eval: int = 500,
                         seed: int = 0) -> Dict[str, List[Dict]]:
     """The embedded default task as records: {"pool", "target", "dev", "eval"} (module docstring).
@@ -285,10 +285,10 @@ def analogy_mix_records(tok=None, *, n_analogy: int = 160, n_other: int = 60, n_
     for line in _gensim_file("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines():
         lab, _, text = line.partition(" ")
         if text.strip():
-            reviews.append((" ".join(text.split()[:12]), "positive" if lab == "__label__pos" else "negative"))
+            reviews.append((" ".join(text.split()[:10]), "positive" if lab == "__label__pos" else "negative"))
     posts = _newsgroup_posts()
     news = _gensim_file("lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()
-    sents = [s for art in news for s in _sentences(art) if 6 <= len(s.split()) <= 12]
+    sents = [s for art in news for s in _sentences(art) if 6 <= len(s.split()) <= 10]
     g.shuffle(reviews), g.shuffle(posts), g.shuffle(sents)
     if n_other > min(len(reviews), len(posts)) or n_other + n_text > len(sents):
         raise ValueError(f"n_other={n_other} / n_text={n_text} exceed the bundled data ({len(reviews)} reviews, "

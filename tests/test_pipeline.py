@@ -135,3 +135,15 @@ def test_cli_run_tiny_apt_mode(tmp_path, capsys):
     rep = json.loads((tmp_path / "a.json").read_text())
     t = rep["rows"][2]["trained"]  # 12 heads: 1 trained, keep half
     assert (t["query_heads"], t["pruned_query_heads"]) == (1, 6)
+
+
+def test_random_arm_runs_several_seeds():
+    task = synthetic_task(n_pool=40, n_targets=8, n_target_set=4, n_eval=8, seed=0)
+    cfg = RunConfig(methods=("random",), epochs=1, lr_full=1e-3, lr_heads=3e-3, head_fraction=0.25, progress=False,
+                    n_boot=100, random_seeds=3, seed=5)
+    rep = run_pipeline(tiny_llama(seed=0), task, cfg, quiet=True)
+    rows = [r for r in rep["rows"] if r["method"].startswith("random")]
+    assert [r["method"] for r in rows] == ["random", "random (seed 6)", "random (seed 7)"]
+    assert [r["seed"] for r in rows] == [5, 6, 7]
+    with pytest.raises(ValueError, match="random_seeds"):
+        run_pipeline(tiny_llama(), task, RunConfig(random_seeds=0), quiet=True)
