@@ -21,6 +21,14 @@ from .ops import (
 from .plan import HeadMode, HeadPlan
 from .patch import load_delta, save_delta, unpatch
 from .patch import patch  # noqa: E402  (the function; the subpackage stays importable as headsparse.patch.core etc.)
+from .patch import core as _patch_core, delta as _patch_delta, families as _patch_families, linear as _patch_linear  # noqa: E402
+
+# ``import headsparse.patch.core as core`` resolves ``headsparse.patch`` by attribute, which is the function
+# above; giving the function the subpackage's submodules as attributes keeps that import working.
+for _name, _mod in (("core", _patch_core), ("delta", _patch_delta), ("families", _patch_families),
+                    ("linear", _patch_linear)):
+    setattr(patch, _name, _mod)
+del _name, _mod
 from .scoring import HeadScores, score_heads  # noqa: E402
 from .mining import MineResult, mine  # noqa: E402
 from .tuning import TuneResult, tune  # noqa: E402

@@ -321,8 +321,20 @@ class HeadPlan:
 
     @classmethod
     def load(cls, path) -> "HeadPlan":
-        with open(os.fspath(path)) as f:
-            return cls.from_json(f.read())
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"HeadPlan file {path!r} does not exist (expected JSON written by HeadPlan.save)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path!r} is not a HeadPlan file: expected UTF-8 JSON written by HeadPlan.save, "
+                             "got binary data (a delta file? read its plan with headsparse.patch.read_delta_plan)") from None
+        try:
+            return cls.from_json(text)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path!r} is not a valid HeadPlan file (expected JSON written by HeadPlan.save): "
+                             f"{exc}") from None
 
     # ----------------------------------------------------------------- display
     def summary(self) -> str:

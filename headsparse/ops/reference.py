@@ -39,7 +39,10 @@ def attention_reference(
     s = torch.matmul(qa, ka.transpose(-1, -2)) * p.scale
     if p.mask is not None:
         m = p.mask[:, active]
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(s.dtype)
+        if m.dtype == torch.bool:
+            s = s.masked_fill(~m, float("-inf"))
+        else:  # an additive -inf masks the key even where the score is NaN (NaN + -inf would be NaN)
+            s = (s + m.to(s.dtype)).masked_fill(torch.isneginf(m), float("-inf"))
     if causal:
         sq, skv = s.shape[-2:]
         rows = torch.arange(sq, device=q.device)[:, None]
@@ -47,6 +50,7 @@ def attention_reference(
         s = s.masked_fill(cols > rows + (skv - sq), float("-inf"))
     empty = torch.isneginf(s).all(dim=-1, keepdim=True)
     probs = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    o_active = torch.matmul(probs, va)
+    # A row with nothing to attend is 0 even when v holds NaN/inf (0 * NaN would otherwise leak into it).
+    o_active = torch.matmul(probs, va).masked_fill(empty, 0.0)
     out = q.new_zeros(q.shape)
     return out.index_copy(1, active, o_active)

@@ -37,8 +37,8 @@ def _masked_scores(q, k, mask, causal: bool, scale: float):
     if mask is not None:
         if mask.dtype == torch.bool:
             s = s.masked_fill(~mask, float("-inf"))
-        else:
-            s = s + mask.to(s.dtype)
+        else:  # -inf masks the key even where the score is NaN, as in the reference
+            s = (s + mask.to(s.dtype)).masked_fill(torch.isneginf(mask), float("-inf"))
     if causal:
         s = _mask_causal(s)
     return s
@@ -129,9 +129,16 @@ def _flash_forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, ou
     add, is_causal, empty = _flash_mask(_mask_for_heads(mask, mask_heads), causal, sq, skv, q.dtype)
     o, lse = fwd(q.index_select(1, heads), k.index_select(1, kv_heads), v.index_select(1, kv_heads), 0.0,
                  is_causal, attn_mask=add, scale=scale)
+    # Non-finite inputs: the kernel's running max skips NaN, so a row whose scores are all NaN (NaN in q, say)
+    # comes back as output 0 with lse exactly 0 instead of NaN; and it adds the mask to the scores, so NaN at a
+    # masked key still poisons the row (lse NaN), where the specification masks it. lse == 0 is otherwise rare (one visible key with score 0),
+    # so testing for it (after the masked-out rows got lse = +inf) costs one pass over the (B, H, Sq) lse and nothing over the inputs; the plain path
+    # recomputes the call exactly (and slower) when it fires, which finite inputs almost never do.
     if empty is not None:  # the specification: output 0 and lse = +inf where nothing is attended
         o = o.masked_fill(empty[..., None], 0)
         lse = lse.masked_fill(empty, float("inf"))
+    if bool(((lse == 0) | torch.isnan(lse)).any()):
+        return None
     out.index_copy_(1, heads, o)
     return lse.float()
 
@@ -166,7 +173,9 @@ def forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> t
     float32/64; rows with nothing to attend get output 0 and lse = +inf.
     """
     if _use_flash_cpu(q, k.shape[2], mask):
-        return _flash_forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out)
+        lse = _flash_forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out)
+        if lse is not None:
+            return lse
     cdt = _compute_dtype(q.dtype)
     b, _, sq, _ = q.shape
     skv = k.shape[2]
@@ -187,6 +196,7 @@ def forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> t
         denom = p.sum(dim=-1, keepdim=True)
         empty = denom == 0
         o = torch.matmul(p, va) / torch.where(empty, torch.ones_like(denom), denom)
+        o = o.masked_fill(empty, 0.0)  # 0 * NaN/inf in v must not reach a row with nothing to attend
         lse[:, lo:hi] = torch.where(empty, torch.full_like(denom, float("inf")), row_max + torch.log(denom)).squeeze(-1)
         out.index_copy_(1, h, o.to(out.dtype))
     return lse
@@ -200,7 +210,9 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
     dk, dv (B, R, Skv, D) in the input dtype. If ``stats`` (B, G) is given, the
     per-(batch, head) sum over tokens of <o, do> is added to it.
     """
-    if _use_flash_cpu(q, k.shape[2], mask):
+    # An lse that is NaN (non-finite inputs; see _flash_forward) came from the plain forward: differentiate
+    # it with the plain backward too. Finite lse costs one pass over (B, G, Sq).
+    if _use_flash_cpu(q, k.shape[2], mask) and not bool(torch.isnan(lse).any()):
         return _flash_backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, stats)
     cdt = _compute_dtype(q.dtype)
     b, g, sq, d = q.shape

@@ -69,7 +69,9 @@ def _masked_scores(s, offs_m, offs_n, M, hm, b, stride_mb, stride_mh, stride_mq,
                 keep = tl.load(m_ptrs, mask=in_bounds, other=0)
                 valid = valid & (keep != 0)
             else:
-                s = s + tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+                madd = tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+                s = s + madd * 1.4426950408889634
+                valid = valid & (madd != float("-inf"))  # masks the key even where the score is NaN
         s = tl.where(valid, s, float("-inf"))
     return s
 
@@ -170,6 +172,7 @@ def _attn_fwd(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = tl.where(empty[:, None], 0.0, out)  # 0 * NaN/inf in v must not reach a row with nothing to attend
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(empty, float("inf"), m_fin + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(O + b * stride_ob + hq * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,

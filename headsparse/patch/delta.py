@@ -47,15 +47,38 @@ def save_delta(model: nn.Module, path) -> None:
         save_file(tensors, tmp, metadata=meta)
 
 
+def _open_delta(path: str):
+    """safe_open ``path``, turning a missing or unreadable file into FileNotFoundError / ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"headsparse delta file {path!r} does not exist (expected a file written by save_delta)")
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        size = os.path.getsize(path)
+        raise ValueError(f"{path!r} ({size} bytes) is not a readable headsparse delta: expected a safetensors file "
+                         f"written by save_delta, and it is empty, truncated or of another format ({exc})") from None
+
+
+def _delta_plan(path: str, meta: dict) -> HeadPlan:
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a headsparse delta file (metadata format={meta.get('format')!r}); "
+                         "expected a file written by headsparse.save_delta")
+    if meta.get("version") != _VERSION:
+        raise ValueError(f"{path}: unsupported headsparse delta version {meta.get('version')!r}; this reads {_VERSION}")
+    try:
+        return HeadPlan.from_json(meta["plan"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: the delta's stored plan is missing or invalid ({exc})") from None
+
+
 def read_delta_plan(path) -> HeadPlan:
     """The plan stored in a delta file."""
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt") as f:
+    path = os.fspath(path)
+    with _open_delta(path) as f:
         meta = f.metadata() or {}
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a headsparse delta file (metadata format={meta.get('format')!r})")
-    return HeadPlan.from_json(meta["plan"])
+    return _delta_plan(path, meta)
 
 
 def load_delta(model: nn.Module, path) -> nn.Module:
@@ -64,16 +87,10 @@ def load_delta(model: nn.Module, path) -> nn.Module:
     An unpatched model is patched first with the delta's plan, grad mode and
     train_modules; a patched one must carry the same plan.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
-    with safe_open(path, framework="pt") as f:
+    with _open_delta(path) as f:
         meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a headsparse delta file (metadata format={meta.get('format')!r})")
-        if meta.get("version") != _VERSION:
-            raise ValueError(f"unsupported headsparse delta version {meta.get('version')!r}; this reads {_VERSION}")
-        plan = HeadPlan.from_json(meta["plan"])
+        plan = _delta_plan(path, meta)
         if is_patched(model):
             if patch_info(model).plan != plan:
                 raise ValueError("model is patched with a different plan than the delta's; unpatch it first")
