@@ -7,7 +7,7 @@ import os
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
 # Chosen on the dev split by benchmarks/pilot_task.py (benchmarks/results/pilot-analogy-mix.md), never on eval.
-SMOLLM2_DEFAULTS = dict(epochs=1, epochs_heads=2, batch_size=8, lr_full=3e-5, lr_heads=1e-3, random_seeds=3)
+SMOLLM2_DEFAULTS = dict(epochs=1, epochs_heads=8, batch_size=8, lr_full=1e-4, lr_heads=1e-3, random_seeds=3)
 TINY_DEFAULTS = dict(epochs=2, epochs_heads=2, batch_size=8, lr_full=1e-3, lr_heads=3e-3, random_seeds=1)
 
 
@@ -27,10 +27,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraction", type=float, default=0.1, help="share of the pool to mine (default 0.1)")
     p.add_argument("--head-fraction", type=float, default=0.1, help="share of heads to train (default 0.1)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of full fine-tuning (default: 1; tiny 2)")
-    p.add_argument("--epochs-heads", type=int, default=None, help="epochs of head-sparse tuning (default: 2)")
+    p.add_argument("--epochs-heads", type=int, default=None, help="epochs of head-sparse tuning (default: 8; tiny 2)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 8)")
-    p.add_argument("--lr-full", type=float, default=None, help="AdamW lr of full fine-tuning (default 3e-5)")
-    p.add_argument("--lr-heads", type=float, default=None, help="AdamW lr of head-sparse tuning (default 1e-3)")
+    p.add_argument("--lr-full", type=float, default=None, help="AdamW lr of full fine-tuning (default 1e-4; tiny 1e-3)")
+    p.add_argument("--lr-heads", type=float, default=None, help="AdamW lr of head-sparse tuning (default 1e-3; tiny 3e-3)")
     p.add_argument("--grad", default="exact", choices=("exact", "sparse"))
     p.add_argument("--tune-mode", default="sparse", choices=("sparse", "apt"),
                    help="sparse: train the scored heads; apt: also prune FROZEN heads during tuning (APT-style)")
