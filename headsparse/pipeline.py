@@ -448,9 +448,23 @@ def table(report: Dict) -> str:
             f"{_ci(r['vs_base'], signed=True)} | {_p(r['vs_base_mcnemar_p'])} | {_ci(r.get('vs_full'), signed=True)} | "
             f"{_p(r.get('vs_full_mcnemar_p'))} | {_fmt(r['answer_nll'])} | {_fmt(r['gain_recovered'])} | "
             f"{_fmt(r['t_select'], 1)} | {_fmt(r['t_train'], 1)} | {_fmt(r['cost_ratio'])} | "
-            f"{_fmt(r['speedup'], 2)}x | {_fmt(r['aer'])} | {_fmt(r['aer_quality_ratio'])} | {pr} | "
+            f"{'-' if math.isinf(r['speedup']) else _fmt(r['speedup'], 2) + 'x'} | {_fmt(r['aer'])} | "
+            f"{_fmt(r['aer_quality_ratio'])} | {pr} | "
             f"{_fmt(r.get('q_dev'))} |")
     return "\n".join(lines)
+
+
+def pairwise(report: Dict) -> str:
+    """Paired differences between the tuned arms (markdown), from the per-item outcomes in the report."""
+    arms = [r for r in report["rows"] if r["method"] not in ("full",) and not r["method"].startswith("base")]
+    n, seed = report["config"]["n_boot"], report["config"]["seed"]
+    lines = ["| arm A | arm B | Q_A - Q_B [95% CI] | McNemar p |", "| --- | --- | --- | --- |"]
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            d = paired_bootstrap_ci(a["correct"], b["correct"], n_boot=n, seed=seed).as_dict()
+            lines.append(f"| {a['method']} | {b['method']} | {_ci(d, signed=True)} | "
+                         f"{_p(mcnemar_p(a['correct'], b['correct']))} |")
+    return "\n".join(lines) if len(arms) > 1 else ""
 
 
 def markdown(report: Dict) -> str:
@@ -473,8 +487,11 @@ def markdown(report: Dict) -> str:
            "speedup = T_full / (T_select + T_train); T_select = head scoring + mining. 'AER (old, Q/Q_full)' divides "
            "by Q / Q_full instead and rewards doing nothing: shown for comparison only. Every choice of learning "
            "rate and epochs was made on the dev split ('dev Q').", "",
-           table(report), "",
-           "Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages_s"].items()), ""]
+           table(report), ""]
+    pw = pairwise(report)
+    if pw:
+        out += ["Tuned arms against each other (paired over the same eval items):", "", pw, ""]
+    out += ["Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages_s"].items()), ""]
     return "\n".join(out)
 
 
