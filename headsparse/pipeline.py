@@ -199,6 +199,8 @@ class RunConfig:
     apt_keep: float = 0.6  # apt: retained share of heads at the end
     n_boot: int = 2000  # bootstrap resamples for every confidence interval
     random_seeds: int = 1  # the random arm (cheap) runs with seeds seed, seed+1, ...: its spread across draws
+    p2d_signature: str = "fwd"  # "fwd" (forward-only pooled head outputs) or "gate" (|gate gradient|, fwd + bwd)
+    p2d_compare: bool = True  # also mine with the other signature, for its precision/recall and cost (not trained)
 
     def check(self) -> None:
         bad = [m for m in self.methods if m not in PIPELINE_METHODS]
@@ -215,6 +217,12 @@ class RunConfig:
         if self.epochs_heads is not None and (isinstance(self.epochs_heads, bool)
                                               or not isinstance(self.epochs_heads, int) or self.epochs_heads < 1):
             raise ValueError(f"epochs_heads must be a positive int or None, got {self.epochs_heads!r}")
+        from .scoring import METHODS as scorers
+
+        if self.head_scorer not in scorers:
+            raise ValueError(f"head_scorer must be one of {scorers}, got {self.head_scorer!r}")
+        if self.p2d_signature not in ("fwd", "gate"):
+            raise ValueError(f"p2d_signature must be 'fwd' or 'gate', got {self.p2d_signature!r}")
         if self.tune_mode not in ("sparse", "apt"):
             raise ValueError(f"tune_mode must be 'sparse' or 'apt', got {self.tune_mode!r}")
         for name in ("lr_full", "lr_heads"):
@@ -353,10 +361,20 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         else:
             mres = mine(model, pool, plan, method=method, fraction=cfg.fraction, target=target,
                         batch_size=cfg.probe_batch_size if method != "slap" else cfg.batch_size, seed=seed,
-                        progress=cfg.progress)
+                        progress=cfg.progress, **({"signature": cfg.p2d_signature} if method == "p2d" else {}))
             t_mine = mres.time_s
             subset = mres.subset(pool)
             pr = mres.precision_recall(task.is_target) if task.is_target is not None else None
+            if method == "p2d" and cfg.p2d_compare:
+                other = "gate" if cfg.p2d_signature == "fwd" else "fwd"
+                alt = mine(model, pool, plan, method="p2d", fraction=cfg.fraction, target=target,
+                           batch_size=cfg.probe_batch_size, seed=seed, progress=cfg.progress, signature=other)
+                stages[f"{label}_mine_{other}_untrained"] = alt.time_s
+                compare = {"signature": other, "mine_s": alt.time_s,
+                           "overlap": len(set(alt.indices) & set(mres.indices)) / len(mres.indices)}
+                if task.is_target is not None:
+                    apr = alt.precision_recall(task.is_target)
+                    compare.update(precision=apr["precision"], recall=apr["recall"])
         stages[f"{label}_mine"] = t_mine
         m = copy.deepcopy(model)
         data = mres if (mres is not None and mres.selector is not None) else subset
@@ -373,6 +391,10 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
                | ({"pruned_query_heads": final_plan.count("pruned")} if cfg.tune_mode == "apt" else {}),
                "t_score": t_score, "t_mine": t_mine, "steps": res.steps, "epochs": epochs_heads, "lr": cfg.lr_heads,
                "seed": seed, "reselect_s": res.reselect_time_s}
+        if method == "p2d":
+            row["signature"] = cfg.p2d_signature
+            if cfg.p2d_compare:
+                row["other_signature"] = compare
         if pr is not None:
             row.update({"mining_precision": pr["precision"], "mining_recall": pr["recall"]})
         del m
@@ -491,6 +513,13 @@ def markdown(report: Dict) -> str:
     pw = pairwise(report)
     if pw:
         out += ["Tuned arms against each other (paired over the same eval items):", "", pw, ""]
+    for r in report["rows"]:
+        o = r.get("other_signature")
+        if o:
+            pr = f"precision {o['precision']:.2f}, recall {o['recall']:.2f}, " if "precision" in o else ""
+            out += [f"P2D signature: the arm above mined with {r['signature']!r} ({r['t_mine']:.1f} s); mining the same "
+                    f"pool with {o['signature']!r} (not trained, not in any AER) took {o['mine_s']:.1f} s, {pr}"
+                    f"{o['overlap']:.0%} of the same examples.", ""]
     out += ["Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages_s"].items()), ""]
     return "\n".join(out)
 

@@ -32,6 +32,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-full", type=float, default=None, help="AdamW lr of full fine-tuning (default 1e-4; tiny 1e-3)")
     p.add_argument("--lr-heads", type=float, default=None, help="AdamW lr of head-sparse tuning (default 1e-3; tiny 3e-3)")
     p.add_argument("--grad", default="exact", choices=("exact", "sparse"))
+    p.add_argument("--p2d-signature", default="fwd", choices=("fwd", "gate"),
+                   help="P2D's per-head signature: fwd (forward only: pooled TRAIN-head outputs, default) or gate "
+                        "(|gate gradient|: forward and backward); the other one is also mined, for comparison")
+    p.add_argument("--head-scorer", default="gradient",
+                   help="headsparse.score_heads method choosing the TRAIN heads: gradient (default), apt, hifi, alps, "
+                        "random; its time counts as selection")
     p.add_argument("--tune-mode", default="sparse", choices=("sparse", "apt"),
                    help="sparse: train the scored heads; apt: also prune FROZEN heads during tuning (APT-style)")
     p.add_argument("--apt-keep", type=float, default=0.6, help="apt: share of heads kept at the end")
@@ -86,6 +92,21 @@ def cmd_run(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     tiny = args.model == "tiny"
     defaults = TINY_DEFAULTS if tiny else SMOLLM2_DEFAULTS
+
+    def pick(name):
+        v = getattr(args, name)
+        return v if v is not None else defaults[name]
+
+    try:
+        cfg = RunConfig(methods=methods, fraction=args.fraction, head_fraction=args.head_fraction,
+                        epochs=pick("epochs"), epochs_heads=pick("epochs_heads"), batch_size=pick("batch_size"),
+                        lr_full=pick("lr_full"), lr_heads=pick("lr_heads"), grad=args.grad, seed=args.seed,
+                        progress=not args.no_progress, tune_mode=args.tune_mode, apt_keep=args.apt_keep,
+                        random_seeds=pick("random_seeds"), p2d_signature=args.p2d_signature,
+                        head_scorer=args.head_scorer)
+        cfg.check()
+    except ValueError as e:
+        raise SystemExit(f"headsparse run: {e}") from None
     try:
         if tiny:
             tok = byte_tokenizer() if records else None
@@ -110,15 +131,6 @@ def cmd_run(args) -> int:
     except ValueError as e:
         raise SystemExit(f"headsparse run: {e}") from None
 
-    def pick(name):
-        v = getattr(args, name)
-        return v if v is not None else defaults[name]
-
-    cfg = RunConfig(methods=methods, fraction=args.fraction, head_fraction=args.head_fraction,
-                    epochs=pick("epochs"), epochs_heads=pick("epochs_heads"), batch_size=pick("batch_size"),
-                    lr_full=pick("lr_full"), lr_heads=pick("lr_heads"), grad=args.grad, seed=args.seed,
-                    progress=not args.no_progress, tune_mode=args.tune_mode, apt_keep=args.apt_keep,
-                    random_seeds=pick("random_seeds"))
     report = run_pipeline(model, task, cfg)
     out = args.out or (tempfile.mkdtemp(prefix="headsparse-run-") if tiny else DEFAULT_OUT)
     stem = args.stem or f"run-{'tiny' if tiny else os.path.basename(os.path.normpath(str(args.model)))}"

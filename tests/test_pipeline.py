@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from headsparse.cli import main
-from headsparse.pipeline import RunConfig, evaluate, run_pipeline, table, write_report
+from headsparse.pipeline import RunConfig, evaluate, markdown, run_pipeline, table, write_report
 from headsparse.tasks import synthetic_task, tiny_llama
 
 
@@ -147,3 +147,38 @@ def test_random_arm_runs_several_seeds():
     assert [r["seed"] for r in rows] == [5, 6, 7]
     with pytest.raises(ValueError, match="random_seeds"):
         run_pipeline(tiny_llama(), task, RunConfig(random_seeds=0), quiet=True)
+
+
+def test_p2d_signature_choice_and_comparison_in_the_report():
+    task = synthetic_task(n_pool=40, n_targets=8, n_target_set=4, n_eval=8, seed=0)
+    for sig, other in (("fwd", "gate"), ("gate", "fwd")):
+        cfg = RunConfig(methods=("p2d",), epochs=1, lr_full=1e-3, lr_heads=3e-3, head_fraction=0.25, progress=False,
+                        n_boot=100, p2d_signature=sig)
+        rep = run_pipeline(tiny_llama(seed=0), task, cfg, quiet=True)
+        row = rep["rows"][-1]
+        assert row["signature"] == sig and row["other_signature"]["signature"] == other
+        o = row["other_signature"]
+        assert 0 <= o["precision"] <= 1 and 0 <= o["overlap"] <= 1 and o["mine_s"] > 0
+        assert f"mining the same pool with {other!r}" in markdown(rep)
+        assert f"p2d_mine_{other}_untrained" in rep["stages_s"]
+        assert row["t_mine"] == rep["stages_s"]["p2d_mine"]  # the comparison's time is not the arm's
+    with pytest.raises(ValueError, match="p2d_signature"):
+        run_pipeline(tiny_llama(), task, RunConfig(p2d_signature="norm"), quiet=True)
+    with pytest.raises(ValueError, match="head_scorer"):
+        run_pipeline(tiny_llama(), task, RunConfig(head_scorer="magic"), quiet=True)
+
+
+def test_cli_rejects_bad_settings_before_loading_anything(tmp_path):
+    for argv, match in ((["--head-scorer", "magic"], "head_scorer"), (["--fraction", "2"], "fraction"),
+                        (["--epochs-heads", "0"], "epochs_heads")):
+        with pytest.raises(SystemExit, match=match):
+            main(["run", "--model", "tiny", "--out", str(tmp_path / "o"), "--no-progress"] + argv)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_head_scorer_is_used(tmp_path):
+    assert main(["run", "--model", "tiny", "--methods", "random", "--pool-size", "24", "--targets", "4",
+                 "--eval-size", "6", "--epochs", "1", "--head-scorer", "random", "--out", str(tmp_path),
+                 "--stem", "h", "--no-progress"]) == 0
+    rep = json.loads((tmp_path / "h.json").read_text())
+    assert rep["config"]["head_scorer"] == "random" and "method='random'" in rep["head_scorer"]

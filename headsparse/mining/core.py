@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..plan import HeadPlan
 from .data import as_examples, pad_id_of
-from .features import patched_for, probe
+from .features import forward_signature, patched_for, probe
 from .slap import SlapSelector
 
 METHODS = ("p2d", "slap", "random", "loss", "less")
@@ -78,23 +78,25 @@ def _top(scores: torch.Tensor, k: int) -> List[int]:
     return order[:k]
 
 
-SIGNATURES = ("abs", "signed")
+SIGNATURES = ("gate", "gate-signed", "fwd")
 
 
 def p2d_scores(pool_sig: torch.Tensor, target_sig: torch.Tensor, center: bool = True,
-               signature: str = "abs") -> torch.Tensor:
+               signature: str = "gate") -> torch.Tensor:
     """Cosine affinity of each pool signature to the mean target signature.
 
-    ``signature="abs"`` (default) uses |sum_t <O_h, dO_h>| per head, Michel et
+    ``signature="gate"`` (default) uses |sum_t <O_h, dO_h>| per head, Michel et
     al.'s per-example head importance (how strongly the sample's loss leans on
-    the head, whatever the sign, which flips with the label); "signed" keeps
-    the sign. With ``center`` each head's column is standardised over the pool
-    first, so the affinity measures "uses the task heads more than the pool does".
+    the head, whatever the sign, which flips with the label); "gate-signed"
+    keeps the sign; "fwd" is the forward-only mean-pooled output of each TRAIN
+    head (:func:`headsparse.mining.features.forward_signature`). With
+    ``center`` each head's column is standardised over the pool first, so the
+    affinity measures "uses the task heads more than the pool does".
     """
     if signature not in SIGNATURES:
         raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
     p, t = pool_sig.double(), target_sig.double()
-    if signature == "abs":
+    if signature == "gate":
         p, t = p.abs(), t.abs()
     if center:
         mu, sd = p.mean(0), p.std(0, unbiased=False).clamp_min(1e-12)
@@ -105,7 +107,7 @@ def p2d_scores(pool_sig: torch.Tensor, target_sig: torch.Tensor, center: bool = 
 
 def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1, target=None, *,
          batch_size: int = 8, pad_id: Optional[int] = None, seed: int = 0, center: bool = True,
-         signature: str = "abs",
+         signature: str = "gate",
          sketch_k: int = 8, slap_options: Optional[Dict] = None, progress: bool = False) -> MineResult:
     """Select ``fraction`` of ``pool`` for training ``plan``'s heads of ``model`` (see the module docstring).
 
@@ -117,8 +119,13 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
         method: "p2d", "slap", "random", "loss" or "less".
         fraction: share of the pool to select, in (0, 1] (at least one sample).
         target: a small set of target-task examples (needed by "p2d" and "less").
+        signature: P2D's per-(sample, TRAIN head) signature: "gate" (|gate gradient|, a forward and a
+            backward per batch), "gate-signed", or "fwd" (forward-only pooled head outputs, no backward, no
+            LM head, stopping after the highest TRAIN layer).
     """
     _check(fraction, method, target, pool)
+    if signature not in SIGNATURES:
+        raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
     examples = as_examples(pool)
     tgt = as_examples(target, "target") if target is not None else None
     if not isinstance(plan, HeadPlan):
@@ -138,6 +145,12 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
             f = probe(m, examples, batch_size=batch_size, pad_id=pad, backward=False, progress=progress,
                       desc="loss probe")
         scores = f["loss"].double()
+    elif method == "p2d" and signature == "fwd":
+        sp = forward_signature(model, examples, plan, batch_size=batch_size, pad_id=pad, progress=progress,
+                               desc="p2d pool (fwd)")
+        st = forward_signature(model, tgt, plan, batch_size=batch_size, pad_id=pad, desc="p2d target (fwd)")
+        scores = p2d_scores(sp, st, center, signature)
+        info["signature_dim"] = int(sp.shape[1])
     elif method == "p2d":
         with patched_for(model, plan) as m:
             fp = probe(m, examples, batch_size=batch_size, pad_id=pad, gate=True, progress=progress, desc="p2d pool")
@@ -166,4 +179,6 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
         return MineResult(method, chosen, scores, float(fraction), elapsed, batches, selector,
                           {"batch_scores": selector.last["batch_scores"]})
     elapsed = time.perf_counter() - t0
+    if method == "p2d":
+        info["signature"] = signature
     return MineResult(method, _top(scores, k), scores.double(), float(fraction), elapsed, None, None, info)
