@@ -29,7 +29,7 @@ def _bad_calls():
     yield "attention_mask", lambda: hs.attention(q, k, v, attention_mask=torch.ones(2, 1, 8, 7, dtype=torch.bool))
     yield "attention_mask", lambda: hs.attention(q, k, v, attention_mask=torch.ones(2, 1, 8, 8, dtype=torch.int32))
     yield "causal", lambda: hs.attention(q, k, v, causal=1)
-    yield "scale", lambda: hs.attention(q, k, v, scale=-1.0)
+    yield "scale", lambda: hs.attention(q, k, v, scale=float("inf"))
     yield "scale", lambda: hs.attention(q, k, v, scale=float("nan"))
     yield "out_layout", lambda: hs.attention(q, k, v, out_layout="sbhd")
     yield "backend", lambda: hs.attention(q, k, v, backend="flash")

@@ -78,3 +78,29 @@ def test_good_files_still_load(files):
     assert HeadPlan.load(f["plan"]) == read_delta_plan(f["good"])
     model = hs.load_delta(copy.deepcopy(ref), f["good"])
     assert hs.patch.core.is_patched(model)
+
+
+def _llama(hidden, layers=2, seed=1):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("modes", [[["t", "f", "p", "f"], ["f", "t", "f", "p"]],   # pruning: weights restored
+                                   [["t", "f", "f", "f"], ["f", "t", "f", "f"]]])  # no pruning: unpatch is exact
+def test_load_delta_of_another_model_leaves_the_model_untouched(tmp_path, modes):
+    plan = HeadPlan(modes, num_kv_heads=2)
+    hs.save_delta(hs.patch(_llama(64), plan), tmp_path / "d.safetensors")
+    for other, match in ((_llama(32), "shape"), (_llama(64, layers=3), "another model")):
+        before = _state(other)
+        with pytest.raises(ValueError, match=match) as exc:
+            hs.load_delta(other, tmp_path / "d.safetensors")
+        assert "d.safetensors" in str(exc.value)
+        _assert_untouched(other, before)
+    same = _llama(64, seed=2)
+    hs.load_delta(same, tmp_path / "d.safetensors")  # the right model still loads it
+    assert hs.patch.core.is_patched(same)

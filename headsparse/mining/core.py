@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import HeadPlan
-from .data import as_examples, pad_id_of
+from .data import as_examples, pad_id_of, vocab_size_of
 from .features import forward_signature, patched_for, probe
 from .slap import SlapSelector
 
@@ -126,8 +126,9 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
     _check(fraction, method, target, pool)
     if signature not in SIGNATURES:
         raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
-    examples = as_examples(pool)
-    tgt = as_examples(target, "target") if target is not None else None
+    vocab = vocab_size_of(model)
+    examples = as_examples(pool, "pool", vocab)
+    tgt = as_examples(target, "target", vocab) if target is not None else None
     if not isinstance(plan, HeadPlan):
         raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

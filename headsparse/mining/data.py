@@ -16,13 +16,35 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def as_examples(pool, name: str = "pool") -> List[Dict]:
-    """Normalise a pool to a list of example dicts, checking it (ValueError naming ``name``)."""
+def vocab_size_of(model) -> Optional[int]:
+    """Rows of the model's input embedding (the ids it can take), or None if it has none."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: Optional[int], where: str, field: str = "input_ids",
+                    ignore: Optional[int] = None) -> None:
+    """ValueError naming ``where`` and ``field`` if an id is outside [0, vocab_size) (``ignore`` is allowed too)."""
+    if vocab_size is None:
+        return
+    vals = [int(t) for t in ids if ignore is None or int(t) != ignore]
+    if vals and (min(vals) < 0 or max(vals) >= vocab_size):
+        bad = min(vals) if min(vals) < 0 else max(vals)
+        raise ValueError(f"{where}: {field} holds token id {bad}, outside the model's vocabulary of {vocab_size}")
+
+
+def as_examples(pool, name: str = "pool", vocab_size: Optional[int] = None) -> List[Dict]:
+    """Normalise a pool to a list of example dicts, checking it (ValueError naming ``name``, the index, the field).
+
+    With ``vocab_size``, token ids (and labels other than -100) must lie in [0, vocab_size): an out-of-range id
+    would otherwise fail deep inside the embedding with an IndexError naming no example.
+    """
     if torch.is_tensor(pool):
         if pool.dim() != 2 or pool.dtype not in (torch.int64, torch.int32) or pool.shape[0] == 0 or pool.shape[1] < 2:
             raise ValueError(f"{name}: a tensor pool must be (N, S) integer token ids with N >= 1 and S >= 2, "
                              f"got {tuple(pool.shape)} {pool.dtype}")
-        return [{"input_ids": row.tolist()} for row in pool]
+        pool = [{"input_ids": row.tolist()} for row in pool]
     if isinstance(pool, (str, bytes, dict)) or not hasattr(pool, "__len__") or not hasattr(pool, "__getitem__"):
         raise ValueError(f"{name} must be a list of examples (dicts with 'input_ids') or an (N, S) tensor, "
                          f"got {type(pool).__name__}")
@@ -43,6 +65,9 @@ def as_examples(pool, name: str = "pool") -> List[Dict]:
                 raise ValueError(f"{name}[{i}]: labels has {len(labels)} entries but input_ids has {len(ids)}")
             if all(l == IGNORE for l in labels[1:]):
                 raise ValueError(f"{name}[{i}]: labels mark no position (after the first) for the loss")
+        check_token_ids(ids, vocab_size, f"{name}[{i}]")
+        if labels is not None:
+            check_token_ids(labels, vocab_size, f"{name}[{i}]", "labels", ignore=IGNORE)
         d = dict(ex)
         d["input_ids"] = ids
         if labels is not None:

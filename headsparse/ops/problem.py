@@ -191,8 +191,9 @@ def make_problem(
         raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        # Like SDPA, any finite scale is accepted: 0 gives uniform attention, a negative one inverts the scores.
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     device = q.device
 
     if kv_head_index is None:

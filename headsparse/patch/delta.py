@@ -17,7 +17,7 @@ from torch import nn
 
 from .._atomic import atomic_path
 from ..plan import HeadPlan
-from .core import is_patched, patch, patch_info
+from .core import is_patched, patch, patch_info, unpatch
 
 _FORMAT = "headsparse.delta"
 _VERSION = "1"
@@ -85,29 +85,51 @@ def load_delta(model: nn.Module, path) -> nn.Module:
     """Apply a delta to ``model``; returns the (patched) model.
 
     An unpatched model is patched first with the delta's plan, grad mode and
-    train_modules; a patched one must carry the same plan.
+    train_modules; a patched one must carry the same plan. Every check (file,
+    plan against the model, tensor names and shapes) runs before any weight is
+    written; if the delta does not fit a model this call patched, the model is
+    unpatched and its weights restored, so a failed call leaves it as it was.
     """
     path = os.fspath(path)
     with _open_delta(path) as f:
         meta = f.metadata() or {}
         plan = _delta_plan(path, meta)
+        patched_here = False
         if is_patched(model):
             if patch_info(model).plan != plan:
-                raise ValueError("model is patched with a different plan than the delta's; unpatch it first")
+                raise ValueError(f"{path}: model is patched with a different plan than the delta's; unpatch it first")
         else:
+            try:
+                plan.check_model(model)
+            except ValueError as e:
+                raise ValueError(f"{path}: the delta was made for another model: {e}") from None
+            # Patching removes pruned heads, which unpatch zeroes: keep their weights to restore on failure.
+            backup = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                      if plan.count("pruned") else None)
             patch(model, plan, grad=meta.get("grad", "exact"),
                   train_modules=tuple(json.loads(meta.get("train_modules", "[]"))))
-        params = dict(model.named_parameters())
-        expected = set(_trainable_names(model, patch_info(model)))
-        keys = set(f.keys())
-        if keys != expected:
-            missing, extra = sorted(expected - keys), sorted(keys - expected)
-            raise ValueError(f"delta does not match the patched model: missing {missing[:5]}, unexpected {extra[:5]}")
+            patched_here = True
+        try:
+            params = dict(model.named_parameters())
+            expected = set(_trainable_names(model, patch_info(model)))
+            keys = set(f.keys())
+            if keys != expected:
+                missing, extra = sorted(expected - keys), sorted(keys - expected)
+                raise ValueError(f"{path}: delta does not match the patched model: missing {missing[:5]}, "
+                                 f"unexpected {extra[:5]}")
+            for name in sorted(keys):
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(params[name].shape):
+                    raise ValueError(f"{path}: delta tensor {name} has shape {shape}, the model expects "
+                                     f"{tuple(params[name].shape)} (a delta of another model?)")
+        except ValueError:
+            if patched_here:
+                unpatch(model)
+                if backup is not None:
+                    model.load_state_dict(backup)
+            raise
         with torch.no_grad():
             for name in keys:
-                t = f.get_tensor(name)
                 p = params[name]
-                if t.shape != p.shape:
-                    raise ValueError(f"delta tensor {name} has shape {tuple(t.shape)}, model expects {tuple(p.shape)}")
-                p.copy_(t.to(device=p.device, dtype=p.dtype))
+                p.copy_(f.get_tensor(name).to(device=p.device, dtype=p.dtype))
     return model

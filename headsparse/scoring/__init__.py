@@ -59,7 +59,8 @@ def score_heads(model, data, method: str = "gradient", *, tokenizer=None, batch_
         texts = bool(data) and all(isinstance(t, str) for t in data)
         n = min(len(data), max_samples) if texts and max_samples else len(data)
         total = -(-n // batch_size) if texts else len(data)
-    counter = M._Counter(iter_batches(data, tokenizer, batch_size, max_length, device, max_samples), progress,
+    vocab = getattr(getattr(model.get_input_embeddings(), "weight", None), "shape", [None])[0]
+    counter = M._Counter(iter_batches(data, tokenizer, batch_size, max_length, device, max_samples, vocab), progress,
                          desc=f"scoring heads ({method})", total=total)
     extra = {}
     if method == "gradient":

@@ -75,7 +75,7 @@ def model_info(model) -> ModelInfo:
 
 
 # ---------------------------------------------------------------------- data
-def _as_batch(item, device) -> Dict[str, torch.Tensor]:
+def _as_batch(item, device, vocab_size: Optional[int] = None, index: int = 0) -> Dict[str, torch.Tensor]:
     if not isinstance(item, dict) or "input_ids" not in item:
         raise ValueError("data: every batch must be a dict with 'input_ids' (and usually 'attention_mask', 'labels')")
     out = {}
@@ -91,11 +91,19 @@ def _as_batch(item, device) -> Dict[str, torch.Tensor]:
         out["attention_mask"] = torch.ones_like(ids)
     if tuple(out["attention_mask"].shape) != tuple(ids.shape):
         raise ValueError("data: attention_mask must have the shape of input_ids")
+    if vocab_size is not None:  # an out-of-range id would fail deep in the embedding, naming no batch
+        for field, ignore in (("input_ids", None), ("labels", -100)):
+            if field in out:
+                v = out[field][out[field] != ignore] if ignore is not None else out[field].flatten()
+                if v.numel() and (int(v.min()) < 0 or int(v.max()) >= vocab_size):
+                    bad = int(v.min()) if int(v.min()) < 0 else int(v.max())
+                    raise ValueError(f"data: batch {index}: {field} holds token id {bad}, outside the model's "
+                                     f"vocabulary of {vocab_size}")
     return out
 
 
 def iter_batches(data, tokenizer=None, batch_size: int = 8, max_length: int = 256, device=None,
-                 max_samples: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
+                 max_samples: Optional[int] = None, vocab_size: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
     """Tokenized batches from ``data``: an iterable of batch dicts, or a list of texts with ``tokenizer``."""
     if isinstance(data, (str, bytes)):
         raise ValueError("data must be an iterable of batches or a list of texts, not a single string")
@@ -113,10 +121,10 @@ def iter_batches(data, tokenizer=None, batch_size: int = 8, max_length: int = 25
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
                             max_length=max_length)
-            yield _as_batch(dict(enc), device)
+            yield _as_batch(dict(enc), device, vocab_size, i // batch_size)
         return
-    for item in data:
-        b = _as_batch(item, device)
+    for index, item in enumerate(data):
+        b = _as_batch(item, device, vocab_size, index)
         if max_samples is not None:
             left = max_samples - seen
             if left <= 0:

@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..mining.core import MineResult
-from ..mining.data import as_examples, batches as make_batches, collate, model_device, pad_id_of, per_sample_loss
+from ..mining.data import (as_examples, batches as make_batches, collate, model_device, pad_id_of, per_sample_loss,
+                           vocab_size_of)
 from ..patch import is_patched, patch, patch_info
 from ..plan import HeadPlan
 
@@ -89,7 +90,7 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
         selector, first_batches = data.selector, data.batches
         examples = selector.examples
     else:
-        examples = as_examples(data, "data")
+        examples = as_examples(data, "data", vocab_size_of(model))
     if plan is None:
         if is_patched(model):
             raise ValueError("plan=None means full-parameter fine-tuning of an unpatched model, but model is patched")
