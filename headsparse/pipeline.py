@@ -32,7 +32,7 @@ import torch
 
 from ._atomic import atomic_path, atomic_write_text
 from .metrics import aer
-from .stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci
+from .stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci, seed_interval
 from .provenance import provenance
 from .mining.core import METHODS, mine
 from .mining.data import as_examples, collate, model_device, pad_id_of
@@ -323,15 +323,20 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     full_model = copy.deepcopy(model)
     res_full = tune(full_model, None, pool, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr_full,
                     seed=cfg.seed, progress=cfg.progress)
-    t_full = res_full.time_s
+    t_full, cpu_full = res_full.time_s, res_full.cpu_s
     stages["full_train"] = t_full
+    loads = {"full": _load1()}
     full, full_dev = assess(full_model, "full")
     del full_model
     _log(f"full fine-tuning: {res_full.steps} steps in {t_full:.1f} s, quality {full.accuracy:.4f}", quiet)
 
-    def finish(row, res, dev, t_select, t_train):
+    def finish(row, res, dev, t_select, t_train, cpu_select=0.0, cpu_train=0.0):
         row.update(arms.row(res, full if row["method"] != "full" else None))
         row.update(aer(t_select, t_train, t_full, res.accuracy, full.accuracy, base.accuracy).as_dict())
+        if cpu_full > 0:  # the same ratios from process CPU time, which other jobs on the machine do not inflate
+            c = aer(cpu_select, cpu_train, cpu_full, res.accuracy, full.accuracy, base.accuracy)
+            row.update(cpu_select=cpu_select, cpu_train=cpu_train, cpu_full=cpu_full, speedup_cpu=c.speedup,
+                       aer_cpu=c.aer)
         if dev is not None:
             row["q_dev"] = dev.accuracy
         rows.append(row)
@@ -340,12 +345,12 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         "query_heads": 0, "kv_heads": 0, "other_modules": "none"}, "steps": 0}, base, base_dev, 0.0, 0.0)
     finish({"method": "full", "data": f"{len(pool)} of {len(pool)}",
             "trained": trained_parts(None, model, res_full.trainable_params), "steps": res_full.steps,
-            "epochs": cfg.epochs, "lr": cfg.lr_full}, full, full_dev, 0.0, t_full)
+            "epochs": cfg.epochs, "lr": cfg.lr_full}, full, full_dev, 0.0, t_full, 0.0, cpu_full)
 
     # head scoring
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     scores, scorer = score_heads_for_pipeline(model, target, cfg.probe_batch_size, cfg.head_scorer)
-    t_score = time.perf_counter() - t0
+    t_score, cpu_score = time.perf_counter() - t0, time.process_time() - c0
     stages["score"] = t_score
     plan = HeadPlan.from_scores(scores, top_fraction=cfg.head_fraction, num_kv_heads=nl_plan.num_kv_heads,
                                 model_family=nl_plan.model_family)
@@ -356,6 +361,7 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     arms_to_run += [("random", cfg.seed + k) for k in range(1, cfg.random_seeds) if "random" in cfg.methods]
     for method, seed in arms_to_run:
         label = method if seed == cfg.seed else f"{method} (seed {seed})"
+        loads[label] = _load1()
         if method == "all":
             t_mine, subset, pr, mres = 0.0, pool, None, None
         else:
@@ -398,7 +404,7 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         if pr is not None:
             row.update({"mining_precision": pr["precision"], "mining_recall": pr["recall"]})
         del m
-        finish(row, ev, ev_dev, t_score + t_mine, res.time_s)
+        finish(row, ev, ev_dev, t_score + t_mine, res.time_s, cpu_score + (mres.cpu_s if mres else 0.0), res.cpu_s)
         r = rows[-1]
         _log(f"{label}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps), quality {ev.accuracy:.4f}; "
              f"{aer(r['t_select'], r['t_train'], t_full, ev.accuracy, full.accuracy, base.accuracy)}", quiet)
@@ -412,9 +418,45 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         "plan": plan.to_dict(),
         "base_quality": base.accuracy,
         "stages_s": stages,
+        "load_1min_at_start_of": loads,
+        "load_changed": _load_changed(loads),
+        "seed_summary": _seed_summary(rows),
         "rows": rows,
         "environment": {**env, "load_average_end": environment()["load_average"]},
     }
+
+
+def _seed_summary(rows: List[Dict]) -> Dict:
+    """Per method run with several seeds: the seeds, mean Q with a t-interval across them, mean gain/speedup/AER."""
+    by: Dict[str, List[Dict]] = {}
+    for r in rows:
+        if "seed" in r:
+            by.setdefault(r["method"].split(" (seed")[0], []).append(r)
+    out = {}
+    for name, rs in by.items():
+        if len(rs) > 1:
+            out[name] = {"seeds": [r["seed"] for r in rs], "q": seed_interval([r["q"] for r in rs]).as_dict(),
+                         "gain_recovered_mean": sum(r["gain_recovered"] for r in rs) / len(rs),
+                         "speedup_mean": sum(r["speedup"] for r in rs) / len(rs),
+                         "aer_mean": sum(r["aer"] for r in rs) / len(rs)}
+    return out
+
+
+def _load1() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover (no load average on this platform)
+        return None
+
+
+LOAD_CHANGE = 1.0  # a spread of the 1-min load average across the arms' starts above this flags the run
+
+
+def _load_changed(loads: Dict[str, Optional[float]]) -> bool:
+    """True if the 1-min load average at the start of the arms spread by more than LOAD_CHANGE: other jobs
+    probably shared the machine during part of the run, so compare the CPU-time ratios rather than wall time."""
+    vals = [v for v in loads.values() if v is not None]
+    return bool(vals) and max(vals) - min(vals) > LOAD_CHANGE
 
 
 # ------------------------------------------------------------------ report
@@ -510,6 +552,22 @@ def markdown(report: Dict) -> str:
            "by Q / Q_full instead and rewards doing nothing: shown for comparison only. Every choice of learning "
            "rate and epochs was made on the dev split ('dev Q').", "",
            table(report), ""]
+    cpu_rows = [r for r in report["rows"] if "speedup_cpu" in r and not r["method"].startswith("base")]
+    if cpu_rows:
+        out += ["The same ratios from process CPU time (all threads; other jobs on the machine do not inflate it):", "",
+                "| arm | CPU select s | CPU train s | CPU full s | speedup (CPU) | AER (CPU) |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {r['method']} | {r['cpu_select']:.1f} | {r['cpu_train']:.1f} | {r['cpu_full']:.1f} | "
+                f"{_fmt(r['speedup_cpu'], 2)}x | {_fmt(r['aer_cpu'])} |" for r in cpu_rows]
+        out.append("")
+    if report.get("load_changed"):
+        out += [f"**Warning: the 1-min load average at the start of the arms ranged over "
+                f"{json.dumps(report['load_1min_at_start_of'])}: other jobs probably shared the machine during part "
+                f"of the run; trust the CPU-time ratios over the wall-time ones.**", ""]
+    for name, sm in report.get("seed_summary", {}).items():
+        out += [f"{name} over {len(sm['seeds'])} seeds {sm['seeds']}: Q {_ci(sm['q'])} (mean, 95% t-interval across "
+                f"seeds), gain recovered {_fmt(sm['gain_recovered_mean'])}, speedup {_fmt(sm['speedup_mean'], 2)}x, "
+                f"AER {_fmt(sm['aer_mean'])} (means).", ""]
     pw = pairwise(report)
     if pw:
         out += ["Tuned arms against each other (paired over the same eval items):", "", pw, ""]

@@ -12,6 +12,8 @@ be in the evaluation set. The functions here resample items:
   one of two arms is correct.
 - :func:`gain_recovered`: (Q - Q_base) / (Q_full - Q_base), the share of full
   fine-tuning's improvement over the untuned model that an arm recovers.
+- :func:`seed_interval`: mean and 95% Student-t interval of an arm's quality
+  across seeds (independent runs), the spread the item bootstrap does not see.
 
 Everything is deterministic for a given ``seed``.
 """
@@ -124,3 +126,23 @@ def gain_recovered(q: float, q_base: float, q_full: float) -> float:
     if gain_full <= 0:
         return math.nan
     return (float(q) - float(q_base)) / gain_full
+
+
+# Two-sided 95% quantiles of Student's t for 1 to 10 degrees of freedom; 11 to 30 use the value for 10
+# (conservative), more use the normal 1.96.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_interval(values: Sequence[float]) -> Interval:
+    """Mean over seeds (runs) with a 95% Student-t interval: mean +- t(n-1) * sd / sqrt(n).
+
+    This is the spread of an arm across independent draws (data, order),
+    not across evaluation items; with one value the interval is the point.
+    """
+    a = _scores("values", values)
+    n = a.size
+    if n == 1:
+        return Interval(float(a[0]), float(a[0]), float(a[0]))
+    t = _T975.get(n - 1, _T975[10] if n - 1 <= 30 else 1.96)
+    half = t * float(a.std(ddof=1)) / math.sqrt(n)
+    return Interval(float(a.mean()), float(a.mean()) - half, float(a.mean()) + half)

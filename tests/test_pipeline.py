@@ -85,6 +85,11 @@ def test_run_pipeline_report_and_files(tmp_path):
         else:
             assert math.isnan(r["aer"])
     assert base["trained"]["query_heads"] == 0 and base["t_train"] == 0
+    for r in rep["rows"][1:]:  # CPU-time ratios beside the wall-time ones
+        assert r["cpu_full"] > 0 and r["cpu_train"] > 0 and r["speedup_cpu"] > 0
+        assert r["speedup_cpu"] == pytest.approx(r["cpu_full"] / (r["cpu_select"] + r["cpu_train"]))
+    assert set(rep["load_1min_at_start_of"]) == {"full", "p2d", "random", "all"}
+    assert isinstance(rep["load_changed"], bool)
     assert math.isinf(base["aer"]) or math.isnan(base["aer"])  # doing nothing never scores well
     assert rows["p2d"]["t_select"] == pytest.approx(rows["p2d"]["t_score"] + rows["p2d"]["t_mine"])
     assert rows["p2d"]["data"] == "5 of 48" and rows["all"]["data"] == "48 of 48"
@@ -145,6 +150,10 @@ def test_random_arm_runs_several_seeds():
     rows = [r for r in rep["rows"] if r["method"].startswith("random")]
     assert [r["method"] for r in rows] == ["random", "random (seed 6)", "random (seed 7)"]
     assert [r["seed"] for r in rows] == [5, 6, 7]
+    sm = rep["seed_summary"]["random"]
+    assert sm["seeds"] == [5, 6, 7] and sm["q"]["estimate"] == pytest.approx(sum(r["q"] for r in rows) / 3)
+    assert sm["q"]["low"] <= sm["q"]["estimate"] <= sm["q"]["high"]
+    assert "random over 3 seeds [5, 6, 7]" in markdown(rep)
     with pytest.raises(ValueError, match="random_seeds"):
         run_pipeline(tiny_llama(), task, RunConfig(random_seeds=0), quiet=True)
 
@@ -182,3 +191,10 @@ def test_cli_head_scorer_is_used(tmp_path):
                  "--stem", "h", "--no-progress"]) == 0
     rep = json.loads((tmp_path / "h.json").read_text())
     assert rep["config"]["head_scorer"] == "random" and "method='random'" in rep["head_scorer"]
+
+
+def test_load_flag_and_its_warning():
+    from headsparse.pipeline import _load_changed
+
+    assert _load_changed({"full": 2.0, "p2d": 3.2}) and not _load_changed({"full": 2.0, "p2d": 2.9, "x": None})
+    assert not _load_changed({"full": None})

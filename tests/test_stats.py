@@ -217,3 +217,16 @@ def test_numpy_scalars_are_numbers_and_outcomes_must_be_boolean():
     for bad in (["0", "1"], [0.5, 1.0], [2, 0]):
         with pytest.raises(ValueError, match="a_correct"):
             mcnemar_p(bad, [True, False])
+
+
+def test_seed_interval_hand_computed():
+    from headsparse.stats import seed_interval
+
+    # values 0.762, 0.804, 0.766: mean 0.7773..., sd 0.023180 (ddof 1), t(2) = 4.303 -> half width 0.057587
+    iv = seed_interval([0.762, 0.804, 0.766])
+    assert iv.estimate == pytest.approx(0.777333, abs=1e-6)
+    assert iv.high - iv.estimate == pytest.approx(4.303 * 0.0231805 / 3 ** 0.5, rel=1e-4)
+    assert iv.estimate - iv.low == pytest.approx(iv.high - iv.estimate)
+    assert seed_interval([0.5]).low == seed_interval([0.5]).high == 0.5
+    with pytest.raises(ValueError, match="values"):
+        seed_interval([])

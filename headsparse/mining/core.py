@@ -48,6 +48,7 @@ class MineResult:
     batches: Optional[List[List[int]]] = None  # SLAP: the composed batches (indices into the pool)
     selector: Optional[SlapSelector] = None  # SLAP: for on-policy re-selection in tune()
     info: Dict = field(default_factory=dict)
+    cpu_s: float = 0.0  # process CPU time of the selection (all threads), beside the wall time_s
 
     def subset(self, pool) -> List[Dict]:
         ex = as_examples(pool)
@@ -135,7 +136,7 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     k = max(1, int(round(fraction * len(examples))))
     pad = pad_id_of(model, pad_id)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     info: Dict = {}
     batches = selector = None
     if method == "random":
@@ -178,8 +179,9 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
         chosen = [i for b in batches for i in b]
         elapsed = time.perf_counter() - t0
         return MineResult(method, chosen, scores, float(fraction), elapsed, batches, selector,
-                          {"batch_scores": selector.last["batch_scores"]})
+                          {"batch_scores": selector.last["batch_scores"]}, time.process_time() - c0)
     elapsed = time.perf_counter() - t0
     if method == "p2d":
         info["signature"] = signature
-    return MineResult(method, _top(scores, k), scores.double(), float(fraction), elapsed, None, None, info)
+    return MineResult(method, _top(scores, k), scores.double(), float(fraction), elapsed, None, None, info,
+                      time.process_time() - c0)

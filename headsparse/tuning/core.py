@@ -37,6 +37,7 @@ class TuneResult:
     trainable_params: int
     reselect_time_s: float = 0.0  # SLAP on-policy re-selection inside the training time
     info: Dict = field(default_factory=dict)
+    cpu_s: float = 0.0  # process CPU time of the training loop (all threads), beside the wall time_s
 
 
 def _positive_int(name, v):
@@ -132,7 +133,7 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
     losses: List[float] = []
     step, reselect = 0, 0.0
     model.train()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for epoch in range(epochs):
         if step >= total:
             break
@@ -168,9 +169,9 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
                 bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
             if on_step is not None:
                 on_step(step, lv)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     if bar is not None:
         bar.close()
     model.eval()
     del opt
-    return TuneResult(model, step, epochs, losses, elapsed, n_params, reselect)
+    return TuneResult(model, step, epochs, losses, elapsed, n_params, reselect, cpu_s=cpu)
