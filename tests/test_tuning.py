@@ -98,3 +98,17 @@ def test_tune_max_steps_and_callback(task):
     res = hs.tune(tiny_llama(seed=0), PLAN, task.pool, epochs=5, batch_size=4, max_steps=3, progress=False,
                   on_step=lambda s, l: seen.append((s, l)))
     assert res.steps == 3 and [s for s, _ in seen] == [1, 2, 3]
+
+
+def test_keep_requires_grad_trains_only_what_requires_a_gradient():
+    model = tiny_llama(seed=0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)  # as an adapter library would leave a wrapped model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [{"input_ids": [5, 6, 7, 8, 9]}] * 4
+    res = hs.tune(model, None, data, epochs=1, batch_size=2, lr=1e-2, progress=False, keep_requires_grad=True)
+    assert res.trainable_params == model.lm_head.weight.numel()
+    after = model.state_dict()
+    assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+    assert all(torch.equal(after[k], before[k]) for k in before if k != "lm_head.weight")

@@ -50,12 +50,15 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
          schedule: str = "linear", train_modules: Sequence[str] = (), pad_id: Optional[int] = None, seed: int = 0,
          shuffle: bool = True, max_grad_norm: Optional[float] = 1.0, progress: bool = True,
          on_step: Optional[Callable[[int, float], None]] = None, mode: str = "sparse",
-         apt_options: Optional[Dict] = None) -> TuneResult:
+         apt_options: Optional[Dict] = None, keep_requires_grad: bool = False) -> TuneResult:
     """Fine-tune ``model`` on ``data`` (see the module docstring); returns a :class:`TuneResult`.
 
     Args:
         plan: the :class:`HeadPlan` whose TRAIN heads are trained, or None for
             full-parameter fine-tuning of the unpatched model (the baseline).
+        keep_requires_grad: with ``plan=None``, train the parameters that already
+            require a gradient instead of all of them (e.g. a model wrapped by an
+            adapter library, whose base weights are frozen).
         epochs, batch_size, lr, weight_decay: AdamW training; the learning rate
             follows ``schedule`` ("linear" decay to 0 or "constant") after
             ``warmup_steps`` of linear warm-up.
@@ -95,8 +98,9 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
     if plan is None:
         if is_patched(model):
             raise ValueError("plan=None means full-parameter fine-tuning of an unpatched model, but model is patched")
-        for p in model.parameters():
-            p.requires_grad_(True)
+        if not keep_requires_grad:
+            for p in model.parameters():
+                p.requires_grad_(True)
     else:
         if not isinstance(plan, HeadPlan):
             raise ValueError(f"plan must be a headsparse.HeadPlan or None, got {type(plan).__name__}")
