@@ -35,7 +35,7 @@ from .metrics import aer
 from .stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci, seed_interval
 from .provenance import provenance
 from .mining.core import METHODS, mine
-from .mining.data import as_examples, collate, model_device, pad_id_of
+from .mining.data import as_examples, check_token_ids, collate, model_device, pad_id_of, vocab_size_of
 from .mining.features import patched_for, probe
 from .plan import HeadPlan
 from .scoring import score_heads
@@ -287,8 +287,9 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     """Run every stage on ``model`` (left untouched: each variant trains a deep copy); returns the report dict."""
     cfg = config or RunConfig()
     cfg.check()
-    pool = as_examples(task.pool)
-    target = as_examples(task.target, "target")
+    vocab = vocab_size_of(model)
+    pool = as_examples(task.pool, "pool", vocab)
+    target = as_examples(task.target, "target", vocab)
     if task.is_target is not None and len(task.is_target) != len(pool):
         raise ValueError(f"task.is_target has {len(task.is_target)} entries for a pool of {len(pool)}")
     if not task.eval:
@@ -296,6 +297,8 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     for name, items in (("eval", task.eval), ("dev", task.dev or [])):
         for i, it in enumerate(items):
             _check_item(it, i, name)
+            check_token_ids(list(it["prompt_ids"]) + [t for c in it["choice_ids"] for t in c], vocab, f"{name}[{i}]",
+                            "prompt_ids/choice_ids")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     epochs_heads = cfg.epochs_heads or cfg.epochs

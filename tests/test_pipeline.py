@@ -198,3 +198,10 @@ def test_load_flag_and_its_warning():
 
     assert _load_changed({"full": 2.0, "p2d": 3.2}) and not _load_changed({"full": 2.0, "p2d": 2.9, "x": None})
     assert not _load_changed({"full": None})
+
+
+def test_run_pipeline_checks_token_ids_of_every_split_before_training():
+    task = synthetic_task(n_pool=20, n_targets=4, n_target_set=2, n_eval=4, seed=0)
+    task.eval[2] = {"prompt_ids": [11, 5000], "choice_ids": [[5], [6]], "answer": 0}
+    with pytest.raises(ValueError, match=r"eval\[2\]: prompt_ids/choice_ids holds token id 5000"):
+        run_pipeline(tiny_llama(), task, RunConfig(progress=False), quiet=True)
