@@ -8,8 +8,11 @@ import sys
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(batch=args.batch, q_heads=args.heads, kv_heads=args.kv_heads, seq=args.seq, head_dim=args.head_dim,
-             grad_fraction=args.grad_fraction, backend=args.backend)
+    try:
+        run_demo(batch=args.batch, q_heads=args.heads, kv_heads=args.kv_heads, seq=args.seq, head_dim=args.head_dim,
+                 grad_fraction=args.grad_fraction, backend=args.backend)
+    except ValueError as e:  # bad arguments: one line, no traceback
+        raise SystemExit(f"headsparse demo: {e}") from None
     return 0
 
 
@@ -56,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        # Reports, plans and deltas are written only when a job finishes (to a temporary name, then renamed), so an
+        # interrupted job leaves none of them half-written.
+        print(f"headsparse {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -80,10 +80,15 @@ def read_jsonl(path: str, *, name: Optional[str] = None, shapes: Sequence[str] =
     """
     label = f"{name} {path}" if name else str(path)
     if not os.path.isfile(path):
-        raise ValueError(f"{label}: no such file")
+        raise FileNotFoundError(f"{label}: no such file")
     out: List[Dict] = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{_where(label, i)}: not UTF-8 text ({e.reason} at byte {e.start}); JSONL files "
+                                 f"must be UTF-8") from None
             if not line.strip():
                 continue
             where = _where(label, i)

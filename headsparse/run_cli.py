@@ -79,7 +79,7 @@ def cmd_run(args) -> int:
 
     try:
         records = read_user_records(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"headsparse run: {e}") from None
     import torch
 

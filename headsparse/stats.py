@@ -28,7 +28,10 @@ import numpy as np
 
 
 def _scores(name: str, values: Sequence[float]) -> np.ndarray:
-    a = np.asarray(values, dtype=np.float64)
+    try:
+        a = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a sequence of numbers (per-item scores): {e}") from None
     if a.ndim != 1 or a.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence of per-item scores, got shape {a.shape}")
     if not np.all(np.isfinite(a)):
@@ -36,7 +39,9 @@ def _scores(name: str, values: Sequence[float]) -> np.ndarray:
     return a
 
 
-def _check_common(n_boot: int, confidence: float) -> None:
+def _check_common(n_boot: int, confidence: float, seed: int = 0) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
     if not isinstance(confidence, float) or not 0 < confidence < 1:
@@ -69,7 +74,7 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 2000, confidence: flo
                  seed: int = 0) -> Interval:
     """Mean of ``values`` with a percentile bootstrap CI (items resampled with replacement)."""
     a = _scores("values", values)
-    _check_common(n_boot, confidence)
+    _check_common(n_boot, confidence, seed)
     idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
     return _percentile_interval(a.mean(), a[idx].mean(axis=1), confidence)
 

@@ -75,8 +75,10 @@ def test_file_without_records(tmp_path, lines):
 
 def test_missing_file(tmp_path):
     p = str(tmp_path / "nope.jsonl")
-    _raises([p, "no such file"], read_jsonl, p)
-    _raises(["--eval " + p], read_jsonl, p, name="--eval")
+    for kw, label in (({}, p), ({"name": "--eval"}, "--eval " + p)):
+        with pytest.raises(FileNotFoundError) as ei:
+            read_jsonl(p, **kw)
+        assert label in str(ei.value) and "no such file" in str(ei.value)
 
 
 def test_eval_file_takes_only_choice(tmp_path):

@@ -69,7 +69,7 @@ def test_read_texts_and_options(tmp_path):
 def test_score_command_bad_model(tmp_path):
     data = tmp_path / "d.txt"
     data.write_text("hello\n")
-    with pytest.raises(ValueError, match="--model"):
+    with pytest.raises(SystemExit, match="headsparse score: --model"):
         main(["score", "--model", str(tmp_path / "nothing"), "--data", str(data), "--out", str(tmp_path / "p.json")])
     with pytest.raises(SystemExit):
         main(["score", "--model", "x", "--data", str(data), "--out", "p.json", "--method", "fisher"])

@@ -134,6 +134,14 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
         raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(sketch_k, bool) or not isinstance(sketch_k, int) or sketch_k < 1:
+        raise ValueError(f"sketch_k must be a positive int, got {sketch_k!r}")
+    if slap_options is not None:
+        import inspect
+
+        allowed = set(inspect.signature(SlapSelector.__init__).parameters) - {"self", "examples", "plan", "fraction"}
+        if not isinstance(slap_options, dict) or set(slap_options) - allowed:
+            raise ValueError(f"slap_options must be a dict with keys among {sorted(allowed)}, got {slap_options!r}")
     k = max(1, int(round(fraction * len(examples))))
     pad = pad_id_of(model, pad_id)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -128,6 +128,8 @@ def _head_mask(arg: Optional[torch.Tensor], name: str, num_heads: int, default: 
         raise ValueError(f"{name} must have dtype torch.bool, got {arg.dtype}")
     if arg.shape != (num_heads,):
         raise ValueError(f"{name} must have shape ({num_heads},) (one entry per query head), got {tuple(arg.shape)}")
+    if arg.device.type == "meta":
+        raise ValueError(f"{name} must hold values (a CPU tensor is best), got a tensor on the meta device")
     return tuple(arg.tolist())  # a CPU tensor costs no device synchronisation here
 
 

@@ -52,6 +52,8 @@ def score_heads(model, data, method: str = "gradient", *, tokenizer=None, batch_
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     opts = resolve_options(method, options)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     info = model_info(model)
     device = next(model.parameters()).device
     total = None

@@ -131,8 +131,18 @@ def _stem(out: str) -> str:
 
 
 def run(args) -> int:
+    """``headsparse score``: a bad argument or input ends with a one-line message naming it, no traceback."""
+    try:
+        return _run(args)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"headsparse score: {e}") from None
+
+
+def _run(args) -> int:
     import time
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
     from . import score_heads
 
     fraction = args.fraction if args.fraction is not None or args.per_layer_k is not None else 0.1

@@ -87,6 +87,16 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if schedule not in ("linear", "constant"):
         raise ValueError(f"schedule must be 'linear' or 'constant', got {schedule!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0 \
+            or not math.isfinite(weight_decay):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                      or not max_grad_norm >= 0):
+        raise ValueError(f"max_grad_norm must be a number >= 0 (0 or None: no clipping), got {max_grad_norm!r}")
+    if isinstance(plan, HeadPlan) and not plan.count("train") and not train_modules:
+        raise ValueError("plan: nothing to train, the plan has no TRAIN heads and no train_modules are given")
     selector, first_batches = None, None
     if isinstance(data, MineResult):
         if data.selector is None:
