@@ -163,7 +163,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (bias == -inf) continue;
           const acc_t s = dot(qrow.data(), kbuf.data() + j * D, D) + bias;
           srow[j] = s;
-          mx = std::max(mx, s);
+          // std::max would skip a NaN score; a NaN must poison the row, as in the reference.
+          mx = (s > mx || s != s) ? s : mx;
         }
         std::fill(orow.begin(), orow.end(), acc_t(0));
         acc_t row_lse = inf;
