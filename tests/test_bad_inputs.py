@@ -245,14 +245,19 @@ FOR_MODEL = [
     ("unknown kv_policy", "kv_policy", lambda m: HeadPlan.for_model(m, kv_policy="bogus")),
 ]
 
-
-@pytest.mark.parametrize("name,match,call", FOR_MODEL, ids=[c[0] for c in FOR_MODEL])
-def test_headplan_for_model(base, name, match, call):
+def _rejects_leaving_untouched(base, match, call):
+    """``call`` on a copy of ``base`` raises ValueError matching ``match`` and leaves the copy as it was."""
     m = copy.deepcopy(base)
     snap = _snap(m)
     with pytest.raises(ValueError, match=match):
         call(m)
     _assert_untouched(m, snap)
+
+
+
+@pytest.mark.parametrize("name,match,call", FOR_MODEL, ids=[c[0] for c in FOR_MODEL])
+def test_headplan_for_model(base, name, match, call):
+    _rejects_leaving_untouched(base, match, call)
 
 
 # ================================================================== patch / unpatch
@@ -369,11 +374,7 @@ SCORE = [
 
 @pytest.mark.parametrize("name,match,call", SCORE, ids=[c[0] if isinstance(c, tuple) else c.id for c in SCORE])
 def test_score_heads(base, name, match, call):
-    m = copy.deepcopy(base)
-    snap = _snap(m)
-    with pytest.raises(ValueError, match=match):
-        call(m)
-    _assert_untouched(m, snap)
+    _rejects_leaving_untouched(base, match, call)
 
 
 def test_score_heads_patched_model(base):
