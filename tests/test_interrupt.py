@@ -1,6 +1,6 @@
 """Ctrl-C (SIGINT) in the middle of a long job leaves no half-written report, plan, scores or heat map.
 
-``headsparse run`` (tiny model, 400-example pool, 20 epochs of full fine-tuning: ~20 s of training) is
+``headsparse run`` (tiny model, 400-example pool, 2000 epochs of full fine-tuning: minutes of training) is
 interrupted once it has clearly started training (after its "base model" line); ``headsparse score`` (MiniLM on
 thousands of texts) once its progress bar shows scoring has begun. Then: the process ended with a non-zero status,
 and the output folder holds no report/plan file and no temp file; stderr ends in one line saying so, with no
@@ -32,8 +32,11 @@ class Job:
                "PYTHONPATH": ROOT}
         self.err_path = os.path.join(log_dir, "stderr.txt")
         self._err = open(self.err_path, "w")
+        # A job started in the background by a non-interactive shell (as CI may run the suite) inherits SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt handler: restore the default in the child.
         self.proc = subprocess.Popen([sys.executable, "-m", "headsparse.cli", *argv], cwd=cwd, env=env,
-                                     stdout=subprocess.PIPE, stderr=self._err, text=True)
+                                     stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.out_lines = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -115,8 +118,8 @@ def run_job(tmp_path_factory):
     return _interrupted(
         tmp_path_factory,
         lambda base, out: ["run", "--model", "tiny", "--pool-size", "400", "--targets", "40", "--eval-size", "40",
-                           "--epochs", "20", "--out", out, "--stem", "s", "--no-progress"],
-        "stdout", "base model", settle=1.5)
+                           "--epochs", "2000", "--out", out, "--stem", "s", "--no-progress"],
+        "stdout", "base model", settle=0.5)  # 2000 epochs: minutes of full fine-tuning even on a fast machine
 
 
 def test_run_was_interrupted_while_training(run_job):
