@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .pipeline import Task
-from .records import to_choice_item, to_example
+from .records import SHAPES, check_records, to_choice_item, to_example
 
 # --------------------------------------------------------------------- models
 def cache_root() -> pathlib.Path:
@@ -321,6 +321,8 @@ def task_from_records(records: Dict[str, List[Dict]], tok, *, vocab_size: Option
     choice. Pool records whose ``task`` equals one of the target records' tasks
     count as target-task data for mining precision and recall.
     """
+    records = {k: check_records(v, k, ("choice",) if k in ("eval", "dev") else SHAPES)
+               for k, v in records.items() if v is not None}
     pool = [to_example(r, tok, max_tokens=max_tokens, vocab_size=vocab_size) for r in records["pool"]]
     target = [to_example(r, tok, max_tokens=max_tokens, vocab_size=vocab_size) for r in records["target"]]
     ev = [to_choice_item(r, tok, vocab_size=vocab_size) for r in records["eval"]]

@@ -102,3 +102,17 @@ def test_token_ids_outside_the_vocabulary_name_the_record(tmp_path):
             for k in FILES}
     with pytest.raises(ValueError, match=r"pool\.jsonl:1: field '.*' has token id \d+ outside the model's vocabulary"):
         task_from_records(recs, byte_tokenizer(), vocab_size=50)
+
+
+def test_in_memory_records_are_checked_like_files():
+    from headsparse.tasks import byte_tokenizer, task_from_records
+
+    good = {"pool": [{"text": "ab cd"}], "target": [{"text": "xy z"}],
+            "eval": [{"prompt": "Q", "choices": [" a", " b"], "answer": 1}]}
+    assert len(task_from_records(good, byte_tokenizer()).eval) == 1
+    for split, rec, match in (("eval", {"text": "no"}, r"eval\[0\]: a 'text' record is not accepted in eval"),
+                              ("pool", {"foo": 1}, r"pool\[0\]: record has none of the known shapes"),
+                              ("eval", {"prompt": "Q", "choices": [" a", " b"], "answer": 5},
+                               r"eval\[0\]: field 'answer'")):
+        with pytest.raises(ValueError, match=match):
+            task_from_records({**good, split: [rec]}, byte_tokenizer())
