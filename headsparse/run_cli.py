@@ -35,6 +35,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p2d-signature", default="fwd", choices=("fwd", "gate"),
                    help="P2D's per-head signature: fwd (forward only: pooled TRAIN-head outputs, default) or gate "
                         "(|gate gradient|: forward and backward); the other one is also mined, for comparison")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep P2D's forward signature of every head on the pool here; a later run on the same model "
+                        "and pool (any plan) reuses it, and the report adds the amortised AER")
     p.add_argument("--head-scorer", default="gradient",
                    help="headsparse.score_heads method choosing the TRAIN heads: gradient (default), apt, hifi, alps, "
                         "random; its time counts as selection")
@@ -103,7 +106,7 @@ def cmd_run(args) -> int:
                         lr_full=pick("lr_full"), lr_heads=pick("lr_heads"), grad=args.grad, seed=args.seed,
                         progress=not args.no_progress, tune_mode=args.tune_mode, apt_keep=args.apt_keep,
                         random_seeds=pick("random_seeds"), p2d_signature=args.p2d_signature,
-                        head_scorer=args.head_scorer)
+                        head_scorer=args.head_scorer, cache_dir=args.cache_dir)
         cfg.check()
     except ValueError as e:
         raise SystemExit(f"headsparse run: {e}") from None

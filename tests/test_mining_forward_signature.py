@@ -109,3 +109,35 @@ def test_p2d_fwd_mining_finds_planted_targets():
     assert res.info["signature"] == "fwd" and res.info["signature_dim"] == plan.count("train") * 8
     # random selection of 10 from 100 with 10 targets: expected recall 0.10 (the gate signature gets >= 0.6)
     assert res.precision_recall(task.is_target)["recall"] >= 0.4
+
+
+def test_signature_cache_hits_and_invalidates(tmp_path, model):
+    from headsparse.mining.features import cached_forward_signature
+
+    plan_a, plan_b = _plan(), _plan(train=((2, 3), (0, 0)))
+    ex, _ = _batch()
+    sig, status, spent = cached_forward_signature(model, ex, plan_a, tmp_path, batch_size=3)
+    assert status == "miss" and spent > 0 and len(list(tmp_path.glob("fwdsig-*.safetensors"))) == 1
+    torch.testing.assert_close(sig, forward_signature(model, ex, plan_a, batch_size=3))
+    # another plan on the same model and pool: a hit, the right columns, no forward
+    calls = []
+    h = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        sig_b, status, spent = cached_forward_signature(model, ex, plan_b, tmp_path, batch_size=3)
+    finally:
+        h.remove()
+    assert status == "hit" and spent == 0.0 and not calls
+    torch.testing.assert_close(sig_b, forward_signature(model, ex, plan_b, batch_size=3))
+    # a changed pool or a changed weight is a new key
+    assert cached_forward_signature(model, ex[:-1], plan_a, tmp_path)[1] == "miss"
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    assert cached_forward_signature(other, ex, plan_a, tmp_path)[1] == "miss"
+    assert len(list(tmp_path.glob("fwdsig-*.safetensors"))) == 3 and not list(tmp_path.glob(".*"))
+    # mine reports the cache and gives the same selection as without it
+    r1 = hs.mine(model, ex, plan_b, method="p2d", fraction=0.5, target=ex[:2], signature="fwd", cache_dir=tmp_path)
+    r0 = hs.mine(model, ex, plan_b, method="p2d", fraction=0.5, target=ex[:2], signature="fwd")
+    assert r1.info["cache"] == "hit" and r1.indices == r0.indices
+    with pytest.raises(ValueError, match="cache_dir"):
+        cached_forward_signature(hs.patch(copy.deepcopy(model), plan_a), ex, plan_a, tmp_path)

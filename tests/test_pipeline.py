@@ -205,3 +205,16 @@ def test_run_pipeline_checks_token_ids_of_every_split_before_training():
     task.eval[2] = {"prompt_ids": [11, 5000], "choice_ids": [[5], [6]], "answer": 0}
     with pytest.raises(ValueError, match=r"eval\[2\]: prompt_ids/choice_ids holds token id 5000"):
         run_pipeline(tiny_llama(), task, RunConfig(progress=False), quiet=True)
+
+
+def test_signature_cache_in_the_report(tmp_path):
+    task = synthetic_task(n_pool=40, n_targets=8, n_target_set=4, n_eval=8, seed=0)
+    cfg = RunConfig(methods=("p2d",), epochs=1, lr_full=1e-3, lr_heads=3e-3, head_fraction=0.25, progress=False,
+                    n_boot=100, p2d_compare=False, cache_dir=str(tmp_path))
+    first = run_pipeline(tiny_llama(seed=0), task, cfg, quiet=True)["rows"][-1]
+    again = run_pipeline(tiny_llama(seed=0), task, cfg, quiet=True)
+    row = again["rows"][-1]
+    assert (first["cache"], row["cache"]) == ("miss", "hit") and row["signature_s"] == 0.0
+    assert first["t_select_amortised"] == pytest.approx(first["t_select"] - first["signature_s"])
+    assert first["q"] == row["q"]  # the same selection, trained the same way
+    assert "P2D signature cache: hit" in markdown(again)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..plan import HeadPlan
 from .data import as_examples, pad_id_of, vocab_size_of
-from .features import forward_signature, patched_for, probe
+from .features import cached_forward_signature, forward_signature, patched_for, probe
 from .slap import SlapSelector
 
 METHODS = ("p2d", "slap", "random", "loss", "less")
@@ -109,7 +109,8 @@ def p2d_scores(pool_sig: torch.Tensor, target_sig: torch.Tensor, center: bool = 
 def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1, target=None, *,
          batch_size: int = 8, pad_id: Optional[int] = None, seed: int = 0, center: bool = True,
          signature: str = "gate",
-         sketch_k: int = 8, slap_options: Optional[Dict] = None, progress: bool = False) -> MineResult:
+         sketch_k: int = 8, slap_options: Optional[Dict] = None, progress: bool = False,
+         cache_dir=None) -> MineResult:
     """Select ``fraction`` of ``pool`` for training ``plan``'s heads of ``model`` (see the module docstring).
 
     Args:
@@ -123,6 +124,10 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
         signature: P2D's per-(sample, TRAIN head) signature: "gate" (|gate gradient|, a forward and a
             backward per batch), "gate-signed", or "fwd" (forward-only pooled head outputs, no backward, no
             LM head, stopping after the highest TRAIN layer).
+        cache_dir: with ``signature="fwd"`` on an unpatched model, keep every head's pool signature there
+            (:func:`headsparse.mining.features.cached_forward_signature`): a later call on the same model and
+            pool, with any plan, skips the pool's forward. ``info`` gets "cache" (hit/miss) and
+            "signature_s" (seconds spent computing the pool signature, 0 on a hit).
     """
     _check(fraction, method, target, pool)
     if signature not in SIGNATURES:
@@ -156,8 +161,12 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
                       desc="loss probe")
         scores = f["loss"].double()
     elif method == "p2d" and signature == "fwd":
-        sp = forward_signature(model, examples, plan, batch_size=batch_size, pad_id=pad, progress=progress,
-                               desc="p2d pool (fwd)")
+        if cache_dir is not None:
+            sp, info["cache"], info["signature_s"] = cached_forward_signature(
+                model, examples, plan, cache_dir, batch_size=batch_size, pad_id=pad, progress=progress)
+        else:
+            sp = forward_signature(model, examples, plan, batch_size=batch_size, pad_id=pad, progress=progress,
+                                   desc="p2d pool (fwd)")
         st = forward_signature(model, tgt, plan, batch_size=batch_size, pad_id=pad, desc="p2d target (fwd)")
         scores = p2d_scores(sp, st, center, signature)
         info["signature_dim"] = int(sp.shape[1])

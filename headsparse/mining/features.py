@@ -274,3 +274,69 @@ def forward_signature(model, examples: Sequence[Dict], plan: HeadPlan, *, batch_
             h.remove()
         model.train(was_training)
     return torch.cat(out)
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the model's class, config and every parameter and buffer (changes whenever any weight does)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__name__.encode())
+    cfg = getattr(model, "config", None)
+    h.update((cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else repr(cfg)).encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def examples_fingerprint(examples: Sequence[Dict]) -> str:
+    """A hash of the examples' token ids and labels, in order."""
+    import hashlib
+    import json
+
+    h = hashlib.blake2b(digest_size=16)
+    for e in examples:
+        h.update(json.dumps([list(e["input_ids"]), list(e["labels"]) if e.get("labels") is not None else None])
+                 .encode())
+    return h.hexdigest()
+
+
+def cached_forward_signature(model, examples: Sequence[Dict], plan: HeadPlan, cache_dir, *, batch_size: int = 8,
+                             pad_id: int = 0, progress: bool = False) -> tuple:
+    """(:func:`forward_signature` of ``plan``'s TRAIN heads, "hit" | "miss", seconds spent computing).
+
+    The signature of *every* head of an unpatched ``model`` on ``examples`` is
+    kept in ``cache_dir`` (safetensors, written to a temporary name and renamed),
+    keyed by :func:`model_fingerprint` and :func:`examples_fingerprint`, so a
+    later run on the same pool with another plan mines without a forward. A
+    change of any weight or any example is a new key. The first computation
+    runs every layer (no early stop), so a miss costs more than an uncached call.
+    """
+    import os
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    from .._atomic import atomic_path
+
+    if is_patched(model):
+        raise ValueError("cache_dir: the signature cache needs an unpatched model (all heads present)")
+    plan.check_model(model)
+    key = f"{model_fingerprint(model)}-{examples_fingerprint(examples)}"
+    path = os.path.join(os.fspath(cache_dir), f"fwdsig-{key}.safetensors")
+    t0 = time.perf_counter()
+    if os.path.isfile(path):
+        full, status, spent = load_file(path)["signature"], "hit", 0.0
+    else:
+        every = HeadPlan.for_model(model, "train")
+        full = forward_signature(model, examples, every, batch_size=batch_size, pad_id=pad_id, progress=progress,
+                                 desc="fwd signature (all heads, cached)")
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            save_file({"signature": full.contiguous()}, tmp)
+        status, spent = "miss", time.perf_counter() - t0
+    d = full.shape[1] // (plan.num_layers * plan.num_q_heads)
+    cols = torch.cat([torch.arange((i * plan.num_q_heads + h) * d, (i * plan.num_q_heads + h + 1) * d)
+                      for i, h in train_head_index(plan)])
+    return full[:, cols], status, spent
