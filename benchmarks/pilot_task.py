@@ -32,10 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from headsparse._atomic import atomic_write_text  # noqa: E402
 from headsparse.pipeline import environment, evaluate, score_heads_for_pipeline  # noqa: E402
 from headsparse.plan import HeadPlan  # noqa: E402
-from headsparse.records import to_choice_item, to_example  # noqa: E402
 from headsparse.stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci  # noqa: E402
 from headsparse.tasks import (DEFAULT_TASK_DESCRIPTION, analogy_mix_records, load_causal_lm,  # noqa: E402
-                              smollm2_dir)
+                              smollm2_dir, task_from_records)
 from headsparse.tuning import tune  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -62,10 +61,8 @@ def main(argv=None) -> int:
     model, tok = load_causal_lm(smollm2_dir())
     vocab = model.config.vocab_size
     recs = analogy_mix_records(tok)
-    pool = [to_example(r, tok, max_tokens=args.max_tokens, vocab_size=vocab) for r in recs["pool"]]
-    target = [to_example(r, tok, max_tokens=args.max_tokens, vocab_size=vocab) for r in recs["target"]]
-    dev = [to_choice_item(r, tok, vocab_size=vocab) for r in recs["dev"]]
-    ev = [to_choice_item(r, tok, vocab_size=vocab) for r in recs["eval"]]
+    task = task_from_records(recs, tok, vocab_size=vocab, max_tokens=args.max_tokens)
+    pool, target, dev, ev = task.pool, task.target, task.dev, task.eval
     rows, t_start = [], time.perf_counter()
 
     def log(msg):

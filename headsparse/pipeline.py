@@ -265,23 +265,18 @@ def trained_parts(plan: Optional[HeadPlan], model, trainable_params: int) -> Dic
             "total_kv_heads": total_kv, "trainable_params": trainable_params, "other_modules": "none"}
 
 
-class _Arms:
-    """Per-item outcomes of every arm and the statistics that compare them."""
-
-    def __init__(self, cfg: RunConfig, base: EvalResult):
-        self.cfg, self.base = cfg, base
-
-    def row(self, res: EvalResult, full: Optional[EvalResult]) -> Dict:
-        n, s = self.cfg.n_boot, self.cfg.seed
-        out = {"q": res.accuracy, "q_ci": bootstrap_ci(res.correct, n_boot=n, seed=s).as_dict(),
-               "answer_nll": res.answer_nll, "n_eval": len(res.correct),
-               "vs_base": paired_bootstrap_ci(res.correct, self.base.correct, n_boot=n, seed=s).as_dict(),
-               "vs_base_mcnemar_p": mcnemar_p(res.correct, self.base.correct)}
-        if full is not None:
-            out["vs_full"] = paired_bootstrap_ci(res.correct, full.correct, n_boot=n, seed=s).as_dict()
-            out["vs_full_mcnemar_p"] = mcnemar_p(res.correct, full.correct)
-        out["correct"] = [int(c) for c in res.correct]
-        return out
+def _quality_stats(res: EvalResult, base: EvalResult, full: Optional[EvalResult], cfg: RunConfig) -> Dict:
+    """An arm's quality with its CI, and its paired comparisons with the base model and full fine-tuning."""
+    n, s = cfg.n_boot, cfg.seed
+    out = {"q": res.accuracy, "q_ci": bootstrap_ci(res.correct, n_boot=n, seed=s).as_dict(),
+           "answer_nll": res.answer_nll, "n_eval": len(res.correct),
+           "vs_base": paired_bootstrap_ci(res.correct, base.correct, n_boot=n, seed=s).as_dict(),
+           "vs_base_mcnemar_p": mcnemar_p(res.correct, base.correct)}
+    if full is not None:
+        out["vs_full"] = paired_bootstrap_ci(res.correct, full.correct, n_boot=n, seed=s).as_dict()
+        out["vs_full_mcnemar_p"] = mcnemar_p(res.correct, full.correct)
+    out["correct"] = [int(c) for c in res.correct]
+    return out
 
 
 def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet: bool = False) -> Dict:
@@ -319,7 +314,6 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         return res, dev
 
     base, base_dev = assess(model, "base")
-    arms = _Arms(cfg, base)
     _log(f"base model: quality {base.accuracy:.4f}, answer NLL {base.answer_nll:.3f} "
          f"({stages['base_eval']:.1f} s)", quiet)
 
@@ -335,8 +329,9 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     _log(f"full fine-tuning: {res_full.steps} steps in {t_full:.1f} s, quality {full.accuracy:.4f}", quiet)
 
     def finish(row, res, dev, t_select, t_train, cpu_select=0.0, cpu_train=0.0):
-        row.update(arms.row(res, full if row["method"] != "full" else None))
-        row.update(aer(t_select, t_train, t_full, res.accuracy, full.accuracy, base.accuracy).as_dict())
+        row.update(_quality_stats(res, base, full if row["method"] != "full" else None, cfg))
+        parts = aer(t_select, t_train, t_full, res.accuracy, full.accuracy, base.accuracy)
+        row.update(parts.as_dict())
         if cpu_full > 0:  # the same ratios from process CPU time, which other jobs on the machine do not inflate
             c = aer(cpu_select, cpu_train, cpu_full, res.accuracy, full.accuracy, base.accuracy)
             row.update(cpu_select=cpu_select, cpu_train=cpu_train, cpu_full=cpu_full, speedup_cpu=c.speedup,
@@ -344,6 +339,7 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         if dev is not None:
             row["q_dev"] = dev.accuracy
         rows.append(row)
+        return parts
 
     finish({"method": "base (untuned)", "data": "none", "trained": trained_parts(None, model, 0) | {
         "query_heads": 0, "kv_heads": 0, "other_modules": "none"}, "steps": 0}, base, base_dev, 0.0, 0.0)
@@ -415,10 +411,10 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         if pr is not None:
             row.update({"mining_precision": pr["precision"], "mining_recall": pr["recall"]})
         del m
-        finish(row, ev, ev_dev, t_score + t_mine, res.time_s, cpu_score + (mres.cpu_s if mres else 0.0), res.cpu_s)
-        r = rows[-1]
+        parts = finish(row, ev, ev_dev, t_score + t_mine, res.time_s, cpu_score + (mres.cpu_s if mres else 0.0),
+                       res.cpu_s)
         _log(f"{label}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps), quality {ev.accuracy:.4f}; "
-             f"{aer(r['t_select'], r['t_train'], t_full, ev.accuracy, full.accuracy, base.accuracy)}", quiet)
+             f"{parts}", quiet)
 
     return {
         "task": {"name": task.name, "description": task.description, "pool": len(pool), "target_set": len(target),
@@ -605,7 +601,6 @@ def _load(env: Dict, when: str) -> str:
 
 def write_report(report: Dict, out_dir: str, stem: str = "run") -> Dict[str, str]:
     """Write ``<stem>.json`` and ``<stem>.md`` (and ``<stem>.png`` if matplotlib is there) into ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, f"{stem}.json"), "md": os.path.join(out_dir, f"{stem}.md")}
     atomic_write_text(paths["json"], json.dumps(report, indent=1, default=str))
     atomic_write_text(paths["md"], markdown(report))

@@ -87,7 +87,7 @@ def cmd_run(args) -> int:
     import torch
 
     from .pipeline import RunConfig, run_pipeline, table, write_report
-    from .tasks import (DEFAULT_TASK_DESCRIPTION, analogy_mix_records, byte_tokenizer, check_model_family,
+    from .tasks import (DEFAULT_TASK_DESCRIPTION, analogy_mix_records, byte_tokenizer,
                         load_causal_lm, smollm2_dir, synthetic_task, task_from_records, tiny_llama)
 
     if args.threads:
@@ -116,9 +116,8 @@ def cmd_run(args) -> int:
             model = tiny_llama(seed=args.seed, vocab=len(tok) if tok else 1000)
         else:
             path = str(smollm2_dir()) if args.model == "smollm2" else args.model
-            check_model_family(path)
             print(f"[headsparse run] loading {path}", flush=True)
-            model, tok = load_causal_lm(path)
+            model, tok = load_causal_lm(path)  # checks the model family from its config before loading weights
         if records:
             task = task_from_records(records, tok, vocab_size=model.config.vocab_size, max_tokens=args.max_tokens,
                                      name=f"{os.path.basename(args.pool)} ({args.model})",

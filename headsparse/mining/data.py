@@ -23,15 +23,22 @@ def vocab_size_of(model) -> Optional[int]:
     return int(n) if isinstance(n, int) else getattr(getattr(model, "config", None), "vocab_size", None)
 
 
-def check_token_ids(ids: Sequence[int], vocab_size: Optional[int], where: str, field: str = "input_ids",
+def check_token_ids(ids, vocab_size: Optional[int], where: str, field: str = "input_ids",
                     ignore: Optional[int] = None) -> None:
-    """ValueError naming ``where`` and ``field`` if an id is outside [0, vocab_size) (``ignore`` is allowed too)."""
+    """ValueError naming ``where`` and ``field`` if an id is outside [0, vocab_size) (``ignore`` is allowed too).
+
+    ``ids`` is a sequence of ints or an integer tensor of any shape.
+    """
     if vocab_size is None:
         return
-    vals = [int(t) for t in ids if ignore is None or int(t) != ignore]
-    if vals and (min(vals) < 0 or max(vals) >= vocab_size):
-        bad = min(vals) if min(vals) < 0 else max(vals)
-        raise ValueError(f"{where}: {field} holds token id {bad}, outside the model's vocabulary of {vocab_size}")
+    t = ids if torch.is_tensor(ids) else torch.as_tensor(list(ids), dtype=torch.long)
+    if ignore is not None:
+        t = t[t != ignore]
+    if t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{where}: {field} holds token id {bad}, outside the model's vocabulary of {vocab_size}")
 
 
 def as_examples(pool, name: str = "pool", vocab_size: Optional[int] = None) -> List[Dict]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..mining.data import vocab_size_of
 from ._model import iter_batches, model_info, per_sample_loss
 from .methods import DEFAULTS, resolve_options
 from .scores import HeadScores, spearman
@@ -61,8 +62,8 @@ def score_heads(model, data, method: str = "gradient", *, tokenizer=None, batch_
         texts = bool(data) and all(isinstance(t, str) for t in data)
         n = min(len(data), max_samples) if texts and max_samples else len(data)
         total = -(-n // batch_size) if texts else len(data)
-    vocab = getattr(getattr(model.get_input_embeddings(), "weight", None), "shape", [None])[0]
-    counter = M._Counter(iter_batches(data, tokenizer, batch_size, max_length, device, max_samples, vocab), progress,
+    counter = M._Counter(iter_batches(data, tokenizer, batch_size, max_length, device, max_samples,
+                                      vocab_size_of(model)), progress,
                          desc=f"scoring heads ({method})", total=total)
     extra = {}
     if method == "gradient":

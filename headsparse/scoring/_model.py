@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..mining.data import check_token_ids
 from ..patch.families import Family, find_family
 
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
@@ -91,14 +92,10 @@ def _as_batch(item, device, vocab_size: Optional[int] = None, index: int = 0) ->
         out["attention_mask"] = torch.ones_like(ids)
     if tuple(out["attention_mask"].shape) != tuple(ids.shape):
         raise ValueError("data: attention_mask must have the shape of input_ids")
-    if vocab_size is not None:  # an out-of-range id would fail deep in the embedding, naming no batch
-        for field, ignore in (("input_ids", None), ("labels", -100)):
-            if field in out:
-                v = out[field][out[field] != ignore] if ignore is not None else out[field].flatten()
-                if v.numel() and (int(v.min()) < 0 or int(v.max()) >= vocab_size):
-                    bad = int(v.min()) if int(v.min()) < 0 else int(v.max())
-                    raise ValueError(f"data: batch {index}: {field} holds token id {bad}, outside the model's "
-                                     f"vocabulary of {vocab_size}")
+    # an out-of-range id would fail deep in the embedding, naming no batch
+    check_token_ids(ids, vocab_size, f"data: batch {index}")
+    if "labels" in out:
+        check_token_ids(out["labels"], vocab_size, f"data: batch {index}", "labels", ignore=-100)
     return out
 
 
