@@ -5,14 +5,26 @@ Stages, each timed with ``time.perf_counter`` on the same machine:
 1. ``warmup`` (untimed in AER): one forward + backward per model kind, so
    lazy initialisation does not land in the first timed stage.
 2. ``base_eval``: quality of the untouched model (for reference).
-3. ``full``: full-data, full-parameter fine-tuning (AdamW, same epochs, batch
-   size and schedule as the methods) -> T_full, Q_full.
+3. ``full``: full-data, full-parameter fine-tuning (AdamW with linear warm-up
+   and decay, the same epochs and batch size as the methods) -> T_full, Q_full.
 4. ``score``: head scores on the small target set -> a :class:`HeadPlan`
    that trains the top ``head_fraction`` of heads (the rest frozen).
 5. per mining method: ``mine`` (T_mine) -> the selected ``fraction`` of the
    pool; ``tune`` the plan's heads on it (T_train); ``eval`` (Q). The AER uses
    T_select = T_score + T_mine (head scoring is part of the selection latency)
    and T_train; see :mod:`headsparse.metrics`.
+6. optionally (``same_steps``) the first method again, trained for as many
+   optimizer steps as full fine-tuning: what head-sparse training reaches when
+   it is not the cheaper one.
+7. further seeds (``seeds``): seed k scores the heads on a bootstrap resample
+   of the target set (so the plan and the mined set change), mines with that
+   plan, draws random subsets and orders the data with seed k.
+
+Learning rates (``lr_grid_full`` / ``lr_grid_heads``) are chosen per arm on
+the dev split, never on eval; the candidate chosen is the arm, and the other
+candidates' training plus the dev evaluations are the search's cost, which the
+report adds to T_select (and to T_full for the baseline's own search) in a
+second AER. ``lr_table`` reuses an earlier run's choices with its times.
 
 The report (markdown + JSON, written to a temporary file and renamed) holds
 every part of every number, the device, versions, commit and date.
@@ -162,7 +174,7 @@ def evaluate(model, items: Sequence[Dict], batch_size: int = 16, pad_id: Optiona
 
 
 # -------------------------------------------------------------------- scoring
-def score_heads_for_pipeline(model, data, batch_size: int = 8, method: str = "gradient") -> tuple:
+def score_heads_for_pipeline(model, data, batch_size: int = 8, method: str = "gradient", seed: int = 0) -> tuple:
     """(scores (layers, heads), description of the scorer used) from :func:`headsparse.score_heads`.
 
     ``method`` is any scoring method (default "gradient" = Michel et al.'s gate
@@ -172,7 +184,7 @@ def score_heads_for_pipeline(model, data, batch_size: int = 8, method: str = "gr
     pad = pad_id_of(model, None)
     dev = model_device(model)
     batches = [collate(examples[i:i + batch_size], pad, dev) for i in range(0, len(examples), batch_size)]
-    hs_scores = score_heads(model, batches, method=method)
+    hs_scores = score_heads(model, batches, method=method, seed=seed)
     return hs_scores.scores.float(), f"headsparse.score_heads(method={method!r})"
 
 
@@ -184,11 +196,16 @@ class RunConfig:
     methods: Sequence[str] = ("p2d", "random")
     fraction: float = 0.1  # share of the pool mined
     head_fraction: float = 0.1  # share of heads trained
-    epochs: int = 1  # full fine-tuning epochs
-    epochs_heads: Optional[int] = None  # head-sparse epochs (None: same as epochs)
+    epochs: int = 1  # epochs of every arm (full fine-tuning and the head-sparse arms alike)
+    epochs_heads: Optional[int] = None  # head-sparse epochs if they must differ (None: the same as epochs)
+    same_steps: bool = False  # add "<first method> (same steps as full)": as many optimizer steps as full fine-tuning
     batch_size: int = 8
-    lr_full: float = 3e-5
-    lr_heads: float = 1e-3
+    lr_full: float = 3e-5  # used when lr_grid_full is empty and lr_table is None
+    lr_heads: float = 1e-3  # used when lr_grid_heads is empty and lr_table is None
+    lr_grid_full: Sequence[float] = ()  # >= 2 values: full fine-tuning's lr is chosen on the dev split
+    lr_grid_heads: Sequence[float] = ()  # >= 2 values: each head arm's lr is chosen on the dev split
+    lr_table: Optional[Dict] = None  # a previous run's report["lr_search"]: its lrs, with its search times counted
+    warmup_ratio: float = 0.1  # share of each arm's optimizer steps spent in linear lr warm-up (sparse mode)
     grad: str = "exact"
     seed: int = 0
     probe_batch_size: int = 16
@@ -198,10 +215,15 @@ class RunConfig:
     tune_mode: str = "sparse"  # "sparse" or "apt" (APT-style adaptive pruning of FROZEN heads while tuning)
     apt_keep: float = 0.6  # apt: retained share of heads at the end
     n_boot: int = 2000  # bootstrap resamples for every confidence interval
-    random_seeds: int = 1  # the random arm (cheap) runs with seeds seed, seed+1, ...: its spread across draws
+    seeds: int = 1  # every mining arm runs with seeds seed, seed+1, ... (see run_pipeline): its spread across seeds
     p2d_signature: str = "fwd"  # "fwd" (forward-only pooled head outputs) or "gate" (|gate gradient|, fwd + bwd)
     p2d_compare: bool = True  # also mine with the other signature, for its precision/recall and cost (not trained)
     cache_dir: Optional[str] = None  # P2D "fwd": keep every head's pool signature here (reused by later runs)
+
+    def arm_keys(self) -> List[str]:
+        """The names under which each arm's learning rate is searched (or looked up in ``lr_table``)."""
+        keys = ["full", *self.methods]
+        return keys + [same_steps_label(self.methods[0])] if self.same_steps else keys
 
     def check(self) -> None:
         bad = [m for m in self.methods if m not in PIPELINE_METHODS]
@@ -211,7 +233,7 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
-        for name in ("epochs", "batch_size", "probe_batch_size", "eval_batch_size", "n_boot", "random_seeds"):
+        for name in ("epochs", "batch_size", "probe_batch_size", "eval_batch_size", "n_boot", "seeds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -227,9 +249,42 @@ class RunConfig:
         if self.tune_mode not in ("sparse", "apt"):
             raise ValueError(f"tune_mode must be 'sparse' or 'apt', got {self.tune_mode!r}")
         for name in ("lr_full", "lr_heads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+            _check_lr(name, getattr(self, name))
+        for name in ("lr_grid_full", "lr_grid_heads"):
+            grid = getattr(self, name)
+            if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) == 1:
+                raise ValueError(f"{name} must be empty (no search) or hold at least 2 learning rates, got {grid!r}")
+            for v in grid:
+                _check_lr(name, v)
+            if len(set(grid)) != len(grid):
+                raise ValueError(f"{name} repeats a learning rate: {list(grid)!r}")
+        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
+                or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.lr_table is not None:
+            if self.lr_grid_full or self.lr_grid_heads:
+                raise ValueError("give either lr_table (reuse a search) or lr_grid_full/lr_grid_heads (search now), "
+                                 "not both")
+            if not isinstance(self.lr_table, dict):
+                raise ValueError(f"lr_table must be a dict (a report's 'lr_search'), got {type(self.lr_table).__name__}")
+            missing = [k for k in self.arm_keys() if k not in self.lr_table]
+            if missing:
+                raise ValueError(f"lr_table has no learning rate for {missing} (it has {sorted(self.lr_table)}); "
+                                 f"run a search with these arms first")
+            for k in self.arm_keys():
+                e = self.lr_table[k]
+                if not isinstance(e, dict) or "lr" not in e:
+                    raise ValueError(f"lr_table[{k!r}] must be a dict with 'lr', got {e!r}")
+                _check_lr(f"lr_table[{k!r}]['lr']", e["lr"])
+
+
+def same_steps_label(method: str) -> str:
+    return f"{method} (same steps as full)"
+
+
+def _check_lr(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+        raise ValueError(f"{name} must be a positive number, got {v!r}")
 
 
 # ---------------------------------------------------------------- pipeline
@@ -295,6 +350,9 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
             _check_item(it, i, name)
             check_token_ids(list(it["prompt_ids"]) + [t for c in it["choice_ids"] for t in c], vocab, f"{name}[{i}]",
                             "prompt_ids/choice_ids")
+    if (cfg.lr_grid_full or cfg.lr_grid_heads) and not task.dev:
+        raise ValueError("a learning-rate search (lr_grid_full / lr_grid_heads) needs task.dev: it chooses on the dev "
+                         "split, never on eval")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     epochs_heads = cfg.epochs_heads or cfg.epochs
@@ -303,30 +361,72 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     pad = pad_id_of(model, None)
     stages: Dict[str, float] = {}
     rows: List[Dict] = []
+    searches: Dict[str, Dict] = {}
     nl_plan = HeadPlan.for_model(model, "train")
     stages["warmup"] = _warmup(model, task, nl_plan, pad)
 
-    def assess(m, label: str):
+    def assess(m, label: str, dev_done: Optional[EvalResult] = None):
         t0 = time.perf_counter()
         res = evaluate(m, task.eval, cfg.eval_batch_size, pad, progress=cfg.progress)
-        dev = evaluate(m, task.dev, cfg.eval_batch_size, pad, progress=cfg.progress) if task.dev else None
+        dev = dev_done
+        if dev is None and task.dev:
+            dev = evaluate(m, task.dev, cfg.eval_batch_size, pad, progress=cfg.progress)
         stages[f"{label}_eval"] = time.perf_counter() - t0
         return res, dev
+
+    def fit(key: str, plan: Optional[HeadPlan], data, n_examples: int, epochs: int, seed: int):
+        """Train a copy of ``model`` for arm ``key``. The lr is searched on dev the first time ``key`` is seen
+        (when its grid holds >= 2 values; the candidate chosen on dev is the arm), taken from ``cfg.lr_table``, or
+        fixed. Returns (model, TuneResult, lr, dev result of the search or None)."""
+        kw = dict(epochs=epochs, batch_size=cfg.batch_size, seed=seed, progress=cfg.progress)
+        if plan is not None:
+            kw.update(grad=cfg.grad, mode=cfg.tune_mode,
+                      apt_options={"keep_final": cfg.apt_keep} if cfg.tune_mode == "apt" else None)
+        if plan is None or cfg.tune_mode == "sparse":  # tune_apt has its own schedule
+            kw["warmup_steps"] = math.ceil(cfg.warmup_ratio * epochs * math.ceil(n_examples / cfg.batch_size))
+
+        def train(lr):
+            m = copy.deepcopy(model)
+            return m, tune(m, plan, data, lr=lr, **kw)
+
+        grid = tuple(cfg.lr_grid_full if plan is None else cfg.lr_grid_heads)
+        if cfg.lr_table is not None and key not in searches:
+            searches[key] = dict(cfg.lr_table[key])
+            searches[key].setdefault("source", "lr_table")
+        if key in searches or not grid:
+            lr = searches[key]["lr"] if key in searches else (cfg.lr_full if plan is None else cfg.lr_heads)
+            return (*train(lr), lr, None)
+        t0, c0 = time.perf_counter(), time.process_time()
+        best, tried = None, []
+        for lr in grid:
+            m, res = train(lr)
+            d = evaluate(m, task.dev, cfg.eval_batch_size, pad, progress=cfg.progress)
+            tried.append({"lr": lr, "dev_q": d.accuracy, "dev_answer_nll": d.answer_nll, "train_s": res.time_s,
+                          "steps": res.steps})
+            _log(f"lr search {key}: lr {lr:g} -> dev quality {d.accuracy:.4f} ({res.time_s:.1f} s)", quiet)
+            if best is None or (d.accuracy, -d.answer_nll) > (best[3].accuracy, -best[3].answer_nll):
+                best = (m, res, lr, d)  # ties on dev accuracy go to the lower dev answer NLL
+            del m
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # the chosen candidate's training is the arm's T_train; the rest (other candidates, dev evals) is search
+        searches[key] = {"grid": list(grid), "tried": tried, "lr": best[2], "search_s": wall - best[1].time_s,
+                         "search_cpu_s": cpu - best[1].cpu_s, "source": "this run"}
+        stages[f"{key}_lr_search"] = searches[key]["search_s"]
+        return best
 
     base, base_dev = assess(model, "base")
     _log(f"base model: quality {base.accuracy:.4f}, answer NLL {base.answer_nll:.3f} "
          f"({stages['base_eval']:.1f} s)", quiet)
 
     # full-data full-parameter baseline
-    full_model = copy.deepcopy(model)
-    res_full = tune(full_model, None, pool, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr_full,
-                    seed=cfg.seed, progress=cfg.progress)
+    full_model, res_full, lr_full, full_dev = fit("full", None, pool, len(pool), cfg.epochs, cfg.seed)
     t_full, cpu_full = res_full.time_s, res_full.cpu_s
     stages["full_train"] = t_full
     loads = {"full": _load1()}
-    full, full_dev = assess(full_model, "full")
+    full, full_dev = assess(full_model, "full", full_dev)
     del full_model
-    _log(f"full fine-tuning: {res_full.steps} steps in {t_full:.1f} s, quality {full.accuracy:.4f}", quiet)
+    _log(f"full fine-tuning: {res_full.steps} steps at lr {lr_full:g} in {t_full:.1f} s, quality {full.accuracy:.4f}",
+         quiet)
 
     def finish(row, res, dev, t_select, t_train, cpu_select=0.0, cpu_train=0.0):
         row.update(_quality_stats(res, base, full if row["method"] != "full" else None, cfg))
@@ -343,38 +443,52 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
 
     finish({"method": "base (untuned)", "data": "none", "trained": trained_parts(None, model, 0) | {
         "query_heads": 0, "kv_heads": 0, "other_modules": "none"}, "steps": 0}, base, base_dev, 0.0, 0.0)
-    finish({"method": "full", "data": f"{len(pool)} of {len(pool)}",
+    finish({"method": "full", "data": f"{len(pool)} of {len(pool)}", "search_key": "full",
             "trained": trained_parts(None, model, res_full.trainable_params), "steps": res_full.steps,
-            "epochs": cfg.epochs, "lr": cfg.lr_full}, full, full_dev, 0.0, t_full, 0.0, cpu_full)
+            "epochs": cfg.epochs, "lr": lr_full}, full, full_dev, 0.0, t_full, 0.0, cpu_full)
 
-    # head scoring
-    t0, c0 = time.perf_counter(), time.process_time()
-    scores, scorer = score_heads_for_pipeline(model, target, cfg.probe_batch_size, cfg.head_scorer)
-    t_score, cpu_score = time.perf_counter() - t0, time.process_time() - c0
-    stages["score"] = t_score
-    plan = HeadPlan.from_scores(scores, top_fraction=cfg.head_fraction, num_kv_heads=nl_plan.num_kv_heads,
-                                model_family=nl_plan.model_family)
-    _log(f"head scoring ({scorer}): {t_score:.1f} s; training {plan.count('train')} of "
-         f"{plan.num_layers * plan.num_q_heads} heads, lowest trainable layer {plan.lowest_trainable_layer}", quiet)
+    # head scoring: the first seed on the target set; every further seed on a bootstrap resample of it
+    plans: Dict[int, tuple] = {}
 
-    arms_to_run = [(m, cfg.seed) for m in cfg.methods]
-    arms_to_run += [("random", cfg.seed + k) for k in range(1, cfg.random_seeds) if "random" in cfg.methods]
-    for method, seed in arms_to_run:
-        label = method if seed == cfg.seed else f"{method} (seed {seed})"
+    def plan_for(seed: int):
+        if seed not in plans:
+            tgt = target if seed == cfg.seed else bootstrap_resample(target, seed)
+            t0, c0 = time.perf_counter(), time.process_time()
+            scores, scorer = score_heads_for_pipeline(model, tgt, cfg.probe_batch_size, cfg.head_scorer, seed=seed)
+            t, c = time.perf_counter() - t0, time.process_time() - c0
+            stages["score" if seed == cfg.seed else f"score (seed {seed})"] = t
+            p = HeadPlan.from_scores(scores, top_fraction=cfg.head_fraction, num_kv_heads=nl_plan.num_kv_heads,
+                                     model_family=nl_plan.model_family)
+            plans[seed] = (p, tgt, t, c, scorer)
+            _log(f"head scoring ({scorer}, seed {seed}): {t:.1f} s; training {p.count('train')} of "
+                 f"{p.num_layers * p.num_q_heads} heads, lowest trainable layer {p.lowest_trainable_layer}", quiet)
+        return plans[seed]
+
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    arms_to_run = [(m, cfg.seed, False) for m in cfg.methods]
+    arms_to_run += [(cfg.methods[0], cfg.seed, True)] if cfg.same_steps else []
+    arms_to_run += [(m, s, False) for s in seeds[1:] for m in cfg.methods]
+    mined: Dict[tuple, tuple] = {}
+    for method, seed, same in arms_to_run:
+        plan, tgt, t_score, cpu_score, _ = plan_for(seed)
+        label = same_steps_label(method) if same else (method if seed == cfg.seed else f"{method} (seed {seed})")
         loads[label] = _load1()
-        if method == "all":
+        compare = None
+        if (method, seed) in mined:  # the same-steps arm trains on the data its method mined (its cost counted again)
+            t_mine, subset, pr, mres = mined[(method, seed)]
+        elif method == "all":
             t_mine, subset, pr, mres = 0.0, pool, None, None
         else:
-            mres = mine(model, pool, plan, method=method, fraction=cfg.fraction, target=target,
+            mres = mine(model, pool, plan, method=method, fraction=cfg.fraction, target=tgt,
                         batch_size=cfg.probe_batch_size if method != "slap" else cfg.batch_size, seed=seed,
                         progress=cfg.progress,
                         **({"signature": cfg.p2d_signature, "cache_dir": cfg.cache_dir} if method == "p2d" else {}))
             t_mine = mres.time_s
             subset = mres.subset(pool)
             pr = mres.precision_recall(task.is_target) if task.is_target is not None else None
-            if method == "p2d" and cfg.p2d_compare:
+            if method == "p2d" and cfg.p2d_compare and seed == cfg.seed:
                 other = "gate" if cfg.p2d_signature == "fwd" else "fwd"
-                alt = mine(model, pool, plan, method="p2d", fraction=cfg.fraction, target=target,
+                alt = mine(model, pool, plan, method="p2d", fraction=cfg.fraction, target=tgt,
                            batch_size=cfg.probe_batch_size, seed=seed, progress=cfg.progress, signature=other)
                 stages[f"{label}_mine_{other}_untrained"] = alt.time_s
                 compare = {"signature": other, "mine_s": alt.time_s,
@@ -382,22 +496,22 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
                 if task.is_target is not None:
                     apr = alt.precision_recall(task.is_target)
                     compare.update(precision=apr["precision"], recall=apr["recall"])
+        mined[(method, seed)] = (t_mine, subset, pr, mres)
         stages[f"{label}_mine"] = t_mine
-        m = copy.deepcopy(model)
         data = mres if (mres is not None and mres.selector is not None) else subset
         if cfg.tune_mode == "apt" and not isinstance(data, list):
             data = subset  # APT trains on the mined subset (no on-policy re-selection)
-        res = tune(m, plan, data, epochs=epochs_heads, batch_size=cfg.batch_size, lr=cfg.lr_heads, grad=cfg.grad,
-                   seed=seed, progress=cfg.progress, mode=cfg.tune_mode,
-                   apt_options={"keep_final": cfg.apt_keep} if cfg.tune_mode == "apt" else None)
+        epochs = math.ceil(cfg.epochs * len(pool) / len(subset)) if same else epochs_heads
+        key = same_steps_label(method) if same else method
+        m, res, lr, search_dev = fit(key, plan, data, len(subset), epochs, seed)
         stages[f"{label}_train"] = res.time_s
-        ev, ev_dev = assess(m, label)
+        ev, ev_dev = assess(m, label, search_dev)
         final_plan = res.info.get("plan", plan)
-        row = {"method": label, "data": f"{len(subset)} of {len(pool)}",
+        row = {"method": label, "data": f"{len(subset)} of {len(pool)}", "search_key": key,
                "trained": trained_parts(plan, model, res.trainable_params)
                | ({"pruned_query_heads": final_plan.count("pruned")} if cfg.tune_mode == "apt" else {}),
-               "t_score": t_score, "t_mine": t_mine, "steps": res.steps, "epochs": epochs_heads, "lr": cfg.lr_heads,
-               "seed": seed, "reselect_s": res.reselect_time_s}
+               "t_score": t_score, "t_mine": t_mine, "steps": res.steps, "epochs": epochs, "lr": lr,
+               "seed": seed, "target_resampled": seed != cfg.seed, "reselect_s": res.reselect_time_s}
         if method == "p2d":
             row["signature"] = cfg.p2d_signature
             if "cache" in mres.info:  # the pool forward a later run on this pool and model no longer pays
@@ -406,24 +520,37 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
                 row.update(cache=mres.info["cache"], signature_s=mres.info["signature_s"],
                            t_select_amortised=amortised.t_select, speedup_amortised=amortised.speedup,
                            aer_amortised=amortised.aer)
-            if cfg.p2d_compare:
+            if compare is not None:
                 row["other_signature"] = compare
         if pr is not None:
             row.update({"mining_precision": pr["precision"], "mining_recall": pr["recall"]})
+        if mres is not None:
+            row["mined_indices"] = sorted(int(i) for i in mres.indices)
         del m
         parts = finish(row, ev, ev_dev, t_score + t_mine, res.time_s, cpu_score + (mres.cpu_s if mres else 0.0),
                        res.cpu_s)
-        _log(f"{label}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps), quality {ev.accuracy:.4f}; "
-             f"{parts}", quiet)
+        _log(f"{label}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps at lr {lr:g}), "
+             f"quality {ev.accuracy:.4f}; {parts}", quiet)
 
+    if searches:  # every arm's cost with the learning-rate search it needed; full fine-tuning's search included
+        t_search_full = searches.get("full", {}).get("search_s", 0.0)
+        for r in rows[1:]:
+            t_search = searches.get(r["search_key"], {}).get("search_s", 0.0)
+            w = aer(r["t_select"] + t_search, r["t_train"], t_full + t_search_full, r["q"], full.accuracy,
+                    base.accuracy)
+            r.update(t_search=t_search, speedup_with_search=w.speedup, aer_with_search=w.aer)
+
+    first = plans[cfg.seed]
     return {
         "task": {"name": task.name, "description": task.description, "pool": len(pool), "target_set": len(target),
                  "eval": len(task.eval), "dev": len(task.dev) if task.dev else 0,
                  "pool_targets": sum(task.is_target) if task.is_target is not None else None},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "head_scorer": scorer,
-        "plan": plan.to_dict(),
+        "head_scorer": first[4],
+        "plan": first[0].to_dict(),
+        "plans_by_seed": {str(s): p[0].to_dict() for s, p in plans.items() if s != cfg.seed},
         "base_quality": base.accuracy,
+        "lr_search": searches,
         "stages_s": stages,
         "load_1min_at_start_of": loads,
         "load_changed": _load_changed(loads),
@@ -431,6 +558,12 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         "rows": rows,
         "environment": {**env, "load_average_end": environment()["load_average"]},
     }
+
+
+def bootstrap_resample(examples: Sequence, seed: int) -> List:
+    """``len(examples)`` draws with replacement (seeded): the target set a further seed scores heads on."""
+    g = random.Random(seed)
+    return [examples[g.randrange(len(examples))] for _ in examples]
 
 
 def _seed_summary(rows: List[Dict]) -> Dict:
@@ -506,11 +639,28 @@ def _trained(t: Dict) -> str:
     return s + (f", {t['pruned_query_heads']} pruned" if "pruned_query_heads" in t else "")
 
 
+def _steps(r: Dict) -> str:
+    return f"{r['steps']} @ {r['lr']:g}" if r.get("lr") else "-"
+
+
+def lr_search_table(report: Dict) -> str:
+    """Per arm: the learning rates tried, each one's dev quality, the choice and the search's cost (markdown)."""
+    searches = report.get("lr_search") or {}
+    if not searches:
+        return ""
+    lines = ["| arm | source | lr: dev Q (steps) | chosen lr | search s (besides the chosen training) |",
+             "| --- | --- | --- | --- | --- |"]
+    for key, e in searches.items():
+        tried = ", ".join(f"{t['lr']:g}: {t['dev_q']:.3f} ({t['steps']})" for t in e.get("tried", [])) or "-"
+        lines.append(f"| {key} | {e.get('source', '-')} | {tried} | {e['lr']:g} | {_fmt(e.get('search_s'), 1)} |")
+    return "\n".join(lines)
+
+
 def table(report: Dict) -> str:
     """The results table (markdown) of a report: quality with CIs, paired comparisons, cost, AER."""
     head = ("| arm | data | trained | Q [95% CI] | Q - Q_base [95% CI] | McNemar p vs base | Q - Q_full [95% CI] "
             "| McNemar p vs full | answer NLL | gain recovered | T_select s | T_train s | cost ratio | speedup | AER "
-            "| AER (old, Q/Q_full) | mining P/R | dev Q |")
+            "| AER (old, Q/Q_full) | mining P/R | steps @ lr | dev Q |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in report["rows"]:
         pr = (f"{r['mining_precision']:.2f}/{r['mining_recall']:.2f}" if "mining_precision" in r else "-")
@@ -520,8 +670,7 @@ def table(report: Dict) -> str:
             f"{_p(r.get('vs_full_mcnemar_p'))} | {_fmt(r['answer_nll'])} | {_fmt(r['gain_recovered'])} | "
             f"{_fmt(r['t_select'], 1)} | {_fmt(r['t_train'], 1)} | {_fmt(r['cost_ratio'])} | "
             f"{'-' if math.isinf(r['speedup']) else _fmt(r['speedup'], 2) + 'x'} | {_fmt(r['aer'])} | "
-            f"{_fmt(r['aer_quality_ratio'])} | {pr} | "
-            f"{_fmt(r.get('q_dev'))} |")
+            f"{_fmt(r['aer_quality_ratio'])} | {pr} | {_steps(r)} | {_fmt(r.get('q_dev'))} |")
     return "\n".join(lines)
 
 
@@ -556,9 +705,23 @@ def markdown(report: Dict) -> str:
            "gain recovered G = (Q - Q_base) / (Q_full - Q_base); AER = ((T_select + T_train) / T_full) / G, lower is "
            "better, inf when the arm gained nothing (G <= 0), undefined when full fine-tuning gained nothing; "
            "speedup = T_full / (T_select + T_train); T_select = head scoring + mining. 'AER (old, Q/Q_full)' divides "
-           "by Q / Q_full instead and rewards doing nothing: shown for comparison only. Every choice of learning "
-           "rate and epochs was made on the dev split ('dev Q').", "",
+           "by Q / Q_full instead and rewards doing nothing: shown for comparison only. " + (
+               "Learning rates were chosen per arm on the dev split (below); epochs are as configured."
+               if report.get("lr_search") else "Learning rates and epochs are as configured, not searched in this "
+               "run."), "",
            table(report), ""]
+    lrt = lr_search_table(report)
+    if lrt:
+        out += ["Learning rates, chosen on the dev split (dev accuracy; ties go to the lower dev answer NLL). The "
+                "candidate chosen is the arm itself; the search's other trainings and its dev evaluations are its "
+                "cost. A search reused from an earlier run names that run as its source; its time was measured "
+                "there.", "", lrt, "",
+                "Cost including each arm's learning-rate search (the full fine-tuning baseline's search included "
+                "in T_full):", "", "| arm | T_search s | speedup incl. search | AER incl. search |",
+                "| --- | --- | --- | --- |"]
+        out += [f"| {r['method']} | {r['t_search']:.1f} | {_fmt(r['speedup_with_search'], 2)}x | "
+                f"{_fmt(r['aer_with_search'])} |" for r in report["rows"] if "t_search" in r]
+        out.append("")
     cpu_rows = [r for r in report["rows"] if "speedup_cpu" in r and not r["method"].startswith("base")]
     if cpu_rows:
         out += ["The same ratios from process CPU time (all threads; other jobs on the machine do not inflate it):", "",

@@ -6,9 +6,15 @@ import os
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
-# Chosen on the dev split by benchmarks/pilot_task.py (benchmarks/results/pilot-analogy-mix.md), never on eval.
-SMOLLM2_DEFAULTS = dict(epochs=1, epochs_heads=8, batch_size=8, lr_full=1e-4, lr_heads=1e-3, random_seeds=3)
-TINY_DEFAULTS = dict(epochs=2, epochs_heads=2, batch_size=8, lr_full=1e-3, lr_heads=3e-3, random_seeds=1)
+# SmolLM2's main job: every arm runs the same epochs; the learning rates come from a committed search on the dev
+# split (SMOLLM2_LR_TABLE, from `headsparse run --lr-search`; see benchmarks/results/lr-search-smollm2.md).
+SMOLLM2_DEFAULTS = dict(epochs=1, epochs_heads=None, batch_size=8, lr_full=1e-4, lr_heads=1e-3, seeds=3,
+                        same_steps=True)
+TINY_DEFAULTS = dict(epochs=2, epochs_heads=None, batch_size=8, lr_full=1e-3, lr_heads=3e-3, seeds=1,
+                     same_steps=False)
+LR_GRID_FULL = (1e-5, 3e-5, 1e-4, 3e-4)  # --lr-search's grids
+LR_GRID_HEADS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+SMOLLM2_LR_TABLE = None  # filled in from the committed search
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,11 +32,27 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated mining methods: p2d, slap, random, loss, less, all (all = whole pool)")
     p.add_argument("--fraction", type=float, default=0.1, help="share of the pool to mine (default 0.1)")
     p.add_argument("--head-fraction", type=float, default=0.1, help="share of heads to train (default 0.1)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of full fine-tuning (default: 1; tiny 2)")
-    p.add_argument("--epochs-heads", type=int, default=None, help="epochs of head-sparse tuning (default: 8; tiny 2)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of every arm, full fine-tuning and head-sparse alike (default: 1; tiny 2)")
+    p.add_argument("--epochs-heads", type=int, default=None,
+                   help="epochs of the head-sparse arms if they must differ from --epochs (default: the same)")
+    p.add_argument("--same-steps", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the first method's arm trained for as many optimizer steps as full fine-tuning "
+                        "(default: on for smollm2, off for tiny)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 8)")
-    p.add_argument("--lr-full", type=float, default=None, help="AdamW lr of full fine-tuning (default 1e-4; tiny 1e-3)")
-    p.add_argument("--lr-heads", type=float, default=None, help="AdamW lr of head-sparse tuning (default 1e-3; tiny 3e-3)")
+    lr = p.add_argument_group("learning rates (default for smollm2: the committed dev-split search, "
+                              "benchmarks/results/lr-search-smollm2.md)")
+    lr.add_argument("--lr-full", type=float, default=None, help="fixed AdamW lr of full fine-tuning (tiny 1e-3)")
+    lr.add_argument("--lr-heads", type=float, default=None, help="fixed AdamW lr of head-sparse tuning (tiny 3e-3)")
+    lr.add_argument("--lr-search", action="store_true",
+                    help=f"choose every arm's lr on the dev split in this run: full {_grid(LR_GRID_FULL)}, heads "
+                         f"{_grid(LR_GRID_HEADS)}; its time is reported and counted in a second AER")
+    lr.add_argument("--lr-grid-full", default=None, help="comma-separated lrs searched for full fine-tuning (on dev)")
+    lr.add_argument("--lr-grid-heads", default=None, help="comma-separated lrs searched for each head arm (on dev)")
+    lr.add_argument("--lr-from", default=None,
+                    help="a report JSON of an earlier run with a search: reuse its lrs (and count its search times)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1,
+                   help="share of each arm's steps spent in linear lr warm-up (default 0.1)")
     p.add_argument("--grad", default="exact", choices=("exact", "sparse"))
     p.add_argument("--p2d-signature", default="fwd", choices=("fwd", "gate"),
                    help="P2D's per-head signature: fwd (forward only: pooled TRAIN-head outputs, default) or gate "
@@ -50,12 +72,65 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=int, default=None, help="built-in synthetic task (tiny): target examples in the pool")
     p.add_argument("--eval-size", type=int, default=None, help="built-in synthetic task (tiny): eval items")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--random-seeds", type=int, default=None,
-                   help="run the random arm with this many seeds (default 3 for smollm2, 1 for tiny)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="run every mining arm with this many seeds (default 3 for smollm2, 1 for tiny); seed k > "
+                        "--seed scores heads on a bootstrap resample of the target set, so plan and data change")
     p.add_argument("--out", default=None, help=f"report folder (default {DEFAULT_OUT}, or a temp folder for tiny)")
     p.add_argument("--stem", default=None, help="report file name stem (default: run-<model>)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _grid(g) -> str:
+    return "{" + ", ".join(f"{v:g}" for v in g) + "}"
+
+
+def _parse_grid(text: str, flag: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag}: comma-separated numbers expected, got {text!r}") from None
+
+
+def read_lr_table(path: str) -> dict:
+    """The 'lr_search' of a report JSON written by ``headsparse run`` (each entry names the report as its source)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--lr-from: no such file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--lr-from {path}: not a JSON report ({e})") from None
+    table = report.get("lr_search") if isinstance(report, dict) else None
+    if not table:
+        raise ValueError(f"--lr-from {path}: the report holds no learning-rate search ('lr_search' is empty or absent)")
+    env = report.get("environment", {})
+    source = f"{path} (commit {str(env.get('commit', '?'))[:7]}, {env.get('date_utc', '?')})"
+    return {k: {**v, "source": source if v.get("source") == "this run" else v.get("source", source)}
+            for k, v in table.items()}
+
+
+def learning_rates(args, defaults: dict, tiny: bool) -> dict:
+    """RunConfig's learning-rate fields from the flags: a search now, a reused search, fixed values, or the
+    committed SmolLM2 table when none is given."""
+    grids = {"lr_grid_full": args.lr_grid_full, "lr_grid_heads": args.lr_grid_heads}
+    out = {"lr_full": args.lr_full if args.lr_full is not None else defaults["lr_full"],
+           "lr_heads": args.lr_heads if args.lr_heads is not None else defaults["lr_heads"]}
+    if args.lr_from and (args.lr_search or any(grids.values())):
+        raise ValueError("--lr-from reuses a search; it cannot be combined with --lr-search or --lr-grid-*")
+    if args.lr_search or any(grids.values()):
+        out["lr_grid_full"] = _parse_grid(grids["lr_grid_full"], "--lr-grid-full") if grids["lr_grid_full"] \
+            else (() if args.lr_full is not None else LR_GRID_FULL)
+        out["lr_grid_heads"] = _parse_grid(grids["lr_grid_heads"], "--lr-grid-heads") if grids["lr_grid_heads"] \
+            else (() if args.lr_heads is not None else LR_GRID_HEADS)
+    elif args.lr_from:
+        out["lr_table"] = read_lr_table(args.lr_from)
+    elif not tiny and args.model == "smollm2" and args.lr_full is None and args.lr_heads is None \
+            and SMOLLM2_LR_TABLE is not None:
+        out["lr_table"] = SMOLLM2_LR_TABLE
+    return out
 
 
 def read_user_records(args) -> dict:
@@ -102,14 +177,19 @@ def cmd_run(args) -> int:
 
     try:
         cfg = RunConfig(methods=methods, fraction=args.fraction, head_fraction=args.head_fraction,
-                        epochs=pick("epochs"), epochs_heads=pick("epochs_heads"), batch_size=pick("batch_size"),
-                        lr_full=pick("lr_full"), lr_heads=pick("lr_heads"), grad=args.grad, seed=args.seed,
-                        progress=not args.no_progress, tune_mode=args.tune_mode, apt_keep=args.apt_keep,
-                        random_seeds=pick("random_seeds"), p2d_signature=args.p2d_signature,
-                        head_scorer=args.head_scorer, cache_dir=args.cache_dir)
+                        epochs=pick("epochs"), epochs_heads=pick("epochs_heads"), same_steps=pick("same_steps"),
+                        batch_size=pick("batch_size"), warmup_ratio=args.warmup_ratio, grad=args.grad,
+                        seed=args.seed, progress=not args.no_progress, tune_mode=args.tune_mode,
+                        apt_keep=args.apt_keep, seeds=pick("seeds"), p2d_signature=args.p2d_signature,
+                        head_scorer=args.head_scorer, cache_dir=args.cache_dir,
+                        **learning_rates(args, defaults, tiny))
         cfg.check()
-    except ValueError as e:
-        raise SystemExit(f"headsparse run: {e}") from None
+    except (ValueError, OSError) as e:
+        hint = (" (the embedded SmolLM2 learning rates cover the default arms only: give --lr-full and --lr-heads, "
+                "or --lr-search)" if "lr_table" in str(e) and not args.lr_from else "")
+        raise SystemExit(f"headsparse run: {e}{hint}") from None
+    if (cfg.lr_grid_full or cfg.lr_grid_heads) and records and "dev" not in records:
+        raise SystemExit("headsparse run: a learning-rate search chooses on the dev split: give --dev")
     try:
         if tiny:
             tok = byte_tokenizer() if records else None
@@ -125,7 +205,8 @@ def cmd_run(args) -> int:
                                                  f"eval {args.eval}, dev {args.dev or '(none)'}.")
         elif tiny:
             task = synthetic_task(n_pool=args.pool_size or 120, n_targets=args.targets or 12,
-                                  n_eval=args.eval_size or 40, seed=args.seed)
+                                  n_eval=args.eval_size or 40, seed=args.seed,
+                                  n_dev=(args.eval_size or 40) if cfg.lr_grid_full or cfg.lr_grid_heads else 0)
         else:
             task = task_from_records(analogy_mix_records(tok, seed=args.seed), tok,
                                      vocab_size=model.config.vocab_size, max_tokens=args.max_tokens,

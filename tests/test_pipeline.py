@@ -145,7 +145,7 @@ def test_cli_run_tiny_apt_mode(tmp_path, capsys):
 def test_random_arm_runs_several_seeds():
     task = synthetic_task(n_pool=40, n_targets=8, n_target_set=4, n_eval=8, seed=0)
     cfg = RunConfig(methods=("random",), epochs=1, lr_full=1e-3, lr_heads=3e-3, head_fraction=0.25, progress=False,
-                    n_boot=100, random_seeds=3, seed=5)
+                    n_boot=100, seeds=3, seed=5)
     rep = run_pipeline(tiny_llama(seed=0), task, cfg, quiet=True)
     rows = [r for r in rep["rows"] if r["method"].startswith("random")]
     assert [r["method"] for r in rows] == ["random", "random (seed 6)", "random (seed 7)"]
@@ -154,8 +154,8 @@ def test_random_arm_runs_several_seeds():
     assert sm["seeds"] == [5, 6, 7] and sm["q"]["estimate"] == pytest.approx(sum(r["q"] for r in rows) / 3)
     assert sm["q"]["low"] <= sm["q"]["estimate"] <= sm["q"]["high"]
     assert "random over 3 seeds [5, 6, 7]" in markdown(rep)
-    with pytest.raises(ValueError, match="random_seeds"):
-        run_pipeline(tiny_llama(), task, RunConfig(random_seeds=0), quiet=True)
+    with pytest.raises(ValueError, match="seeds"):
+        run_pipeline(tiny_llama(), task, RunConfig(seeds=0), quiet=True)
 
 
 def test_p2d_signature_choice_and_comparison_in_the_report():
@@ -218,3 +218,112 @@ def test_signature_cache_in_the_report(tmp_path):
     assert first["t_select_amortised"] == pytest.approx(first["t_select"] - first["signature_s"])
     assert first["q"] == row["q"]  # the same selection, trained the same way
     assert "P2D signature cache: hit" in markdown(again)
+
+
+# --------------------------------------------------------------- learning-rate search, seeds, same steps
+def _small_task():
+    return synthetic_task(n_pool=40, n_targets=8, n_target_set=4, n_eval=8, n_dev=6, seed=0)
+
+
+def test_lr_search_picks_by_dev_never_eval(monkeypatch):
+    """A planted disagreement: dev prefers one learning rate, eval another; the search must follow dev."""
+    import headsparse.pipeline as pl
+
+    real_tune, real_eval = pl.tune, pl.evaluate
+    task = _small_task()
+    dev_items = task.dev
+
+    def tagging_tune(model, plan, data, *, lr, **kw):
+        res = real_tune(model, plan, data, lr=lr, **kw)
+        model._planted_lr = lr
+        return res
+
+    def planted_eval(model, items, *a, **kw):
+        res = real_eval(model, items, *a, **kw)
+        lr = getattr(model, "_planted_lr", None)
+        good_on_dev = lr in (3e-4, 1e-3)  # dev's favourites: 3e-4 (full) and 1e-3 (heads)
+        good = good_on_dev if items is dev_items else (lr is not None and not good_on_dev)
+        return pl.EvalResult([good] * len(items), res.nll)
+
+    monkeypatch.setattr(pl, "tune", tagging_tune)
+    monkeypatch.setattr(pl, "evaluate", planted_eval)
+    cfg = RunConfig(methods=("random",), epochs=1, head_fraction=0.25, progress=False, n_boot=50,
+                    lr_grid_full=(1e-4, 3e-4), lr_grid_heads=(1e-4, 1e-3, 3e-3))
+    rep = run_pipeline(tiny_llama(seed=0), task, cfg, quiet=True)
+    s = rep["lr_search"]
+    assert s["full"]["lr"] == 3e-4 and s["random"]["lr"] == 1e-3
+    assert [t["lr"] for t in s["random"]["tried"]] == [1e-4, 1e-3, 3e-3]
+    assert [t["dev_q"] for t in s["random"]["tried"]] == [0.0, 1.0, 0.0]
+    full, rnd = rep["rows"][1], rep["rows"][2]
+    assert full["lr"] == 3e-4 and rnd["lr"] == 1e-3
+    assert full["q"] == 0.0 and rnd["q"] == 0.0 and full["q_dev"] == 1.0  # eval disagreed and was not consulted
+    # the search's cost: every other candidate's training, counted in the second AER (full's search in T_full)
+    assert s["random"]["search_s"] >= sum(t["train_s"] for t in s["random"]["tried"] if t["lr"] != 1e-3) > 0
+    assert rnd["t_search"] == s["random"]["search_s"]
+    assert rnd["speedup_with_search"] == pytest.approx(
+        (full["t_train"] + s["full"]["search_s"]) / (rnd["t_select"] + rnd["t_train"] + rnd["t_search"]))
+    md = markdown(rep)
+    assert "Learning rates were chosen per arm on the dev split" in md and "| random | this run |" in md
+
+
+def test_lr_search_needs_dev_and_a_real_grid():
+    task = _small_task()
+    task.dev = None
+    with pytest.raises(ValueError, match="needs task.dev"):
+        run_pipeline(tiny_llama(), task, RunConfig(lr_grid_heads=(1e-4, 1e-3)), quiet=True)
+    for bad, match in (({"lr_grid_full": (1e-4,)}, "at least 2"), ({"lr_grid_heads": (1e-4, -1.0)}, "positive"),
+                       ({"lr_grid_heads": (1e-3, 1e-3)}, "repeats"), ({"warmup_ratio": 1.0}, "warmup_ratio"),
+                       ({"lr_table": {"full": {"lr": 1e-4}}}, r"no learning rate for \['p2d', 'random'\]"),
+                       ({"lr_table": {"full": {"lr": 1e-4}}, "lr_grid_full": (1e-4, 1e-3)}, "not both")):
+        with pytest.raises(ValueError, match=match):
+            RunConfig(**bad).check()
+
+
+def test_lr_table_reuses_a_search_with_its_times(tmp_path):
+    task = _small_task()
+    base = dict(methods=("random",), epochs=1, head_fraction=0.25, progress=False, n_boot=50)
+    first = run_pipeline(tiny_llama(seed=0), task, RunConfig(**base, lr_grid_full=(1e-4, 1e-3),
+                                                             lr_grid_heads=(1e-3, 3e-3)), quiet=True)
+    (tmp_path / "s.json").write_text(json.dumps(first))
+    from headsparse.run_cli import read_lr_table
+
+    table = read_lr_table(str(tmp_path / "s.json"))
+    again = run_pipeline(tiny_llama(seed=0), task, RunConfig(**base, lr_table=table), quiet=True)
+    for key in ("full", "random"):
+        assert again["lr_search"][key]["lr"] == first["lr_search"][key]["lr"]
+        assert again["lr_search"][key]["search_s"] == first["lr_search"][key]["search_s"]
+        assert str(tmp_path / "s.json") in again["lr_search"][key]["source"]
+    assert [r["q"] for r in again["rows"]] == [r["q"] for r in first["rows"]]  # the chosen arms, retrained
+    assert not any(k.endswith("_lr_search") for k in again["stages_s"])  # nothing searched again
+    bad = tmp_path / "no-search.json"
+    bad.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="no learning-rate search"):
+        read_lr_table(str(bad))
+
+
+def test_seeds_change_the_plan_and_the_mined_set():
+    task = synthetic_task(n_pool=60, n_targets=12, n_target_set=6, n_eval=8, seed=0)
+    cfg = RunConfig(methods=("p2d", "random"), epochs=1, lr_full=1e-3, lr_heads=3e-3, head_fraction=0.25,
+                    progress=False, n_boot=50, seeds=3, p2d_compare=False)
+    rep = run_pipeline(tiny_llama(seed=0, heads=8), task, cfg, quiet=True)
+    p2d = [r for r in rep["rows"] if r["method"].startswith("p2d")]
+    assert [r["method"] for r in p2d] == ["p2d", "p2d (seed 1)", "p2d (seed 2)"]
+    assert [r["target_resampled"] for r in p2d] == [False, True, True]
+    plans = [rep["plan"], rep["plans_by_seed"]["1"], rep["plans_by_seed"]["2"]]
+    assert len({tuple(p["modes"]) for p in plans}) > 1  # a resampled target set moves the heads
+    assert len({tuple(r["mined_indices"]) for r in p2d}) > 1  # ... and P2D's mined set
+    rnd = [r for r in rep["rows"] if r["method"].startswith("random")]
+    assert len({tuple(r["mined_indices"]) for r in rnd}) == 3
+    assert sorted(rep["seed_summary"]) == ["p2d", "random"]
+
+
+def test_same_steps_arm_trains_as_many_steps_as_full():
+    task = _small_task()
+    cfg = RunConfig(methods=("p2d",), epochs=2, lr_full=1e-3, lr_heads=3e-3, head_fraction=0.25, progress=False,
+                    n_boot=50, same_steps=True, p2d_compare=False, batch_size=4)
+    rep = run_pipeline(tiny_llama(seed=0), task, cfg, quiet=True)
+    full, p2d, same = rep["rows"][1], rep["rows"][2], rep["rows"][3]
+    assert same["method"] == "p2d (same steps as full)"
+    assert p2d["epochs"] == full["epochs"] == 2 and full["steps"] == 20 and p2d["steps"] == 2  # 4 of 40 mined
+    assert same["epochs"] == 20 and same["steps"] == full["steps"]
+    assert same["t_mine"] == p2d["t_mine"] and same["data"] == p2d["data"]  # its selection is paid again
