@@ -14,7 +14,15 @@ TINY_DEFAULTS = dict(epochs=2, epochs_heads=None, batch_size=8, lr_full=1e-3, lr
                      same_steps=False)
 LR_GRID_FULL = (1e-5, 3e-5, 1e-4, 3e-4)  # --lr-search's grids
 LR_GRID_HEADS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-SMOLLM2_LR_TABLE = None  # filled in from the committed search
+# `headsparse run --lr-search` on the embedded default (1 epoch, seeds 3, same-steps arm), commit f5a7af3, AMD EPYC,
+# 2 cores: the learning rate each arm chose on dev, and the wall seconds its search cost beyond the chosen training.
+_SEARCH = "benchmarks/results/lr-search-smollm2.md (commit f5a7af3, 2026-12-01T17:25Z)"
+SMOLLM2_LR_TABLE = {
+    "full": {"lr": 1e-4, "search_s": 282.9, "source": _SEARCH},
+    "p2d": {"lr": 3e-3, "search_s": 34.2, "source": _SEARCH},
+    "random": {"lr": 1e-2, "search_s": 47.8, "source": _SEARCH},
+    "p2d (same steps as full)": {"lr": 1e-3, "search_s": 171.2, "source": _SEARCH},
+}
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

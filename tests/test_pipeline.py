@@ -327,3 +327,33 @@ def test_same_steps_arm_trains_as_many_steps_as_full():
     assert p2d["epochs"] == full["epochs"] == 2 and full["steps"] == 20 and p2d["steps"] == 2  # 4 of 40 mined
     assert same["epochs"] == 20 and same["steps"] == full["steps"]
     assert same["t_mine"] == p2d["t_mine"] and same["data"] == p2d["data"]  # its selection is paid again
+
+
+def test_cli_learning_rate_flags():
+    import argparse
+
+    from headsparse.run_cli import (LR_GRID_FULL, LR_GRID_HEADS, SMOLLM2_DEFAULTS, SMOLLM2_LR_TABLE,
+                                    add_run_arguments, learning_rates)
+
+    p = argparse.ArgumentParser()
+    add_run_arguments(p)
+
+    def lrs(*argv, tiny=False):
+        return learning_rates(p.parse_args(list(argv)), SMOLLM2_DEFAULTS, tiny)
+
+    default = lrs()
+    assert default["lr_table"] is SMOLLM2_LR_TABLE  # the committed dev search, with its times
+    cfg = RunConfig(methods=("p2d", "random"), same_steps=True, **default)
+    cfg.check()  # the table covers every default arm
+    assert set(cfg.arm_keys()) == set(SMOLLM2_LR_TABLE)
+    assert "lr_table" not in lrs("--lr-heads", "1e-3") and lrs("--lr-heads", "1e-3")["lr_heads"] == 1e-3
+    s = lrs("--lr-search")
+    assert s["lr_grid_full"] == LR_GRID_FULL and s["lr_grid_heads"] == LR_GRID_HEADS and "lr_table" not in s
+    assert lrs("--lr-grid-heads", "1e-3,1e-2", "--lr-full", "1e-4")["lr_grid_full"] == ()
+    with pytest.raises(ValueError, match="cannot be combined"):
+        lrs("--lr-search", "--lr-from", "x.json")
+    with pytest.raises(ValueError, match="comma-separated numbers"):
+        lrs("--lr-grid-heads", "1e-3,fast")
+    assert "lr_table" not in lrs(tiny=True)
+    with pytest.raises(SystemExit, match="no learning rate for"):  # an arm the table does not cover
+        main(["run", "--methods", "p2d,slap", "--no-progress", "--out", "/nonexistent/never-written"])
