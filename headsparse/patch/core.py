@@ -28,6 +28,8 @@ What ``patch(model, plan)`` does, per layer ``i`` of the plan:
 """
 from __future__ import annotations
 
+import os
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -44,6 +46,7 @@ ATTN_NAME = "headsparse"
 GRAD_MODES = ("exact", "sparse")
 _STATE_ATTR = "_headsparse_layer"
 _PATCH_ATTR = "_headsparse_patch"
+PLAN_FILE = "headsparse_plan.json"  # written beside a patched model's save_pretrained checkpoint
 _NO_GRAD_FLAG = "_headsparse_no_grad"
 
 
@@ -116,13 +119,19 @@ class PatchInfo:
 
 # ----------------------------------------------------------- attention hook
 _warned_dropout = False
+_warned_attentions = False
 
 
 def headsparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                  scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers attention function: (B, Hq, S, D) inputs -> ((B, S, Hq, D) output, None)."""
-    global _warned_dropout
+    global _warned_dropout, _warned_attentions
     state: Optional[LayerState] = getattr(module, _STATE_ATTR, None)
+    if kwargs.get("output_attentions") and not _warned_attentions:
+        warnings.warn("headsparse attention does not return attention probabilities (it never forms them): "
+                      "output_attentions=True gives no attention weights; unpatch the model to get them",
+                      stacklevel=2)
+        _warned_attentions = True
     grad, pruned, kvi = state.tensors() if state is not None else (None, None, None)
     if dropout and module.training and not _warned_dropout:
         warnings.warn("headsparse attention does not apply attention-probability dropout "
@@ -439,9 +448,135 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
             attn.split_size = len(st.q_order) * head_dim
         if st.no_grad:
             _wrap_no_grad(layer)
+        layer._register_state_dict_hook(_merged_state_hook(info))
+        layer.register_load_state_dict_pre_hook(_standard_to_patched_hook(info))
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = types.MethodType(_save_pretrained_with_plan, model)
+    if hasattr(model, "_init_weights"):
+        model._init_weights = types.MethodType(_init_weights_patched, model)
     setattr(model, _PATCH_ATTR, info)
     _set_attn_impl(model, ATTN_NAME)
     return model
+
+
+# ------------------------------------------------------------- state dict
+# A patched model's state_dict holds the standard keys with the merged weights (pruned heads zeroed), exactly what
+# unpatch would give, so save_pretrained, Trainer checkpoints and torch.save write a checkpoint that plain
+# from_pretrained loads; load_state_dict takes such a checkpoint back into the patched slices.
+def _slot_keys(layer: nn.Module, prefix: str, slots) -> Dict[str, str]:
+    rel = {id(m): n for n, m in layer.named_modules()}
+    return {key: prefix + (rel[id(parent)] + "." if rel[id(parent)] else "") + attr
+            for key, (parent, attr) in slots.items()}
+
+
+def _remove_state_hooks(layer: nn.Module) -> None:
+    """Drop this package's state-dict hooks by marker (handles would point at the original after a deepcopy)."""
+    for hooks in (layer._state_dict_hooks, layer._load_state_dict_pre_hooks):
+        for k in [k for k, h in hooks.items() if getattr(getattr(h, "hook", h), "_headsparse", False)]:
+            del hooks[k]
+
+
+def _merged_state_hook(info: PatchInfo):
+    def hook(layer, state_dict, prefix, local_metadata):
+        st = getattr(info.family.attention(layer), _STATE_ATTR)
+        keys = _slot_keys(layer, prefix, info.family.slots(layer))
+        standard = {}
+        for key, (w, b) in merged_layer_weights(info, layer, st).items():
+            standard[keys[key]] = [(keys[key] + ".weight", w.t().contiguous() if info.family.conv1d else w)]
+            standard[keys[key]] += [(keys[key] + ".bias", b)] if b is not None else []
+        # this layer's entries are the last ones so far: rebuild them in order, each sliced module's patched
+        # entries replaced by its standard ones where the first of them stood
+        items = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
+        for k, v in items:
+            base = next((b for b in standard if k.startswith(b + ".")), None)
+            if base is None:
+                state_dict[k] = v
+            elif standard[base]:
+                state_dict.update(standard[base])
+                standard[base] = []
+    hook._headsparse = True
+    return hook
+
+
+def _split_rows(proj: HeadSlicedProjection, w: torch.Tensor, b: Optional[torch.Tensor], out: Dict, base: str):
+    """Inverse of _full_rows: rows in patched order -> the projection's trainable and frozen blocks."""
+    blocks = {"t": [], "f": []}
+    cursor = 0
+    for kind, s, e in proj.segments:  # in output order
+        blocks[kind].append((s, cursor, e - s))
+        cursor += e - s
+    for kind, name in (("t", "train"), ("f", "frozen")):
+        ref = getattr(proj, f"weight_{name}")
+        if ref is None:
+            continue
+        wk = w.new_empty(ref.shape)
+        bk = b.new_empty((ref.shape[0],)) if b is not None else None
+        for s, c, n in blocks[kind]:
+            wk[s:s + n] = w[c:c + n]
+            if bk is not None:
+                bk[s:s + n] = b[c:c + n]
+        out[f"{base}.weight_{name}"] = wk
+        if bk is not None and getattr(proj, f"bias_{name}") is not None:
+            out[f"{base}.bias_{name}"] = bk
+
+
+def _standard_to_patched_hook(info: PatchInfo):
+    def hook(layer, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        family, d = info.family, info.head_dim
+        st = getattr(family.attention(layer), _STATE_ATTR)
+        slots = family.slots(layer)
+        keys = _slot_keys(layer, prefix, slots)
+        if not all(keys[k] + ".weight" in state_dict for k in slots):
+            return  # not a standard checkpoint of this layer (e.g. a patched state dict): leave it to torch
+
+        def take(key):
+            w = state_dict.pop(keys[key] + ".weight")
+            b = state_dict.pop(keys[key] + ".bias", None)
+            return (w.t() if family.conv1d else w), b
+
+        def rows(w, b, order, offset=0):
+            r = _rows(order, d, offset, w.device)
+            return w.index_select(0, r), (b.index_select(0, r) if b is not None else None)
+
+        out: Dict[str, torch.Tensor] = {}
+        if family.fused_qkv:
+            w, b = take("qkv")
+            nqd, nkvd = info.num_q_heads * d, info.num_kv_heads * d
+            parts = [rows(w, b, st.q_order), rows(w, b, st.kv_order, nqd), rows(w, b, st.kv_order, nqd + nkvd)]
+            _split_rows(_get(slots["qkv"]), torch.cat([p[0] for p in parts]),
+                        torch.cat([p[1] for p in parts]) if b is not None else None, out, keys["qkv"])
+        else:
+            for key, order in (("q", st.q_order), ("k", st.kv_order), ("v", st.kv_order)):
+                _split_rows(_get(slots[key]), *rows(*take(key), order), out, keys[key])
+        o = _get(slots["o"])
+        w, b = take("o")
+        wp = w.index_select(1, _rows(st.q_order, d, 0, w.device))
+        if o.weight_train is not None:
+            out[keys["o"] + ".weight_train"] = wp[:, :o.cols_train]
+        if o.weight_frozen is not None:
+            out[keys["o"] + ".weight_frozen"] = wp[:, o.cols_train:]
+        if b is not None:
+            out[keys["o"] + ".bias"] = b
+        state_dict.update(out)
+    hook._headsparse = True
+    return hook
+
+
+def _save_pretrained_with_plan(model, save_directory, *args, **kwargs):
+    """The model class's save_pretrained (standard keys, merged weights: see the state-dict hooks), plus the plan
+    as headsparse_plan.json beside it, so the folder loads with plain from_pretrained and can be re-patched."""
+    type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        patch_info(model).plan.save(os.path.join(str(save_directory), PLAN_FILE))
+
+
+def _init_weights_patched(model, module):
+    """The model class's _init_weights, except on a head-sliced projection, which it cannot initialise."""
+    if isinstance(module, (HeadSlicedProjection, HeadSlicedOutput)):
+        raise RuntimeError("headsparse: a patched projection cannot be re-initialised in place (its weight is split "
+                           "into trainable and frozen head slices); call headsparse.unpatch(model), initialise the "
+                           "model, then patch it again")
+    return type(model)._init_weights(model, module)
 
 
 # ------------------------------------------------------------------- unpatch
@@ -548,8 +683,11 @@ def unpatch(model: nn.Module) -> nn.Module:
             setattr(parent, attr, _new_module(orig, w, b, family.conv1d))
         delattr(attn, _STATE_ATTR)
         _unwrap_no_grad(layer)
+        _remove_state_hooks(layer)
     for obj, attr, val in info.restore_attrs:
         setattr(obj, attr, val)
+    model.__dict__.pop("save_pretrained", None)
+    model.__dict__.pop("_init_weights", None)
     for n, p in model.named_parameters():
         p.requires_grad_(info.requires_grad_before.get(n, True))
     delattr(model, _PATCH_ATTR)
