@@ -23,6 +23,11 @@ SHAPES = [
     ("long causal d128", 1, 4, 4, 1024, 128, True, torch.float32, False),
     ("bf16 GQA causal", 1, 8, 2, 256, 64, True, torch.bfloat16, False),
     ("half the heads trained", 2, 8, 2, 256, 64, True, torch.float32, False),
+    # small problems, where a compiled loop could beat torch's per-op overhead
+    ("tiny s16", 1, 4, 2, 16, 16, True, torch.float32, False),
+    ("short s64 batch 8", 8, 4, 4, 64, 32, False, torch.float32, True),
+    ("1 of 8 heads trained", 2, 8, 2, 256, 64, True, torch.float32, False),
+    ("decode: 1 query, 512 keys", 4, 8, 2, 512, 64, False, torch.float32, False),
 ]
 
 
@@ -50,7 +55,8 @@ def main():
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}")
     for name, b, hq, hkv, s, d, causal, dtype, padded in SHAPES:
         gen = torch.Generator().manual_seed(0)
-        q = torch.randn(b, hq, s, d, generator=gen).to(dtype)
+        sq = 1 if name.startswith("decode") else s
+        q = torch.randn(b, hq, sq, d, generator=gen).to(dtype)
         k = torch.randn(b, hkv, s, d, generator=gen).to(dtype)
         v = torch.randn(b, hkv, s, d, generator=gen).to(dtype)
         mask = None
@@ -60,7 +66,10 @@ def main():
         grad = None
         if name.startswith("half"):
             grad = torch.tensor([i % 2 == 0 for i in range(hq)])
-        row = {"shape": name, "b": b, "hq": hq, "hkv": hkv, "s": s, "d": d, "causal": causal, "dtype": str(dtype)}
+        if name.startswith("1 of 8"):
+            grad = torch.tensor([i == 0 for i in range(hq)])
+        row = {"shape": name, "b": b, "hq": hq, "hkv": hkv, "sq": sq, "s": s, "d": d, "causal": causal,
+               "dtype": str(dtype)}
         for backend in ("torch", "cpu"):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             do = torch.randn(q.shape, generator=gen).to(dtype)
@@ -76,6 +85,8 @@ def main():
             row[f"{backend}_fwd_ms"] = round(_time(fwd, args.repeat, clock), 2)
             row[f"{backend}_fwdbwd_ms"] = round(_time(fwd_bwd, args.repeat, clock), 2)
         rows.append(row)
+        for kind in ("fwd", "fwdbwd"):
+            row[f"cpu_speedup_{kind}"] = round(row[f"torch_{kind}_ms"] / row[f"cpu_{kind}_ms"], 3)
         print(f"{name:26s} fwd torch {row['torch_fwd_ms']:8.2f} ms  cpu {row['cpu_fwd_ms']:8.2f} ms | "
               f"fwd+bwd torch {row['torch_fwdbwd_ms']:8.2f} ms  cpu {row['cpu_fwdbwd_ms']:8.2f} ms")
     if args.json:

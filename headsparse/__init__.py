@@ -1,7 +1,8 @@
 """headsparse: train only the attention heads that matter, with kernels that skip the rest.
 
 See README.md for the public API. Layers: ``headsparse.ops`` (kernels),
-``headsparse.patch`` (Hugging Face integration), and the pipeline.
+``headsparse.patch`` (Hugging Face integration), and the recipes (scoring,
+mining, tuning, pipeline), which load on first use.
 """
 from .ops import (
     BackendInfo,
@@ -29,13 +30,35 @@ for _name, _mod in (("core", _patch_core), ("delta", _patch_delta), ("families",
                     ("linear", _patch_linear)):
     setattr(patch, _name, _mod)
 del _name, _mod
-from .scoring import HeadScores, score_heads  # noqa: E402
-from .mining import MineResult, mine  # noqa: E402
-from .tuning import TuneResult, tune  # noqa: E402
-from .metrics import AERParts, aer  # noqa: E402
-from .pipeline import RunConfig, Task, run_pipeline  # noqa: E402
-
 __version__ = "0.1.0"
+
+# The recipes (scoring, mining, tuning, the pipeline) load on first use: ``import headsparse`` stays light and does
+# not import transformers' Trainer, tqdm or the pipeline for a user who wants only the op and the patch.
+_LAZY = {
+    "score_heads": ".scoring", "HeadScores": ".scoring",
+    "mine": ".mining", "MineResult": ".mining",
+    "tune": ".tuning", "TuneResult": ".tuning",
+    "aer": ".metrics", "AERParts": ".metrics",
+    "run_pipeline": ".pipeline", "RunConfig": ".pipeline", "Task": ".pipeline",
+}
+_SUBMODULES = ("scoring", "mining", "tuning", "metrics", "pipeline", "stats", "records", "tasks", "cli", "run_cli",
+               "demo", "provenance")
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'headsparse' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 __all__ = [
     "attention",
