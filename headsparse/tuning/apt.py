@@ -19,8 +19,12 @@ What this mode keeps from its code, at head granularity only:
   loss = mu * T^2 KL(student/T || teacher/T) + (1 - mu) * task loss, mu rising
   linearly from 0 to ``distill_max`` over the pruning window.
 
-Not kept: FFN-neuron and hidden-dimension pruning, kurtosis term, LoRA rank
-growth, teacher refresh on eval improvement, hidden-state distillation.
+With ``ffn=True``, FFN neurons are pruned jointly with the FROZEN heads by
+salience density under a parameter budget, with soft neuron masks that become
+exact (and the neurons removed) at the last pruning step
+(:mod:`headsparse.tuning.apt_blocks`). Not kept: hidden-dimension pruning,
+kurtosis term, LoRA rank growth, teacher refresh on eval improvement,
+hidden-state distillation, soft masks for heads.
 Heads below the gradient horizon (lowest trainable layer) get no gradient and
 hence no salience: they are never pruned.
 """
@@ -39,6 +43,7 @@ from ..mining.data import per_sample_loss
 from ..patch import HeadSlicedOutput, is_patched, patch, patch_info, unpatch
 from ..patch.core import layer_states
 from ..plan import HeadMode, HeadPlan
+from .apt_blocks import FFNNeurons, apt_retained, compact_ffn, density_keep, neuron_cost
 from .core import TuneResult
 
 
@@ -106,9 +111,17 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
              prune_start: float = 0.1, prune_end: float = 0.6, beta: float = 0.85, distill_max: float = 0.5,
              temperature: float = 2.0, epochs: int = 1, batch_size: int = 8, lr: float = 1e-4,
              weight_decay: float = 0.0, grad: str = "exact", pad_id: Optional[int] = None, seed: int = 0,
-             max_grad_norm: Optional[float] = 1.0, progress: bool = True) -> TuneResult:
+             max_grad_norm: Optional[float] = 1.0, progress: bool = True, ffn: bool = False,
+             mask_step: float = 0.01) -> TuneResult:
     """Head-sparse tuning with APT-style adaptive head pruning (module docstring). The model ends patched,
-    with the final plan (``result.info["plan"]``) in which the pruned heads are physically removed."""
+    with the final plan (``result.info["plan"]``) in which the pruned heads are physically removed.
+
+    ``ffn=True`` (gated MLPs only) prunes FFN neurons jointly with the FROZEN heads, as APT does: at every pruning
+    step all candidate blocks are ranked by salience density (salience / parameters) and the longest prefix that
+    fits ``retained ratio x parameters of all heads and neurons`` is kept (:mod:`headsparse.tuning.apt_blocks`);
+    ``keep_final`` is then a share of those parameters. Neuron masks move by ``mask_step`` per optimizer step
+    toward kept/dropped, become exact at the last pruning step, and the dropped neurons are then removed from
+    the weights. Heads are pruned at once (hard), not through a soft mask."""
     if not isinstance(plan, HeadPlan):
         raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
     if isinstance(keep_final, bool) or not isinstance(keep_final, (int, float)) or not 0 < keep_final <= 1:
@@ -122,10 +135,13 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if isinstance(mask_step, bool) or not isinstance(mask_step, (int, float)) or not 0 < mask_step <= 1:
+        raise ValueError(f"mask_step must be in (0, 1], got {mask_step!r}")
     examples = as_examples(data, "data")
     if is_patched(model):
         raise ValueError("tune_apt patches the model itself; pass an unpatched model")
     plan.check_model(model)
+    neurons = FFNNeurons(model) if ffn else None  # hooks on the MLPs, which patching leaves alone
     pad = pad_id_of(model, pad_id)
     dev = model_device(model)
     teacher = copy.deepcopy(model).eval() if distill_max > 0 else None
@@ -141,6 +157,15 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
     patch(model, cur, grad=grad)
     sal = _Salience(model)
     ema = torch.full((plan.num_layers, plan.num_q_heads), float("nan"), dtype=torch.float64)
+    if neurons is not None:
+        info = patch_info(model)
+        hidden = neurons.mlps[0].down_proj.weight.shape[0]
+        group = info.num_q_heads // info.num_kv_heads
+        head_cost = 2 * info.head_dim * hidden + 2 * info.head_dim * hidden / group  # q rows, o cols, kv share
+        n_costs = [neuron_cost(m) for m in neurons.mlps]
+        total_params = n_heads * head_cost + sum(c * m.numel() for c, m in zip(n_costs, neurons.masks))
+        n_ema: List[Optional[torch.Tensor]] = [None] * len(neurons.mlps)
+        n_keep = [torch.ones(m.numel(), dtype=torch.bool) for m in neurons.masks]
 
     def new_opt():
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -187,10 +212,21 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
             known = ~torch.isnan(s)
             ema = torch.where(known & torch.isnan(ema), s, ema)
             ema = torch.where(known & ~torch.isnan(ema), beta * ema + (1 - beta) * s, ema)
+            if neurons is not None and neurons.handles:
+                for i, sn in enumerate(neurons.take()):
+                    if sn is not None:
+                        n_ema[i] = sn if n_ema[i] is None else beta * n_ema[i] + (1 - beta) * sn
+                neurons.move(mask_step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", pruned=cur.count("pruned"))
-            if step in prune_at:
+            if step in prune_at and neurons is not None:
+                cur, ema, sal, opt, rec = _prune_blocks(
+                    model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_costs, total_params,
+                    apt_retained(step, 1.0, keep_final, t_start, t_end), last=step == prune_at[-1], grad=grad,
+                    new_opt=new_opt, opt=opt)
+                history.append({"step": step, **rec})
+            elif step in prune_at:
                 keep = max(1, math.ceil(cubic_retained(step, keep_final, t_start, t_end) * n_heads - 1e-9))
                 n_prune = n_heads - keep - cur.count("pruned")
                 cand = [(float(ema[i, h]), i, h) for i in range(cur.num_layers) for h in range(cur.num_q_heads)
@@ -212,9 +248,67 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
                 history.append({"step": step, "retained_target": keep / n_heads, "pruned": cur.count("pruned")})
     elapsed = time.perf_counter() - t0
     sal.close()
+    if neurons is not None:
+        neurons.close()
     if bar is not None:
         bar.close()
     model.eval()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return TuneResult(model, step, epochs, losses, elapsed, n_params, 0.0,
-                      {"plan": cur, "prune_history": history, "salience_ema": ema})
+    info_out = {"plan": cur, "prune_history": history, "salience_ema": ema}
+    if neurons is not None:
+        info_out["ffn_neurons_kept"] = [int(k.sum()) for k in n_keep]
+    return TuneResult(model, step, epochs, losses, elapsed, n_params, 0.0, info_out)
+
+
+def _prune_blocks(model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_costs, total_params, ratio, *, last,
+                  grad, new_opt, opt):
+    """One joint pruning step over FROZEN heads and FFN neurons by salience density under the parameter budget
+    ``ratio x total_params``; blocks without a salience yet (below the gradient horizon) stay and count as fixed.
+    At the ``last`` step the neuron masks become exact and the dropped neurons are removed."""
+    heads = [(i, h) for i in range(cur.num_layers) for h in range(cur.num_q_heads)
+             if cur.modes[i][h] == HeadMode.FROZEN and not math.isnan(float(ema[i, h]))]
+    fixed = sum(head_cost for i in range(cur.num_layers) for h in range(cur.num_q_heads)
+                if cur.modes[i][h] != HeadMode.PRUNED and (i, h) not in set(heads))
+    sal_parts = [torch.tensor([float(ema[i, h]) for i, h in heads], dtype=torch.float64)]
+    cost_parts = [torch.full((len(heads),), float(head_cost), dtype=torch.float64)]
+    layers = []
+    for i, e in enumerate(n_ema):
+        n = neurons.masks[i].numel() if neurons.handles else int(n_keep[i].sum())
+        if e is None or not neurons.handles:
+            fixed += n_costs[i] * int(n_keep[i].sum())
+            continue
+        layers.append(i)
+        sal_parts.append(e)
+        cost_parts.append(torch.full((n,), float(n_costs[i]), dtype=torch.float64))
+    keep = density_keep(torch.cat(sal_parts), torch.cat(cost_parts), ratio * total_params - fixed)
+    keep_heads, pos = keep[:len(heads)], len(heads)
+    for i in layers:
+        n = neurons.masks[i].numel()
+        k = keep[pos:pos + n].clone()
+        if not bool(k.any()):  # a layer keeps at least its densest neuron
+            k[int(torch.argmax(n_ema[i] / n_costs[i]))] = True
+        n_keep[i] = k
+        pos += n
+    neurons.set_targets(n_keep)
+    dropped = [hh for hh, kk in zip(heads, keep_heads.tolist()) if not kk]
+    if dropped:
+        modes = [list(r) for r in cur.modes]
+        for i, h in dropped:
+            modes[i][h] = HeadMode.PRUNED
+            ema[i, h] = float("nan")
+        sal.close()
+        unpatch(model)
+        cur = HeadPlan(modes, cur.num_kv_heads, cur.kv_policy, cur.model_family)
+        patch(model, cur, grad=grad)
+        model.train()
+        sal = _Salience(model)
+        opt = new_opt()
+    if last and neurons.handles:
+        neurons.finalize()
+        neurons.close()
+        compact_ffn(model, n_keep)
+    n_heads_kept = sum(m != HeadMode.PRUNED for r in cur.modes for m in r)
+    kept_params = n_heads_kept * head_cost + sum(c * int(k.sum()) for c, k in zip(n_costs, n_keep))
+    rec = {"retained_target": ratio, "retained_params": kept_params / total_params, "pruned": cur.count("pruned"),
+           "ffn_neurons_kept": [int(k.sum()) for k in n_keep], "ffn_removed": bool(last)}
+    return cur, ema, sal, opt, rec
