@@ -144,3 +144,33 @@ def test_tune_apt_prunes_heads_and_neurons_jointly_under_the_budget():
     assert is_patched(model) and all(math.isfinite(x) for x in res.losses)
     with torch.no_grad():  # the compacted, patched model runs
         model(input_ids=torch.tensor([task.pool[0]["input_ids"]]))
+
+
+def test_teacher_is_refreshed_only_on_a_dev_improvement_and_mu_follows_its_schedule(monkeypatch):
+    import headsparse.tuning.apt as apt
+    from headsparse import HeadPlan
+    from headsparse.tasks import synthetic_task, tiny_llama
+
+    taken = []
+    real = apt.snapshot
+
+    def counting_snapshot(model):
+        taken.append(sum(float(p.detach().double().sum()) for p in model.parameters()))
+        return real(model)
+
+    monkeypatch.setattr(apt, "snapshot", counting_snapshot)
+    scores = iter([0.5, 0.4, 0.6])
+    model = tiny_llama(seed=0)
+    task = synthetic_task(n_pool=48, n_targets=12, n_eval=4, seed=0)
+    plan = HeadPlan([["t", "f", "f", "f"], ["f", "t", "f", "f"], ["f", "f", "f", "t"]], num_kv_heads=2)
+    res = apt.tune_apt(model, plan, task.pool, keep_final=0.5, n_prunings=3, epochs=3, batch_size=8, lr=1e-2,
+                       prune_start=0.1, prune_end=0.6, progress=False, distill_max=0.8,
+                       dev_fn=lambda m: next(scores))
+    hist = res.info["prune_history"]
+    assert [h["dev"] for h in hist] == [0.5, 0.4, 0.6]
+    assert [h["teacher_refreshed"] for h in hist] == [True, False, True]
+    assert len(taken) == 3 and len(set(taken)) == 3  # the start, then two different trained states
+    # mu: 0 until the window opens, linear to distill_max at its end, then flat
+    total, t_start, t_end = 18, 1, 10  # 48 examples / 8 = 6 steps x 3 epochs
+    want = [0.8 * min(1.0, max(0.0, (s - t_start) / (t_end - t_start))) for s in range(total)]
+    assert res.info["mu"] == pytest.approx(want)

@@ -23,17 +23,16 @@ With ``ffn=True``, FFN neurons are pruned jointly with the FROZEN heads by
 salience density under a parameter budget, with soft neuron masks that become
 exact (and the neurons removed) at the last pruning step
 (:mod:`headsparse.tuning.apt_blocks`). Not kept: hidden-dimension pruning,
-kurtosis term, LoRA rank growth, teacher refresh on eval improvement,
-hidden-state distillation, soft masks for heads.
+kurtosis term, LoRA rank growth, hidden-state distillation, soft masks for
+heads. ``dev_fn`` refreshes the teacher when the dev metric improves.
 Heads below the gradient horizon (lowest trainable layer) get no gradient and
 hence no salience: they are never pruned.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ from ..mining.data import per_sample_loss
 from ..patch import HeadSlicedOutput, is_patched, patch, patch_info, unpatch
 from ..patch.core import layer_states
 from ..plan import HeadMode, HeadPlan
-from .apt_blocks import FFNNeurons, apt_retained, compact_ffn, density_keep, neuron_cost
+from .apt_blocks import FFNNeurons, apt_retained, compact_ffn, density_keep, neuron_cost, snapshot
 from .core import TuneResult
 
 
@@ -88,6 +87,7 @@ class _Salience:
             x.register_hook(bwd)
             self._orders = getattr(self, "_orders", {})
             self._orders[i] = q_order
+        pre._hs_apt = True
         return pre
 
     def take(self, num_layers: int, num_heads: int) -> torch.Tensor:
@@ -112,7 +112,7 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
              temperature: float = 2.0, epochs: int = 1, batch_size: int = 8, lr: float = 1e-4,
              weight_decay: float = 0.0, grad: str = "exact", pad_id: Optional[int] = None, seed: int = 0,
              max_grad_norm: Optional[float] = 1.0, progress: bool = True, ffn: bool = False,
-             mask_step: float = 0.01) -> TuneResult:
+             mask_step: float = 0.01, dev_fn: Optional[Callable[[torch.nn.Module], float]] = None) -> TuneResult:
     """Head-sparse tuning with APT-style adaptive head pruning (module docstring). The model ends patched,
     with the final plan (``result.info["plan"]``) in which the pruned heads are physically removed.
 
@@ -121,7 +121,12 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
     fits ``retained ratio x parameters of all heads and neurons`` is kept (:mod:`headsparse.tuning.apt_blocks`);
     ``keep_final`` is then a share of those parameters. Neuron masks move by ``mask_step`` per optimizer step
     toward kept/dropped, become exact at the last pruning step, and the dropped neurons are then removed from
-    the weights. Heads are pruned at once (hard), not through a soft mask."""
+    the weights. Heads are pruned at once (hard), not through a soft mask.
+
+    ``dev_fn(model) -> float`` (higher is better), if given, is evaluated after every pruning step, and the
+    distillation teacher is refreshed to a snapshot of the current model whenever it improves on the best value
+    so far (APT's teacher refresh; the first teacher is the starting model). mu per step is in
+    ``result.info["mu"]``."""
     if not isinstance(plan, HeadPlan):
         raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
     if isinstance(keep_final, bool) or not isinstance(keep_final, (int, float)) or not 0 < keep_final <= 1:
@@ -144,10 +149,9 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
     neurons = FFNNeurons(model) if ffn else None  # hooks on the MLPs, which patching leaves alone
     pad = pad_id_of(model, pad_id)
     dev = model_device(model)
-    teacher = copy.deepcopy(model).eval() if distill_max > 0 else None
-    if teacher is not None:
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher = snapshot(model) if distill_max > 0 else None
+    best_dev = -math.inf
+    mus: List[float] = []
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = steps_per_epoch * epochs
     t_start, t_end = int(prune_start * total), max(int(prune_end * total), int(prune_start * total) + 1)
@@ -191,6 +195,7 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             task = per_sample_loss(out.logits, b["labels"]).mean()
             mu = distill_max * min(1.0, max(0.0, (step - t_start) / max(1, t_end - t_start)))
+            mus.append(mu)
             loss = task
             if teacher is not None and mu > 0:
                 with torch.no_grad():
@@ -246,6 +251,17 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
                     sal = _Salience(model)
                     opt = new_opt()
                 history.append({"step": step, "retained_target": keep / n_heads, "pruned": cur.count("pruned")})
+            if step in prune_at and dev_fn is not None:
+                model.eval()
+                with torch.no_grad():
+                    score = float(dev_fn(model))
+                model.train()
+                refreshed = score > best_dev
+                if refreshed:
+                    best_dev = score
+                    if teacher is not None:
+                        teacher = snapshot(model)
+                history[-1].update(dev=score, teacher_refreshed=refreshed and teacher is not None)
     elapsed = time.perf_counter() - t0
     sal.close()
     if neurons is not None:
@@ -254,7 +270,7 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
         bar.close()
     model.eval()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    info_out = {"plan": cur, "prune_history": history, "salience_ema": ema}
+    info_out = {"plan": cur, "prune_history": history, "salience_ema": ema, "mu": mus}
     if neurons is not None:
         info_out["ffn_neurons_kept"] = [int(k.sum()) for k in n_keep]
     return TuneResult(model, step, epochs, losses, elapsed, n_params, 0.0, info_out)

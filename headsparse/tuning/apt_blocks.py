@@ -14,6 +14,7 @@ not implemented.
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional
 
 import torch
@@ -48,6 +49,17 @@ def density_keep(salience: torch.Tensor, cost: torch.Tensor, budget: float) -> t
     keep = torch.zeros(salience.numel(), dtype=torch.bool)
     keep[order[:n_keep]] = True
     return keep
+
+
+def snapshot(model) -> nn.Module:
+    """A frozen copy of ``model`` for self-distillation, without the APT hooks (masks, salience) of the original."""
+    teacher = copy.deepcopy(model).eval()
+    for m in teacher.modules():
+        for k in [k for k, h in m._forward_pre_hooks.items() if getattr(h, "_hs_apt", False)]:
+            del m._forward_pre_hooks[k]
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def gated_mlps(model) -> List[nn.Module]:
@@ -98,6 +110,7 @@ class FFNNeurons:
             if bool((mask == 1).all()):
                 return None
             return (x * mask,) + tuple(args[1:])
+        pre._hs_apt = True
         return pre
 
     def take(self) -> List[Optional[torch.Tensor]]:
