@@ -63,10 +63,11 @@ def attention(
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {type(backend).__name__}")
     kernels = resolve(backend, problem)
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    transformed = any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (q, k, v))
+    if not transformed and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # Inference or below the gradient horizon: no graph, so nothing to gather or save.
         return run_forward(problem, kernels)[0]
     recorder = current_recorder() if torch.is_grad_enabled() else None
     if recorder is not None:
         stats_key = recorder._next_key(stats_key)
-    return HeadSparseAttentionFn.apply(q, k, v, problem.mask, problem, kernels, recorder, stats_key)
+    return HeadSparseAttentionFn.apply(q, k, v, problem.mask, problem, kernels, recorder, stats_key)[0]

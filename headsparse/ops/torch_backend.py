@@ -27,6 +27,9 @@ import torch
 _MAX_SCORE_ELEMENTS = 1 << 26
 
 
+BATCHED_GRADS = True  # the backward is built from torch ops out of place, so vmap can batch it
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -154,9 +157,15 @@ def _flash_backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, sca
                          _unit_last(o), lse, 0.0, is_causal, attn_mask=add, scale=scale)
     if g == r and bool((kv_heads == torch.arange(r)).all()):
         return dq, dk_h, dv_h
-    dk = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add_(1, kv_heads, dk_h.float())
-    dv = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add_(1, kv_heads, dv_h.float())
+    # out of place: under batched gradients (vmap) dk_h is batched and a fresh buffer is not
+    dk = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add(1, kv_heads, dk_h.float())
+    dv = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add(1, kv_heads, dv_h.float())
     return dq, dk.to(q.dtype), dv.to(q.dtype)
+
+
+def _head_range(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    # a slice over every head is an alias, which the batched-gradient vmap cannot batch
+    return t if (lo, hi) == (0, t.shape[1]) else t[:, lo:hi]
 
 
 def _chunks(num_heads: int, batch: int, sq: int, skv: int):
@@ -217,12 +226,14 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
     cdt = _compute_dtype(q.dtype)
     b, g, sq, d = q.shape
     r, skv = k.shape[1], k.shape[2]
-    dq = torch.empty_like(q)
+    # every result is built out of place (cat, index_add): under batched gradients (vmap) the incoming gradient
+    # is batched, and an in-place write into a fresh unbatched buffer has no batching rule
+    dq_parts = []
     dk = torch.zeros((b, r, skv, d), dtype=cdt, device=q.device)
     dv = torch.zeros_like(dk)
     for lo, hi in _chunks(g, b, sq, skv):
         idx = kv_heads[lo:hi]
-        qg, dog, og = (t[:, lo:hi].to(cdt) for t in (q, do, o))
+        qg, dog, og = (_head_range(t, lo, hi).to(cdt) for t in (q, do, o))
         kg = k.index_select(1, idx).to(cdt)
         vg = v.index_select(1, idx).to(cdt)
         m_sel = None if mask is None else mask.index_select(1, mask_heads[lo:hi])
@@ -231,8 +242,9 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
         delta = (og * dog).sum(dim=-1)  # (B, G, Sq): FlashAttention's preprocessing
         if stats is not None:
             stats[:, lo:hi] += delta.sum(dim=-1).to(stats.dtype)
-        dv.index_add_(1, idx, torch.matmul(p.transpose(-1, -2), dog))
+        dv = dv.index_add(1, idx, torch.matmul(p.transpose(-1, -2), dog))
         ds = p * (torch.matmul(dog, vg.transpose(-1, -2)) - delta[..., None])
-        dq[:, lo:hi] = (torch.matmul(ds, kg) * scale).to(q.dtype)
-        dk.index_add_(1, idx, torch.matmul(ds.transpose(-1, -2), qg) * scale)
+        dq_parts.append((torch.matmul(ds, kg) * scale).to(q.dtype))
+        dk = dk.index_add(1, idx, torch.matmul(ds.transpose(-1, -2), qg) * scale)
+    dq = torch.cat(dq_parts, dim=1) if dq_parts else torch.empty_like(q)
     return dq, dk.to(q.dtype), dv.to(q.dtype)
