@@ -25,7 +25,9 @@ def _bad_calls():
     yield "kv_head_index", lambda: hs.attention(q, k, v, kv_head_index=torch.tensor([0.0, 1.0, 1.0, 1.0]))
     yield "grad_heads", lambda: hs.attention(q, k, v, grad_heads=torch.ones(3, dtype=torch.bool))
     yield "grad_heads", lambda: hs.attention(q, k, v, grad_heads=torch.ones(4))
-    yield "pruned_heads", lambda: hs.attention(q, k, v, pruned_heads=[True, False, False, False])
+    # a Python list is accepted (what torch.compile keeps static), but only of bools, one per head
+    yield "pruned_heads", lambda: hs.attention(q, k, v, pruned_heads=[1, 0, 0, 0])
+    yield "pruned_heads", lambda: hs.attention(q, k, v, pruned_heads=[True, False])
     yield "attention_mask", lambda: hs.attention(q, k, v, attention_mask=torch.ones(2, 1, 8, 7, dtype=torch.bool))
     yield "attention_mask", lambda: hs.attention(q, k, v, attention_mask=torch.ones(2, 1, 8, 8, dtype=torch.int32))
     yield "causal", lambda: hs.attention(q, k, v, causal=1)

@@ -112,7 +112,9 @@ ATTENTION = [
     # grad_heads / pruned_heads
     ("grad_heads int64", "grad_heads", lambda q, k, v: hs.attention(q, k, v, grad_heads=torch.ones(4, dtype=torch.long))),
     ("grad_heads 2-D", "grad_heads", lambda q, k, v: hs.attention(q, k, v, grad_heads=torch.ones(1, 4, **B4))),
-    ("grad_heads list", "grad_heads", lambda q, k, v: hs.attention(q, k, v, grad_heads=[True] * 4)),
+    # Python lists are accepted (what torch.compile keeps static): of bools, one per head
+    ("grad_heads list of ints", "grad_heads", lambda q, k, v: hs.attention(q, k, v, grad_heads=[1] * 4)),
+    ("grad_heads list too short", "grad_heads", lambda q, k, v: hs.attention(q, k, v, grad_heads=[True] * 3)),
     ("pruned_heads length 5", "pruned_heads", lambda q, k, v: hs.attention(q, k, v, pruned_heads=torch.ones(5, **B4))),
     ("pruned_heads float", "pruned_heads", lambda q, k, v: hs.attention(q, k, v, pruned_heads=torch.ones(4))),
     # kv_head_index
@@ -120,7 +122,10 @@ ATTENTION = [
      lambda q, k, v: hs.attention(q, k, v, kv_head_index=torch.tensor([-1, 0, 1, 1]))),
     ("kv_head_index length 5", "kv_head_index",
      lambda q, k, v: hs.attention(q, k, v, kv_head_index=torch.tensor([0, 0, 1, 1, 1]))),
-    ("kv_head_index list", "kv_head_index", lambda q, k, v: hs.attention(q, k, v, kv_head_index=[0, 0, 1, 1])),
+    ("kv_head_index list of floats", "kv_head_index",
+     lambda q, k, v: hs.attention(q, k, v, kv_head_index=[0.0, 0.0, 1.0, 1.0])),
+    ("kv_head_index list out of range", "kv_head_index",
+     lambda q, k, v: hs.attention(q, k, v, kv_head_index=[0, 0, 1, 2])),
     # out_layout / backend
     ("out_layout upper case", "out_layout", lambda q, k, v: hs.attention(q, k, v, out_layout="BHSD")),
     ("out_layout None", "out_layout", lambda q, k, v: hs.attention(q, k, v, out_layout=None)),

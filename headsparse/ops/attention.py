@@ -6,6 +6,7 @@ from typing import Hashable, Optional
 import torch
 
 from .autograd import HeadSparseAttentionFn, run_forward
+from .library import compiled_attention
 from .problem import make_problem
 from .registry import resolve
 from .stats import current_recorder
@@ -59,6 +60,12 @@ def attention(
     Returns:
         The attention output in the dtype of q (softmax statistics are float32).
     """
+    if torch.compiler.is_compiling():
+        # torch.compile traces the torch.library op instead (plain ints/bools cross its boundary)
+        if current_recorder() is not None:
+            raise RuntimeError("headsparse.record_gate_grads is not supported inside torch.compile")
+        return compiled_attention(q, k, v, grad_heads, pruned_heads, causal, attention_mask, scale, backend,
+                                  kv_head_index, out_layout)
     problem = make_problem(q, k, v, grad_heads, pruned_heads, causal, attention_mask, scale, kv_head_index, out_layout)
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {type(backend).__name__}")

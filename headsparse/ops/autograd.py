@@ -109,28 +109,35 @@ class HeadSparseAttentionFn(torch.autograd.Function):
                 f"go through the 'torch' backend only; this call ran {ctx.kernels.__name__.rsplit('.', 1)[-1]!r}, "
                 f"whose kernels read raw memory: pass backend='torch'")
         q_s, k_s, v_s, o_s, lse_s, mask = ctx.saved_tensors
-        heads = ctx.heads
         causal, scale = ctx.problem_meta
-        q_shape, k_shape = ctx.shapes
-        do_s = _select_heads(dout, heads.grad, heads.all_q)
-        stats = None
-        if ctx.recorder is not None:
-            stats = torch.zeros((q_shape[0], heads.grad.numel()), dtype=torch.float32, device=dout.device)
-        dq_s, dk_s, dv_s = ctx.kernels.backward(do_s, q_s, k_s, v_s, o_s, lse_s, heads.kv_pos, heads.grad, mask,
-                                                causal, scale, stats)
-        if stats is not None:
-            full = torch.full((q_shape[0], q_shape[1]), float("nan"), dtype=torch.float32, device=dout.device)
-            full[:, heads.grad] = stats
-            ctx.recorder.add(ctx.stats_key, full)
-        # scatter back out of place (a batched dq_s cannot be copied into a fresh unbatched buffer)
-        if heads.all_q:
-            dq = dq_s
-        else:
-            dq = torch.zeros(q_shape, dtype=dq_s.dtype, device=dq_s.device).index_copy(1, heads.grad, dq_s)
-        if heads.all_kv:
-            dk, dv = dk_s, dv_s
-        else:
-            dk = torch.zeros(k_shape, dtype=dk_s.dtype, device=dk_s.device).index_copy(1, heads.kv_needed, dk_s)
-            dv = torch.zeros(k_shape, dtype=dv_s.dtype, device=dv_s.device).index_copy(1, heads.kv_needed, dv_s)
+        dq, dk, dv = compact_backward(ctx.kernels, ctx.heads, dout, q_s, k_s, v_s, o_s, lse_s, mask, causal, scale,
+                                      ctx.shapes, ctx.recorder, ctx.stats_key)
         need = ctx.needs_input_grad
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, *nones)
+
+
+def compact_backward(kernels, heads, dout, q_s, k_s, v_s, o_s, lse_s, mask, causal, scale, shapes,
+                     recorder=None, stats_key=None):
+    """The backward on the compact (grad-head) tensors, scattered back to full-size dq, dk, dv."""
+    q_shape, k_shape = shapes
+    do_s = _select_heads(dout, heads.grad, heads.all_q)
+    stats = None
+    if recorder is not None:
+        stats = torch.zeros((q_shape[0], heads.grad.numel()), dtype=torch.float32, device=dout.device)
+    dq_s, dk_s, dv_s = kernels.backward(do_s, q_s, k_s, v_s, o_s, lse_s, heads.kv_pos, heads.grad, mask,
+                                        causal, scale, stats)
+    if stats is not None:
+        full = torch.full((q_shape[0], q_shape[1]), float("nan"), dtype=torch.float32, device=dout.device)
+        full[:, heads.grad] = stats
+        recorder.add(stats_key, full)
+    # scatter back out of place (a batched dq_s cannot be copied into a fresh unbatched buffer)
+    if heads.all_q:
+        dq = dq_s
+    else:
+        dq = torch.zeros(q_shape, dtype=dq_s.dtype, device=dq_s.device).index_copy(1, heads.grad, dq_s)
+    if heads.all_kv:
+        dk, dv = dk_s, dv_s
+    else:
+        dk = torch.zeros(k_shape, dtype=dk_s.dtype, device=dk_s.device).index_copy(1, heads.kv_needed, dk_s)
+        dv = torch.zeros(k_shape, dtype=dv_s.dtype, device=dv_s.device).index_copy(1, heads.kv_needed, dv_s)
+    return dq, dk, dv

@@ -122,8 +122,13 @@ class AttentionProblem:
 def _head_mask(arg: Optional[torch.Tensor], name: str, num_heads: int, default: bool) -> Tuple[bool, ...]:
     if arg is None:
         return (default,) * num_heads
+    if isinstance(arg, (list, tuple)):  # Python bools: what torch.compile can keep static
+        if len(arg) != num_heads or not all(isinstance(x, bool) for x in arg):
+            raise ValueError(f"{name} as a list must hold {num_heads} bools (one per query head), got {arg!r}")
+        return tuple(arg)
     if not isinstance(arg, torch.Tensor):
-        raise ValueError(f"{name} must be a bool tensor of shape ({num_heads},) or None, got {type(arg).__name__}")
+        raise ValueError(f"{name} must be a bool tensor of shape ({num_heads},), a list of bools or None, got "
+                         f"{type(arg).__name__}")
     if arg.dtype != torch.bool:
         raise ValueError(f"{name} must have dtype torch.bool, got {arg.dtype}")
     if arg.shape != (num_heads,):
@@ -206,6 +211,9 @@ def make_problem(
             )
         kv_map = tuple(h // (hq // hkv) for h in range(hq))
     else:
+        if isinstance(kv_head_index, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                             for x in kv_head_index):
+            kv_head_index = torch.tensor(kv_head_index, dtype=torch.long)  # Python ints, as under torch.compile
         if not isinstance(kv_head_index, torch.Tensor):
             raise ValueError(f"kv_head_index must be an integer tensor of shape ({hq},), got {type(kv_head_index).__name__}")
         if kv_head_index.dtype.is_floating_point or kv_head_index.dtype == torch.bool or kv_head_index.is_complex():

@@ -87,6 +87,14 @@ class LayerState:
     sparse: bool = False  # grad="sparse" at or above the horizon: frozen slices are constants
     _cache: Dict = field(default_factory=dict, repr=False)
 
+    def flags(self) -> Tuple[Optional[List[bool]], Optional[List[bool]], Optional[List[int]]]:
+        """:meth:`tensors` as Python lists (what the op takes while torch.compile traces it)."""
+        nq, nkv = len(self.q_order), len(self.kv_order)
+        grad = None if self.grad_heads is None or all(self.grad_heads) else list(self.grad_heads)
+        pruned = list(self.pruned_kept) if any(self.pruned_kept) else None
+        standard = nq % nkv == 0 and self.kv_head_index == [p // (nq // nkv) for p in range(nq)]
+        return grad, pruned, (None if standard else list(self.kv_head_index))
+
     def tensors(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         # Kept on the CPU whatever the model's device: the op reads head masks on the host (a GPU tensor
         # would cost a device synchronisation per call) and caches the index tensors it derives per device.
@@ -132,7 +140,10 @@ def headsparse_attention_forward(module, query, key, value, attention_mask, drop
                       "output_attentions=True gives no attention weights; unpatch the model to get them",
                       stacklevel=2)
         _warned_attentions = True
-    grad, pruned, kvi = state.tensors() if state is not None else (None, None, None)
+    if state is None:
+        grad, pruned, kvi = None, None, None
+    else:
+        grad, pruned, kvi = state.flags() if torch.compiler.is_compiling() else state.tensors()
     if dropout and module.training and not _warned_dropout:
         warnings.warn("headsparse attention does not apply attention-probability dropout "
                       f"(module asked for p={dropout}); it runs without it", stacklevel=2)
