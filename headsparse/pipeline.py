@@ -52,6 +52,7 @@ from .mining.features import patched_for, probe
 from .plan import HeadPlan
 from .scoring import score_heads
 from .tuning.core import tune
+from ._checks import check_int, check_number
 
 PIPELINE_METHODS = METHODS + ("all",)  # "all": head-sparse tuning on the whole pool (no mining)
 
@@ -231,12 +232,10 @@ class RunConfig:
             raise ValueError(f"methods must be a non-empty list of {PIPELINE_METHODS}, got {list(self.methods)!r}")
         for name in ("fraction", "head_fraction"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+            check_number(name, v, 0, 1, lo_open=True)
         for name in ("epochs", "batch_size", "probe_batch_size", "eval_batch_size", "n_boot", "seeds"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, v, 1)
         if self.epochs_heads is not None and (isinstance(self.epochs_heads, bool)
                                               or not isinstance(self.epochs_heads, int) or self.epochs_heads < 1):
             raise ValueError(f"epochs_heads must be a positive int or None, got {self.epochs_heads!r}")
@@ -283,8 +282,7 @@ def same_steps_label(method: str) -> str:
 
 
 def _check_lr(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-        raise ValueError(f"{name} must be a positive number, got {v!r}")
+    check_number(name, v, 0, lo_open=True)
 
 
 # ---------------------------------------------------------------- pipeline

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from ._atomic import atomic_write_text
+from ._checks import check_int
 
 KV_POLICIES = ("any", "all", "none")
 _FORMAT_VERSION = 1
@@ -178,8 +179,7 @@ class HeadPlan:
                 kv_policy: str = "any", model_family: Optional[str] = None) -> "HeadPlan":
         """Every head of every layer in one mode."""
         for name, v in (("num_layers", num_layers), ("num_q_heads", num_q_heads)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, v, 1)
         m = HeadMode.parse(mode)
         return cls([[m] * num_q_heads for _ in range(num_layers)], num_kv_heads, kv_policy, model_family)
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Sequence
 
 import numpy as np
+from ._checks import check_int
 
 
 def _scores(name: str, values: Sequence[float]) -> np.ndarray:
@@ -42,8 +43,7 @@ def _scores(name: str, values: Sequence[float]) -> np.ndarray:
 def _check_common(n_boot: int, confidence: float, seed: int = 0) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
+    check_int("n_boot", n_boot, 1)
     if not isinstance(confidence, float) or not 0 < confidence < 1:
         raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
 

@@ -32,6 +32,7 @@ from ..plan import HeadPlan
 from .data import as_examples, pad_id_of, vocab_size_of
 from .features import cached_forward_signature, forward_signature, patched_for, probe
 from .slap import SlapSelector
+from .._checks import check_int, check_number
 
 METHODS = ("p2d", "slap", "random", "loss", "less")
 
@@ -68,8 +69,7 @@ class MineResult:
 def _check(fraction, method, target, pool):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    check_number("fraction", fraction, 0, 1, lo_open=True)
     if method in ("p2d", "less") and target is None:
         raise ValueError(f"method {method!r} needs target= (a small set of target-task examples)")
 
@@ -137,10 +137,8 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
     tgt = as_examples(target, "target", vocab) if target is not None else None
     if not isinstance(plan, HeadPlan):
         raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(sketch_k, bool) or not isinstance(sketch_k, int) or sketch_k < 1:
-        raise ValueError(f"sketch_k must be a positive int, got {sketch_k!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("sketch_k", sketch_k, 1)
     if slap_options is not None:
         import inspect
 

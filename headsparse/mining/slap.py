@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..plan import HeadPlan
 from .data import as_examples, pad_id_of
 from .features import patched_for, probe
+from .._checks import check_int
 
 
 def relative_distances(emb: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -172,8 +173,7 @@ class SlapSelector:
             raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
         for name, v in (("batch_size", batch_size), ("n_strata", n_strata), ("n_candidates", n_candidates),
                         ("sketch_k", sketch_k), ("probe_batch_size", probe_batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, v, 1)
         self.plan, self.fraction = plan, fraction
         self.budget = max(1, int(round(fraction * len(self.examples))))
         self.batch_size, self.n_strata, self.n_candidates = batch_size, n_strata, n_candidates

@@ -1,7 +1,7 @@
 """The ``torch`` backend: head-sparse attention in plain PyTorch, any device.
 
-It follows the same contract as the compiled and Triton kernels (see
-``headsparse.ops.kernel_api``): the forward runs only the listed query heads;
+It follows the same contract as the compiled and Triton kernels (``forward`` and
+``backward`` below, called by :mod:`headsparse.ops.autograd`): the forward runs only the listed query heads;
 the backward receives compact tensors that hold only the heads that need a
 gradient, recomputes the probabilities from the saved log-sum-exp, and returns
 compact gradients. Arithmetic is float32 (float64 for float64 inputs).

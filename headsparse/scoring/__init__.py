@@ -20,6 +20,7 @@ from ..mining.data import vocab_size_of
 from ._model import iter_batches, model_info, per_sample_loss
 from .methods import DEFAULTS, resolve_options
 from .scores import HeadScores, spearman
+from .._checks import check_int
 
 METHODS = tuple(DEFAULTS)
 
@@ -53,8 +54,7 @@ def score_heads(model, data, method: str = "gradient", *, tokenizer=None, batch_
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     opts = resolve_options(method, options)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     info = model_info(model)
     device = next(model.parameters()).device
     total = None

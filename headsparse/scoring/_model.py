@@ -16,6 +16,7 @@ from torch import nn
 
 from ..mining.data import check_token_ids
 from ..patch.families import Family, find_family
+from .._checks import check_int
 
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
@@ -104,8 +105,7 @@ def iter_batches(data, tokenizer=None, batch_size: int = 8, max_length: int = 25
     """Tokenized batches from ``data``: an iterable of batch dicts, or a list of texts with ``tokenizer``."""
     if isinstance(data, (str, bytes)):
         raise ValueError("data must be an iterable of batches or a list of texts, not a single string")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
     seen = 0

@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
+from .._checks import check_int
 
 
 class GrowingLoRA(nn.Module):
@@ -23,8 +24,7 @@ class GrowingLoRA(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        check_int("rank", rank, 1)
         w = getattr(base, "weight", None)
         in_f = getattr(base, "in_features", None) or (w.shape[1] if w is not None else None)
         out_f = getattr(base, "out_features", None) or (w.shape[0] if w is not None else None)

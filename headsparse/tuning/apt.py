@@ -44,6 +44,7 @@ from ..patch.core import layer_states
 from ..plan import HeadMode, HeadPlan
 from .apt_blocks import FFNNeurons, apt_retained, compact_ffn, density_keep, neuron_cost, snapshot
 from .core import TuneResult
+from .._checks import check_int, check_number
 
 
 def cubic_retained(step: int, keep_final: float, t_start: int, t_end: int) -> float:
@@ -129,19 +130,15 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
     ``result.info["mu"]``."""
     if not isinstance(plan, HeadPlan):
         raise ValueError(f"plan must be a headsparse.HeadPlan, got {type(plan).__name__}")
-    if isinstance(keep_final, bool) or not isinstance(keep_final, (int, float)) or not 0 < keep_final <= 1:
-        raise ValueError(f"keep_final must be in (0, 1], got {keep_final!r}")
-    if isinstance(n_prunings, bool) or not isinstance(n_prunings, int) or n_prunings < 1:
-        raise ValueError(f"n_prunings must be a positive int, got {n_prunings!r}")
+    check_number("keep_final", keep_final, 0, 1, lo_open=True)
+    check_int("n_prunings", n_prunings, 1)
     if not 0 <= prune_start < prune_end <= 1:
         raise ValueError(f"need 0 <= prune_start < prune_end <= 1, got {prune_start!r}, {prune_end!r}")
     if not 0 <= distill_max <= 1:
         raise ValueError(f"distill_max must be in [0, 1], got {distill_max!r}")
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if isinstance(mask_step, bool) or not isinstance(mask_step, (int, float)) or not 0 < mask_step <= 1:
-        raise ValueError(f"mask_step must be in (0, 1], got {mask_step!r}")
+        check_int(name, v, 1)
+    check_number("mask_step", mask_step, 0, 1, lo_open=True)
     examples = as_examples(data, "data")
     if is_patched(model):
         raise ValueError("tune_apt patches the model itself; pass an unpatched model")

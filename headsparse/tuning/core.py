@@ -25,6 +25,7 @@ from ..mining.data import (as_examples, batches as make_batches, collate, model_
                            vocab_size_of)
 from ..patch import is_patched, patch, patch_info
 from ..plan import HeadPlan
+from .._checks import check_int
 
 
 @dataclass
@@ -38,11 +39,6 @@ class TuneResult:
     reselect_time_s: float = 0.0  # SLAP on-policy re-selection inside the training time
     info: Dict = field(default_factory=dict)
     cpu_s: float = 0.0  # process CPU time of the training loop (all threads), beside the wall time_s
-
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: int = 8, lr: float = 1e-4,
@@ -79,10 +75,10 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
         return tune_apt(model, plan, data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                         grad=grad, pad_id=pad_id, seed=seed, max_grad_norm=max_grad_norm, progress=progress,
                         **(apt_options or {}))
-    _positive_int("epochs", epochs)
-    _positive_int("batch_size", batch_size)
+    check_int("epochs", epochs, 1)
+    check_int("batch_size", batch_size, 1)
     if max_steps is not None:
-        _positive_int("max_steps", max_steps)
+        check_int("max_steps", max_steps, 1)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if schedule not in ("linear", "constant"):
