@@ -372,16 +372,20 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         stages[f"{label}_eval"] = time.perf_counter() - t0
         return res, dev
 
-    def fit(key: str, plan: Optional[HeadPlan], data, n_examples: int, epochs: int, seed: int):
+    def fit(key: str, plan: Optional[HeadPlan], data, n_examples: int, epochs: int, seed: int,
+            max_steps: Optional[int] = None):
         """Train a copy of ``model`` for arm ``key``. The lr is searched on dev the first time ``key`` is seen
         (when its grid holds >= 2 values; the candidate chosen on dev is the arm), taken from ``cfg.lr_table``, or
         fixed. Returns (model, TuneResult, lr, dev result of the search or None)."""
         kw = dict(epochs=epochs, batch_size=cfg.batch_size, seed=seed, progress=cfg.progress)
+        if max_steps is not None:
+            kw["max_steps"] = max_steps
         if plan is not None:
             kw.update(grad=cfg.grad, mode=cfg.tune_mode,
                       apt_options={"keep_final": cfg.apt_keep} if cfg.tune_mode == "apt" else None)
         if plan is None or cfg.tune_mode == "sparse":  # tune_apt has its own schedule
-            kw["warmup_steps"] = math.ceil(cfg.warmup_ratio * epochs * math.ceil(n_examples / cfg.batch_size))
+            steps = epochs * math.ceil(n_examples / cfg.batch_size)
+            kw["warmup_steps"] = math.ceil(cfg.warmup_ratio * min(steps, max_steps or steps))
 
         def train(lr):
             m = copy.deepcopy(model)
@@ -501,7 +505,9 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
             data = subset  # APT trains on the mined subset (no on-policy re-selection)
         epochs = math.ceil(cfg.epochs * len(pool) / len(subset)) if same else epochs_heads
         key = same_steps_label(method) if same else method
-        m, res, lr, search_dev = fit(key, plan, data, len(subset), epochs, seed)
+        # the same-steps arm stops at full fine-tuning's step count (whole epochs could overshoot it)
+        m, res, lr, search_dev = fit(key, plan, data, len(subset), epochs, seed,
+                                     max_steps=res_full.steps if same and cfg.tune_mode == "sparse" else None)
         stages[f"{label}_train"] = res.time_s
         ev, ev_dev = assess(m, label, search_dev)
         final_plan = res.info.get("plan", plan)

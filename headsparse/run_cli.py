@@ -129,16 +129,27 @@ def learning_rates(args, defaults: dict, tiny: bool) -> dict:
     if args.lr_from and (args.lr_search or any(grids.values())):
         raise ValueError("--lr-from reuses a search; it cannot be combined with --lr-search or --lr-grid-*")
     if args.lr_search or any(grids.values()):
+        # --lr-search searches both (unless a fixed lr is given); a grid flag alone searches only its own arms
         out["lr_grid_full"] = _parse_grid(grids["lr_grid_full"], "--lr-grid-full") if grids["lr_grid_full"] \
-            else (() if args.lr_full is not None else LR_GRID_FULL)
+            else (LR_GRID_FULL if args.lr_search and args.lr_full is None else ())
         out["lr_grid_heads"] = _parse_grid(grids["lr_grid_heads"], "--lr-grid-heads") if grids["lr_grid_heads"] \
-            else (() if args.lr_heads is not None else LR_GRID_HEADS)
+            else (LR_GRID_HEADS if args.lr_search and args.lr_heads is None else ())
     elif args.lr_from:
         out["lr_table"] = read_lr_table(args.lr_from)
-    elif not tiny and args.model == "smollm2" and args.lr_full is None and args.lr_heads is None \
+    elif uses_searched_setup(args, tiny) and args.lr_full is None and args.lr_heads is None \
             and SMOLLM2_LR_TABLE is not None:
         out["lr_table"] = SMOLLM2_LR_TABLE
     return out
+
+
+def uses_searched_setup(args, tiny: bool) -> bool:
+    """True for the setup the committed SmolLM2 search was run on (the built-in task, default training settings):
+    only there may its learning rates and search times be reused without saying otherwise."""
+    return (not tiny and args.model == "smollm2" and not any((args.pool, args.target, args.eval, args.dev))
+            and args.epochs in (None, SMOLLM2_DEFAULTS["epochs"]) and args.epochs_heads is None
+            and args.batch_size in (None, SMOLLM2_DEFAULTS["batch_size"]) and args.fraction == 0.1
+            and args.head_fraction == 0.1 and args.grad == "exact" and args.tune_mode == "sparse"
+            and args.warmup_ratio == 0.1 and args.seed == 0 and args.max_tokens == 48)
 
 
 def read_user_records(args) -> dict:

@@ -154,12 +154,12 @@ def test_teacher_is_refreshed_only_on_a_dev_improvement_and_mu_follows_its_sched
     taken = []
     real = apt.snapshot
 
-    def counting_snapshot(model):
+    def counting_snapshot(model, *args):
         taken.append(sum(float(p.detach().double().sum()) for p in model.parameters()))
-        return real(model)
+        return real(model, *args)
 
     monkeypatch.setattr(apt, "snapshot", counting_snapshot)
-    scores = iter([0.5, 0.4, 0.6])
+    scores = iter([0.55, 0.5, 0.4, 0.6])  # the starting model first: 0.55 is the bar
     model = tiny_llama(seed=0)
     task = synthetic_task(n_pool=48, n_targets=12, n_eval=4, seed=0)
     plan = HeadPlan([["t", "f", "f", "f"], ["f", "t", "f", "f"], ["f", "f", "f", "t"]], num_kv_heads=2)
@@ -168,9 +168,26 @@ def test_teacher_is_refreshed_only_on_a_dev_improvement_and_mu_follows_its_sched
                        dev_fn=lambda m: next(scores))
     hist = res.info["prune_history"]
     assert [h["dev"] for h in hist] == [0.5, 0.4, 0.6]
-    assert [h["teacher_refreshed"] for h in hist] == [True, False, True]
-    assert len(taken) == 3 and len(set(taken)) == 3  # the start, then two different trained states
+    assert [h["teacher_refreshed"] for h in hist] == [False, False, True]  # only 0.6 beats the start's 0.55
+    assert len(taken) == 2 and len(set(taken)) == 2  # the start, then one trained state
     # mu: 0 until the window opens, linear to distill_max at its end, then flat
     total, t_start, t_end = 18, 1, 10  # 48 examples / 8 = 6 steps x 3 epochs
     want = [0.8 * min(1.0, max(0.0, (s - t_start) / (t_end - t_start))) for s in range(total)]
     assert res.info["mu"] == pytest.approx(want)
+
+
+def test_teacher_snapshot_folds_the_soft_masks():
+    from headsparse.tuning.apt_blocks import snapshot
+
+    model = tiny_model("llama")
+    ids = batch(model)
+    neurons = FFNNeurons(model)
+    neurons.set_targets([torch.arange(m.numel()) % 2 == 0 for m in neurons.masks])
+    for _ in range(40):
+        neurons.move(0.01)  # dropped neurons at 0.6: a soft mask, not 0/1
+    with torch.no_grad():
+        masked = loss_of(model, ids)[1]
+        teacher = snapshot(model, neurons)
+        torch.testing.assert_close(loss_of(teacher, ids)[1], masked, rtol=1e-10, atol=1e-12)
+    assert not any(m._forward_pre_hooks for m in teacher.modules())  # no hook of the student's left
+    neurons.close()

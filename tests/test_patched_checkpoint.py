@@ -121,7 +121,25 @@ def test_reinitialising_a_patched_model_says_what_to_do(family):
     ref, plan, model, ids = _tuned(family)
     with pytest.raises(RuntimeError, match="cannot be re-initialised.*unpatch"):
         model.apply(model._init_weights)
+    for m in model.modules():  # init_weights() goes through the base model's own _init_weights
+        m._is_hf_initialized = False
+    with pytest.raises(RuntimeError, match="cannot be re-initialised"):
+        model.init_weights()
     hs.unpatch(model)
-    assert "_init_weights" not in model.__dict__
+    assert not any("_init_weights" in m.__dict__ for m in model.modules())
     model.apply(model._init_weights)  # the stock model initialises again
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_layer_split_across_shards_loads_slot_by_slot():
+    """Sharded checkpoints load shard by shard (strict=False): a layer's projections may arrive separately."""
+    ref, plan, model, ids = _tuned("llama")
+    sd = model.state_dict()
+    fresh = hs.patch(copy.deepcopy(ref), plan)
+    first = {k: v for k, v in sd.items() if not k.endswith(("k_proj.weight", "o_proj.weight"))}
+    second = {k: v for k, v in sd.items() if k not in first}
+    fresh.load_state_dict(first, strict=False)
+    fresh.load_state_dict(second, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loss_of(fresh, ids)[1], loss_of(model, ids)[1], **TOL)
+

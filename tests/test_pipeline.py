@@ -350,6 +350,11 @@ def test_cli_learning_rate_flags():
     s = lrs("--lr-search")
     assert s["lr_grid_full"] == LR_GRID_FULL and s["lr_grid_heads"] == LR_GRID_HEADS and "lr_table" not in s
     assert lrs("--lr-grid-heads", "1e-3,1e-2", "--lr-full", "1e-4")["lr_grid_full"] == ()
+    assert lrs("--lr-grid-heads", "1e-3,1e-2")["lr_grid_full"] == ()  # a heads grid alone searches only heads
+    # the committed search is reused only on the setup it was run on
+    for changed in (["--epochs", "2"], ["--fraction", "0.2"], ["--batch-size", "4"], ["--grad", "sparse"],
+                    ["--pool", "p.jsonl", "--target", "t.jsonl", "--eval", "e.jsonl"], ["--seed", "1"]):
+        assert "lr_table" not in lrs(*changed), changed
     with pytest.raises(ValueError, match="cannot be combined"):
         lrs("--lr-search", "--lr-from", "x.json")
     with pytest.raises(ValueError, match="comma-separated numbers"):

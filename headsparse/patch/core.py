@@ -463,8 +463,8 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
         layer.register_load_state_dict_pre_hook(_standard_to_patched_hook(info))
     if hasattr(model, "save_pretrained"):
         model.save_pretrained = types.MethodType(_save_pretrained_with_plan, model)
-    if hasattr(model, "_init_weights"):
-        model._init_weights = types.MethodType(_init_weights_patched, model)
+    for m in _pretrained_models(model):  # init_weights() reaches _init_weights through the base model too
+        m._init_weights = types.MethodType(_init_weights_patched, m)
     setattr(model, _PATCH_ATTR, info)
     _set_attn_impl(model, ATTN_NAME)
     return model
@@ -537,8 +537,8 @@ def _standard_to_patched_hook(info: PatchInfo):
         st = getattr(family.attention(layer), _STATE_ATTR)
         slots = family.slots(layer)
         keys = _slot_keys(layer, prefix, slots)
-        if not all(keys[k] + ".weight" in state_dict for k in slots):
-            return  # not a standard checkpoint of this layer (e.g. a patched state dict): leave it to torch
+        present = {k for k in slots if keys[k] + ".weight" in state_dict}  # each slot on its own: a sharded
+        # checkpoint may hold one layer's projections in different shards, loaded one after the other
 
         def take(key):
             w = state_dict.pop(keys[key] + ".weight")
@@ -550,24 +550,25 @@ def _standard_to_patched_hook(info: PatchInfo):
             return w.index_select(0, r), (b.index_select(0, r) if b is not None else None)
 
         out: Dict[str, torch.Tensor] = {}
-        if family.fused_qkv:
+        if "qkv" in present:
             w, b = take("qkv")
             nqd, nkvd = info.num_q_heads * d, info.num_kv_heads * d
             parts = [rows(w, b, st.q_order), rows(w, b, st.kv_order, nqd), rows(w, b, st.kv_order, nqd + nkvd)]
             _split_rows(_get(slots["qkv"]), torch.cat([p[0] for p in parts]),
                         torch.cat([p[1] for p in parts]) if b is not None else None, out, keys["qkv"])
-        else:
-            for key, order in (("q", st.q_order), ("k", st.kv_order), ("v", st.kv_order)):
+        for key, order in (("q", st.q_order), ("k", st.kv_order), ("v", st.kv_order)):
+            if key in present:
                 _split_rows(_get(slots[key]), *rows(*take(key), order), out, keys[key])
-        o = _get(slots["o"])
-        w, b = take("o")
-        wp = w.index_select(1, _rows(st.q_order, d, 0, w.device))
-        if o.weight_train is not None:
-            out[keys["o"] + ".weight_train"] = wp[:, :o.cols_train]
-        if o.weight_frozen is not None:
-            out[keys["o"] + ".weight_frozen"] = wp[:, o.cols_train:]
-        if b is not None:
-            out[keys["o"] + ".bias"] = b
+        if "o" in present:
+            o = _get(slots["o"])
+            w, b = take("o")
+            wp = w.index_select(1, _rows(st.q_order, d, 0, w.device))
+            if o.weight_train is not None:
+                out[keys["o"] + ".weight_train"] = wp[:, :o.cols_train]
+            if o.weight_frozen is not None:
+                out[keys["o"] + ".weight_frozen"] = wp[:, o.cols_train:]
+            if b is not None:
+                out[keys["o"] + ".bias"] = b
         state_dict.update(out)
     hook._headsparse = True
     return hook
@@ -576,9 +577,15 @@ def _standard_to_patched_hook(info: PatchInfo):
 def _save_pretrained_with_plan(model, save_directory, *args, **kwargs):
     """The model class's save_pretrained (standard keys, merged weights: see the state-dict hooks), plus the plan
     as headsparse_plan.json beside it, so the folder loads with plain from_pretrained and can be re-patched."""
-    type(model).save_pretrained(model, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
+    if kwargs.get("is_main_process", True):  # written first, so that a push_to_hub upload includes it
+        os.makedirs(str(save_directory), exist_ok=True)
         patch_info(model).plan.save(os.path.join(str(save_directory), PLAN_FILE))
+    type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def _pretrained_models(model: nn.Module) -> List[nn.Module]:
+    """The model and every submodule with its own _init_weights (the base model of a task model)."""
+    return [m for m in model.modules() if callable(getattr(type(m), "_init_weights", None))]
 
 
 def _init_weights_patched(model, module):
@@ -698,7 +705,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     for obj, attr, val in info.restore_attrs:
         setattr(obj, attr, val)
     model.__dict__.pop("save_pretrained", None)
-    model.__dict__.pop("_init_weights", None)
+    for m in _pretrained_models(model):
+        m.__dict__.pop("_init_weights", None)
     for n, p in model.named_parameters():
         p.requires_grad_(info.requires_grad_before.get(n, True))
     delattr(model, _PATCH_ATTR)

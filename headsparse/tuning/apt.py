@@ -119,8 +119,9 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
 
     ``ffn=True`` (gated MLPs only) prunes FFN neurons jointly with the FROZEN heads, as APT does: at every pruning
     step all candidate blocks are ranked by salience density (salience / parameters) and the longest prefix that
-    fits ``retained ratio x parameters of all heads and neurons`` is kept (:mod:`headsparse.tuning.apt_blocks`);
-    ``keep_final`` is then a share of those parameters. Neuron masks move by ``mask_step`` per optimizer step
+    fits ``retained ratio x prunable parameters`` is kept (:mod:`headsparse.tuning.apt_blocks`); the prunable
+    parameters are those of the FROZEN heads and FFN neurons at or above the gradient horizon (TRAIN heads are
+    never pruned), and ``keep_final`` is the share of them kept at the end. Neuron masks move by ``mask_step`` per optimizer step
     toward kept/dropped, become exact at the last pruning step, and the dropped neurons are then removed from
     the weights. Heads are pruned at once (hard), not through a soft mask.
 
@@ -148,6 +149,9 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
     dev = model_device(model)
     teacher = snapshot(model) if distill_max > 0 else None
     best_dev = -math.inf
+    if dev_fn is not None:  # the starting model (the first teacher) sets the bar a refresh must beat
+        with torch.no_grad():
+            best_dev = float(dev_fn(model.eval()))
     mus: List[float] = []
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = steps_per_epoch * epochs
@@ -164,7 +168,6 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
         group = info.num_q_heads // info.num_kv_heads
         head_cost = 2 * info.head_dim * hidden + 2 * info.head_dim * hidden / group  # q rows, o cols, kv share
         n_costs = [neuron_cost(m) for m in neurons.mlps]
-        total_params = n_heads * head_cost + sum(c * m.numel() for c, m in zip(n_costs, neurons.masks))
         n_ema: List[Optional[torch.Tensor]] = [None] * len(neurons.mlps)
         n_keep = [torch.ones(m.numel(), dtype=torch.bool) for m in neurons.masks]
 
@@ -224,7 +227,7 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", pruned=cur.count("pruned"))
             if step in prune_at and neurons is not None:
                 cur, ema, sal, opt, rec = _prune_blocks(
-                    model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_costs, total_params,
+                    model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_costs,
                     apt_retained(step, 1.0, keep_final, t_start, t_end), last=step == prune_at[-1], grad=grad,
                     new_opt=new_opt, opt=opt)
                 history.append({"step": step, **rec})
@@ -257,7 +260,7 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
                 if refreshed:
                     best_dev = score
                     if teacher is not None:
-                        teacher = snapshot(model)
+                        teacher = snapshot(model, neurons)
                 history[-1].update(dev=score, teacher_refreshed=refreshed and teacher is not None)
     elapsed = time.perf_counter() - t0
     sal.close()
@@ -273,27 +276,26 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
     return TuneResult(model, step, epochs, losses, elapsed, n_params, 0.0, info_out)
 
 
-def _prune_blocks(model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_costs, total_params, ratio, *, last,
-                  grad, new_opt, opt):
-    """One joint pruning step over FROZEN heads and FFN neurons by salience density under the parameter budget
-    ``ratio x total_params``; blocks without a salience yet (below the gradient horizon) stay and count as fixed.
-    At the ``last`` step the neuron masks become exact and the dropped neurons are removed."""
+def _prune_blocks(model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_costs, ratio, *, last, grad, new_opt,
+                  opt):
+    """One joint pruning step over FROZEN heads and FFN neurons by salience density. The budget is ``ratio`` of
+    the prunable parameters: the candidates (FROZEN heads and neurons with a salience, i.e. at or above the
+    gradient horizon) plus the heads already pruned. TRAIN heads and blocks without a salience are outside it and
+    always kept. At the ``last`` step the neuron masks become exact and the dropped neurons are removed."""
     heads = [(i, h) for i in range(cur.num_layers) for h in range(cur.num_q_heads)
              if cur.modes[i][h] == HeadMode.FROZEN and not math.isnan(float(ema[i, h]))]
-    fixed = sum(head_cost for i in range(cur.num_layers) for h in range(cur.num_q_heads)
-                if cur.modes[i][h] != HeadMode.PRUNED and (i, h) not in set(heads))
     sal_parts = [torch.tensor([float(ema[i, h]) for i, h in heads], dtype=torch.float64)]
     cost_parts = [torch.full((len(heads),), float(head_cost), dtype=torch.float64)]
     layers = []
     for i, e in enumerate(n_ema):
-        n = neurons.masks[i].numel() if neurons.handles else int(n_keep[i].sum())
-        if e is None or not neurons.handles:
-            fixed += n_costs[i] * int(n_keep[i].sum())
+        if e is None:
             continue
         layers.append(i)
         sal_parts.append(e)
-        cost_parts.append(torch.full((n,), float(n_costs[i]), dtype=torch.float64))
-    keep = density_keep(torch.cat(sal_parts), torch.cat(cost_parts), ratio * total_params - fixed)
+        cost_parts.append(torch.full((neurons.masks[i].numel(),), float(n_costs[i]), dtype=torch.float64))
+    costs = torch.cat(cost_parts)
+    universe = float(costs.sum()) + cur.count("pruned") * head_cost
+    keep = density_keep(torch.cat(sal_parts), costs, ratio * universe)
     keep_heads, pos = keep[:len(heads)], len(heads)
     for i in layers:
         n = neurons.masks[i].numel()
@@ -320,8 +322,8 @@ def _prune_blocks(model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_cos
         neurons.finalize()
         neurons.close()
         compact_ffn(model, n_keep)
-    n_heads_kept = sum(m != HeadMode.PRUNED for r in cur.modes for m in r)
-    kept_params = n_heads_kept * head_cost + sum(c * int(k.sum()) for c, k in zip(n_costs, n_keep))
-    rec = {"retained_target": ratio, "retained_params": kept_params / total_params, "pruned": cur.count("pruned"),
+    kept_params = float(costs[keep].sum())
+    rec = {"retained_target": ratio, "retained_params": kept_params / universe if universe else 1.0,
+           "pruned": cur.count("pruned"),
            "ffn_neurons_kept": [int(k.sum()) for k in n_keep], "ffn_removed": bool(last)}
     return cur, ema, sal, opt, rec

@@ -51,12 +51,18 @@ def density_keep(salience: torch.Tensor, cost: torch.Tensor, budget: float) -> t
     return keep
 
 
-def snapshot(model) -> nn.Module:
-    """A frozen copy of ``model`` for self-distillation, without the APT hooks (masks, salience) of the original."""
+def snapshot(model, neurons: Optional["FFNNeurons"] = None) -> nn.Module:
+    """A frozen copy of ``model`` for self-distillation, without the APT hooks (masks, salience) of the original;
+    the current FFN soft masks of ``neurons`` are folded into the copy's down_proj columns, so the copy computes
+    what the masked model computes."""
     teacher = copy.deepcopy(model).eval()
     for m in teacher.modules():
         for k in [k for k, h in m._forward_pre_hooks.items() if getattr(h, "_hs_apt", False)]:
             del m._forward_pre_hooks[k]
+    if neurons is not None and neurons.handles:
+        with torch.no_grad():
+            for mlp, mask in zip(gated_mlps(teacher), neurons.masks):
+                mlp.down_proj.weight.mul_(mask.to(mlp.down_proj.weight.dtype))
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -164,6 +170,8 @@ def compact_ffn(model, keep: List[torch.Tensor]) -> int:
                 if old.bias is not None:
                     new.bias.copy_(old.bias[idx])
             new.weight.requires_grad_(old.weight.requires_grad)
+            if new.bias is not None:
+                new.bias.requires_grad_(old.bias.requires_grad)
             setattr(mlp, name, new)
         old = mlp.down_proj
         new = nn.Linear(idx.numel(), old.out_features, bias=old.bias is not None, device=old.weight.device,
@@ -173,6 +181,8 @@ def compact_ffn(model, keep: List[torch.Tensor]) -> int:
             if old.bias is not None:
                 new.bias.copy_(old.bias)
         new.weight.requires_grad_(old.weight.requires_grad)
+        if new.bias is not None:
+            new.bias.requires_grad_(old.bias.requires_grad)
         mlp.down_proj = new
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = idx.numel()
