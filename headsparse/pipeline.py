@@ -37,6 +37,7 @@ import math
 import os
 import random
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -389,7 +390,10 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
 
         def train(lr):
             m = copy.deepcopy(model)
-            return m, tune(m, plan, data, lr=lr, **kw)
+            d = data
+            if getattr(data, "selector", None) is not None:  # on-policy state (SLAP's rounds) per training
+                d = dataclasses.replace(data, selector=copy.copy(data.selector))
+            return m, tune(m, plan, d, lr=lr, **kw)
 
         grid = tuple(cfg.lr_grid_full if plan is None else cfg.lr_grid_heads)
         if cfg.lr_table is not None and key not in searches:

@@ -362,3 +362,16 @@ def test_cli_learning_rate_flags():
     assert "lr_table" not in lrs(tiny=True)
     with pytest.raises(SystemExit, match="no learning rate for"):  # an arm the table does not cover
         main(["run", "--methods", "p2d,slap", "--no-progress", "--out", "/nonexistent/never-written"])
+
+
+def test_lr_search_candidates_do_not_share_on_policy_state():
+    """SLAP re-selects each epoch from a stateful selector: every candidate of the search starts from the mined
+    state, so the arm the search keeps equals a fresh training at the chosen learning rate."""
+    task = _small_task()
+    base = dict(methods=("slap",), epochs=2, head_fraction=0.25, progress=False, n_boot=50, lr_full=1e-3)
+    searched = run_pipeline(tiny_llama(seed=0), task, RunConfig(**base, lr_grid_heads=(1e-3, 3e-3)), quiet=True)
+    chosen = searched["lr_search"]["slap"]["lr"]
+    assert chosen == 3e-3  # the second candidate: it trained after another one had advanced a shared selector
+    again = run_pipeline(tiny_llama(seed=0), task, RunConfig(**base, lr_heads=chosen), quiet=True)
+    assert searched["rows"][2]["correct"] == again["rows"][2]["correct"]
+    assert searched["rows"][2]["answer_nll"] == pytest.approx(again["rows"][2]["answer_nll"], rel=1e-6)
