@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .autograd import compact_backward, run_forward
-from .problem import make_problem
+from .problem import head_index_lists, make_problem
 from .registry import resolve
 
 
@@ -31,11 +31,8 @@ def _layout_lists(grad: Tuple[int, ...], pruned: Tuple[int, ...], kv_index: Tupl
     """(grad heads, KV heads they need, position of each grad head among the active ones) as Python lists."""
     hq = len(grad)
     kv_map = kv_index or tuple(h // (hq // hkv) for h in range(hq))
-    active = [h for h in range(hq) if not pruned[h]]
-    grad_idx = [h for h in active if grad[h]]
-    kv_needed = sorted({kv_map[h] for h in grad_idx})
-    lse_pos = [active.index(h) for h in grad_idx]
-    return grad_idx, kv_needed, lse_pos
+    lists = head_index_lists([bool(g) for g in grad], [not p for p in pruned], kv_map)
+    return lists["grad"], lists["kv_needed"], lists["lse_pos"]
 
 
 def _problem(q, k, v, mask, grad, pruned, kv_index, causal, scale):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,24 +38,30 @@ class HeadLayout:
     all_kv: bool  # every KV head is in the backward
 
 
-@functools.lru_cache(maxsize=512)
-def _head_layout(grad: Tuple[bool, ...], active: Tuple[bool, ...], kv_map: Tuple[int, ...], hkv: int,
-                 device: torch.device) -> HeadLayout:
+def head_index_lists(grad: Sequence[bool], active: Sequence[bool], kv_map: Sequence[int]) -> Dict[str, List[int]]:
+    """The head indices of :class:`HeadLayout` as Python lists (also what the torch.library op saves by)."""
     grad = tuple(g and a for g, a in zip(grad, active))  # a pruned head has nothing to differentiate
     active_idx = [h for h, a in enumerate(active) if a]
     grad_idx = [h for h, g in enumerate(grad) if g]
     kv_needed = sorted({kv_map[h] for h in grad_idx})
     kv_rank = {kv: i for i, kv in enumerate(kv_needed)}
     active_rank = {h: i for i, h in enumerate(active_idx)}
+    return {"active": active_idx, "pruned": [h for h, a in enumerate(active) if not a], "grad": grad_idx,
+            "kv_needed": kv_needed, "kv_pos": [kv_rank[kv_map[h]] for h in grad_idx],
+            "lse_pos": [active_rank[h] for h in grad_idx]}
+
+
+@functools.lru_cache(maxsize=512)
+def _head_layout(grad: Tuple[bool, ...], active: Tuple[bool, ...], kv_map: Tuple[int, ...], hkv: int,
+                 device: torch.device) -> HeadLayout:
+    lists = head_index_lists(grad, active, kv_map)
 
     def idx(values):
         return torch.tensor(values, dtype=torch.int64).to(device)
 
     return HeadLayout(
-        kv_head_index=idx(list(kv_map)), active=idx(active_idx),
-        pruned=idx([h for h, a in enumerate(active) if not a]), grad=idx(grad_idx), kv_needed=idx(kv_needed),
-        kv_pos=idx([kv_rank[kv_map[h]] for h in grad_idx]), lse_pos=idx([active_rank[h] for h in grad_idx]),
-        all_q=len(grad_idx) == len(grad), all_kv=len(kv_needed) == hkv,
+        kv_head_index=idx(list(kv_map)), **{k: idx(v) for k, v in lists.items()},
+        all_q=len(lists["grad"]) == len(grad), all_kv=len(lists["kv_needed"]) == hkv,
     )
 
 

@@ -100,12 +100,10 @@ class LayerState:
         # would cost a device synchronisation per call) and caches the index tensors it derives per device.
         hit = self._cache.get("cpu")
         if hit is None:
-            nq, nkv = len(self.q_order), len(self.kv_order)
-            grad = None if self.grad_heads is None or all(self.grad_heads) else torch.tensor(self.grad_heads)
-            pruned = torch.tensor(self.pruned_kept) if any(self.pruned_kept) else None
-            standard = nq % nkv == 0 and self.kv_head_index == [p // (nq // nkv) for p in range(nq)]
-            kvi = None if standard else torch.tensor(self.kv_head_index, dtype=torch.long)
-            hit = self._cache["cpu"] = (grad, pruned, kvi)
+            grad, pruned, kvi = self.flags()
+            hit = self._cache["cpu"] = (None if grad is None else torch.tensor(grad),
+                                        None if pruned is None else torch.tensor(pruned),
+                                        None if kvi is None else torch.tensor(kvi, dtype=torch.long))
         return hit
 
 

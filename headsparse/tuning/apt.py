@@ -42,7 +42,8 @@ from ..mining.data import per_sample_loss
 from ..patch import HeadSlicedOutput, is_patched, patch, patch_info, unpatch
 from ..patch.core import layer_states
 from ..plan import HeadMode, HeadPlan
-from .apt_blocks import FFNNeurons, apt_retained, compact_ffn, density_keep, neuron_cost, snapshot
+from .apt_blocks import (FFNNeurons, apt_retained, compact_ffn, density_keep, neuron_cost, snapshot,
+                         track_abs)
 from .core import TuneResult
 from .._checks import check_int, check_number
 
@@ -75,17 +76,8 @@ class _Salience:
 
     def _hook(self, i, q_order):
         def pre(mod, args):
-            x = args[0]
-            if not (torch.is_grad_enabled() and x.requires_grad):
+            if not track_abs(args[0], i, self.abs_x, self.abs_g, torch.float32):
                 return
-            sx = x.detach().abs().float().sum(dim=tuple(range(x.dim() - 1)))
-
-            def bwd(g):
-                sg = g.detach().abs().float().sum(dim=tuple(range(g.dim() - 1)))
-                self.abs_x[i] = self.abs_x.get(i, 0) + sx
-                self.abs_g[i] = self.abs_g.get(i, 0) + sg
-
-            x.register_hook(bwd)
             self._orders = getattr(self, "_orders", {})
             self._orders[i] = q_order
         pre._hs_apt = True
@@ -239,17 +231,8 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
                 cand.sort()
                 chosen = cand[:max(0, n_prune)]
                 if chosen:
-                    modes = [list(r) for r in cur.modes]
-                    for _, i, h in chosen:
-                        modes[i][h] = HeadMode.PRUNED
-                        ema[i, h] = float("nan")
-                    sal.close()
-                    unpatch(model)
-                    cur = HeadPlan(modes, cur.num_kv_heads, cur.kv_policy, cur.model_family)
-                    patch(model, cur, grad=grad)
-                    model.train()
-                    sal = _Salience(model)
-                    opt = new_opt()
+                    cur, sal, opt = _prune_heads(model, cur, ema, sal, [(i, h) for _, i, h in chosen], grad,
+                                                 new_opt)
                 history.append({"step": step, "retained_target": keep / n_heads, "pruned": cur.count("pruned")})
             if step in prune_at and dev_fn is not None:
                 model.eval()
@@ -274,6 +257,21 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
     if neurons is not None:
         info_out["ffn_neurons_kept"] = [int(k.sum()) for k in n_keep]
     return TuneResult(model, step, epochs, losses, elapsed, n_params, 0.0, info_out)
+
+
+def _prune_heads(model, cur: HeadPlan, ema: torch.Tensor, sal: "_Salience", heads, grad: str, new_opt):
+    """Mark ``heads`` (layer, head) PRUNED and re-patch, so they are physically removed; their salience is
+    forgotten, the salience hooks and the optimizer start again on the new slices. Returns (plan, sal, opt)."""
+    modes = [list(r) for r in cur.modes]
+    for i, h in heads:
+        modes[i][h] = HeadMode.PRUNED
+        ema[i, h] = float("nan")
+    sal.close()
+    unpatch(model)
+    cur = HeadPlan(modes, cur.num_kv_heads, cur.kv_policy, cur.model_family)
+    patch(model, cur, grad=grad)
+    model.train()
+    return cur, _Salience(model), new_opt()
 
 
 def _prune_blocks(model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_costs, ratio, *, last, grad, new_opt,
@@ -307,17 +305,7 @@ def _prune_blocks(model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_cos
     neurons.set_targets(n_keep)
     dropped = [hh for hh, kk in zip(heads, keep_heads.tolist()) if not kk]
     if dropped:
-        modes = [list(r) for r in cur.modes]
-        for i, h in dropped:
-            modes[i][h] = HeadMode.PRUNED
-            ema[i, h] = float("nan")
-        sal.close()
-        unpatch(model)
-        cur = HeadPlan(modes, cur.num_kv_heads, cur.kv_policy, cur.model_family)
-        patch(model, cur, grad=grad)
-        model.train()
-        sal = _Salience(model)
-        opt = new_opt()
+        cur, sal, opt = _prune_heads(model, cur, ema, sal, dropped, grad, new_opt)
     if last and neurons.handles:
         neurons.finalize()
         neurons.close()

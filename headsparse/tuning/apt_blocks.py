@@ -51,6 +51,22 @@ def density_keep(salience: torch.Tensor, cost: torch.Tensor, budget: float) -> t
     return keep
 
 
+def track_abs(x: torch.Tensor, key, abs_x: Dict, abs_g: Dict, dtype: torch.dtype) -> bool:
+    """APT's salience parts for one input of a projection: adds sum|X| now and, once the backward reaches X,
+    sum|dL/dX| (over every dimension but the channels) under ``key``. False (nothing tracked) without a gradient."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    dims = tuple(range(x.dim() - 1))
+    sx = x.detach().abs().to(dtype).sum(dim=dims)
+
+    def bwd(g):
+        abs_x[key] = abs_x.get(key, 0) + sx
+        abs_g[key] = abs_g.get(key, 0) + g.detach().abs().to(dtype).sum(dim=dims)
+
+    x.register_hook(bwd)
+    return True
+
+
 def snapshot(model, neurons: Optional["FFNNeurons"] = None) -> nn.Module:
     """A frozen copy of ``model`` for self-distillation, without the APT hooks (masks, salience) of the original;
     the current FFN soft masks of ``neurons`` are folded into the copy's down_proj columns, so the copy computes
@@ -103,15 +119,7 @@ class FFNNeurons:
     def _hook(self, i: int):
         def pre(mod, args):
             x = args[0]
-            if torch.is_grad_enabled() and x.requires_grad:
-                sx = x.detach().abs().double().sum(dim=tuple(range(x.dim() - 1)))
-
-                def bwd(g):
-                    sg = g.detach().abs().double().sum(dim=tuple(range(g.dim() - 1)))
-                    self.abs_x[i] = self.abs_x.get(i, 0) + sx
-                    self.abs_g[i] = self.abs_g.get(i, 0) + sg
-
-                x.register_hook(bwd)
+            track_abs(x, i, self.abs_x, self.abs_g, torch.float64)
             mask = self.masks[i]
             if bool((mask == 1).all()):
                 return None
