@@ -5,7 +5,7 @@ import collections
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "headsparse"
-RECIPES = {"scoring", "mining", "tuning", "pipeline", "tasks", "run_cli", "cli", "records", "stats", "metrics",
+RECIPES = {"scoring", "mining", "tuning", "recipes", "pipeline", "tasks", "run_cli", "cli", "records", "stats", "metrics",
            "demo"}
 # Known and accepted: HeadPlan.for_model / check_model read the model's family and head counts through the patch
 # layer's model_shape, imported inside the method (the plan is the patch layer's input, so the import is deferred).
