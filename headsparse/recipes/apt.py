@@ -8,8 +8,8 @@ Llama-family decoders (Llama, Mistral, Qwen2/3, SmolLM2; gated MLPs):
 - **Blocks and salience**: attention heads (a head owns its Q, K, V rows and O columns; a GQA KV head is
   charged to its query heads in equal shares) and FFN neurons. Per channel of the O-projection input (heads)
   and of the FFN output-projection input (neurons), ``(sum_{b,t} |X|) * (sum_{b,t} |dL/dX|)``, summed per block,
-  plus ``sqrt(max(kurtosis, 0))`` of (mean activation x output-projection columns) per block
-  (:func:`kurtosis_term`), smoothed by an EMA (0.85), from the ordinary training batches after every backward.
+  plus, with ``kurtosis=True``, ``sqrt(max(kurtosis, 0))`` of (mean activation x output-projection columns) per
+  block (:func:`kurtosis_term`), smoothed by an EMA (0.85), from the ordinary training batches after every backward.
 - **Selection**: all blocks sorted together by salience density (salience / parameters); the longest prefix that
   fits ``ratio(t) x prunable parameters`` is kept (binary search, :func:`headsparse.tuning.apt_blocks.density_keep`).
   ``ratio`` follows APT's cubic decay after a sparsity warm-up
@@ -381,7 +381,7 @@ def _peak_memory(dev) -> int:
 
 
 def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = True, grow: bool = True,
-                 distill: bool = True, kurtosis: bool = True, epochs: int = 10, batch_size: int = 32,
+                 distill: bool = True, kurtosis: bool = False, epochs: int = 10, batch_size: int = 32,
                  lr: float = 2e-4, weight_decay: float = 0.1, warmup_ratio: float = 0.06, rank: int = 8,
                  alpha: float = 16.0, targets: Optional[Sequence[str]] = None, n_prunings: int = 10,
                  prune_start: float = 0.05, sparsity_warmup: float = 0.1, prune_end: float = 0.3,
@@ -403,7 +403,8 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
             ffn_in; decoders q, v); False trains every parameter (full fine-tuning).
         grow: adaptive tuning (rank growth to ``expand`` x the starting tuning parameters over the pruning window).
         distill: self-distillation; False trains on the task loss only (mu stays 0).
-        kurtosis: add APT's outlier term to the salience.
+        kurtosis: add APT's outlier term to the salience (off by default: sqrt(kurtosis) does not grow with the
+            tokens in a batch while the salience does, so on small batches it outweighs the salience; see the docs).
         prune_start, sparsity_warmup, prune_end: fractions of the total steps: pruning steps are evenly spaced in
             (prune_start, prune_end]; the retained ratio stays 1 until ``prune_start + sparsity_warmup`` and then
             decays cubically to ``keep`` at ``prune_end``.
@@ -425,6 +426,8 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                          f"{prune_start!r}, {sparsity_warmup!r}, {prune_end!r}")
     if not adapters and grow:
         grow = False  # nothing to grow without adapters
+    if grow and max_rank < rank:
+        raise ValueError(f"max_rank ({max_rank}) must be at least rank ({rank}) when the adapters grow")
     examples, is_cls = _check_examples(data)
     blocks = apt_blocks(model)
     if any(isinstance(m, GrowingLoRA) for m in model.modules()):
@@ -513,16 +516,14 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
             for k in [k for k, h in m._forward_pre_hooks.items() if getattr(h, "_hs_apt", False)]:
                 del m._forward_pre_hooks[k]
         if masks is not None:  # fold the soft masks into the copy's output projections
+            # adapters on an output projection would bypass the fold: merge them into the copy first
+            merge_adapters(t)
             tb = apt_blocks(t)
             with torch.no_grad():
                 for b, hm, fm in zip(tb, masks.head, masks.ffn):
                     o, f = _get(b.o), _get(b.ffn_out)
-                    o = o.base if isinstance(o, GrowingLoRA) else o
-                    f = f.base if isinstance(f, GrowingLoRA) else f
                     o.weight.mul_(hm.repeat_interleave(b.head_dim).to(o.weight.dtype))
                     f.weight.mul_(fm.to(f.weight.dtype))
-                # adapters on an output projection would bypass the fold: merge them into the copy
-            merge_adapters(t)
         for p in t.parameters():
             p.requires_grad_(False)
         return t
@@ -622,15 +623,19 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                     known = all(e is not None for e in head_ema + ffn_ema)
                     if known:
                         sal = torch.cat([torch.cat(head_ema), torch.cat(ffn_ema)]).double().cpu()
-                        kept = density_keep(sal, costs, ratio * prunable)
+                        # every layer keeps at least its most salient head and neuron: reserved inside the budget,
+                        # the rest filled by density (the same selection whenever the reserved ones fit anyway)
+                        must = torch.zeros(sal.numel(), dtype=torch.bool)
+                        off = 0
+                        for e in head_ema + ffn_ema:
+                            must[off + int(torch.argmax(e))] = True
+                            off += e.numel()
+                        kept = must.clone()
+                        kept[~must] = density_keep(sal[~must], costs[~must],
+                                                   ratio * prunable - float(costs[must].sum()))
                         nh = [b.num_heads for b in blocks]
                         hk = list(torch.split(kept[:sum(nh)], nh))
                         fk = list(torch.split(kept[sum(nh):], [m.numel() for m in masks.ffn]))
-                        for i in range(n_layers):  # every layer keeps at least its most salient head and neuron
-                            if not hk[i].any():
-                                hk[i][int(torch.argmax(head_ema[i] / head_cost[i]))] = True
-                            if not fk[i].any():
-                                fk[i][int(torch.argmax(ffn_ema[i]))] = True
                         masks.head_target = [k.to(masks.head[0]) for k in hk]
                         masks.ffn_target = [k.to(masks.ffn[0]) for k in fk]
                     targets_now = torch.cat(masks.head_target + masks.ffn_target).cpu().double()
