@@ -22,9 +22,10 @@ Llama-family decoders (Llama, Mistral, Qwen2/3, SmolLM2; gated MLPs):
   (:func:`headsparse.tuning.adaptive_lora.grow_to_budget`); growth leaves the function unchanged.
 - **Self-distillation**: the teacher is a snapshot of the model itself (soft masks folded in), refreshed whenever
   the dev metric improves during pruning; loss = mu * L_distill + (1 - mu) * L_task, mu rising linearly from 0 to 1
-  over the pruning window; L_distill = T^2 KL(student/T || teacher/T) + 0.9 * sum of MSEs between hidden states of
-  four sampled layers (one from each quarter of the stack) and the teacher's same layers through a learned linear
-  map (identity at the start).
+  over the pruning window, after which distillation ends and the task loss alone trains (as in APT's trainer);
+  L_distill = T^2 KL(student/T || teacher/T) + 0.9 * sum of MSEs between the RMS-normalised hidden states of four
+  sampled layers (one from each quarter of the stack) and the teacher's same layers through a learned linear map
+  (identity at the start).
 - **Accounting**: dev metric every ``eval_every`` steps against the training time spent so far (evaluation
   excluded), so :func:`time_to_fraction` gives APT's time to 97% of the final dev metric; peak training memory
   (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, meaningful when the run has a process to itself);
@@ -374,6 +375,13 @@ def _check_examples(data) -> Tuple[List[Dict], bool]:
     return list(data), cls
 
 
+def _rms_normed(h: torch.Tensor) -> torch.Tensor:
+    """Hidden states divided by their root mean square over the hidden dimension (APT de-variances both sides before
+    the layer MSE, so pre-norm residual streams with large norms do not swamp the loss)."""
+    h = h.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 def _peak_memory(dev) -> int:
     if dev.type == "cuda":
         return int(torch.cuda.max_memory_allocated(dev))
@@ -563,9 +571,9 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
             b = _cls_batch(exs, pad, dev) if is_cls else collate(exs, pad, dev)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            mu = 0.0
-            if distill:
-                mu = min(1.0, max(0.0, (step - window[0]) / max(1, window[1] - window[0])))
+            mu = 0.0  # APT distils only while it prunes; afterwards the task loss alone trains the pruned model
+            if distill and window[0] <= step < window[1]:
+                mu = (step - window[0]) / (window[1] - window[0])
             mus.append(mu)
             want_hidden = distill and mu > 0 and hidden_weight > 0
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
@@ -594,8 +602,8 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                         if z <= a:
                             continue
                         li = int(torch.randint(a, z, (1,), generator=pair_gen))
-                        kd = kd + hidden_weight * F.mse_loss(layer_map(out.hidden_states[li])[tok].float(),
-                                                             tout.hidden_states[li][tok].float())
+                        kd = kd + hidden_weight * F.mse_loss(_rms_normed(layer_map(out.hidden_states[li])[tok]),
+                                                             _rms_normed(tout.hidden_states[li][tok]))
                 loss = mu * kd + (1 - mu) * task
             loss.backward()
             if lora:
@@ -672,7 +680,7 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                 eval_s += time.perf_counter() - e0
                 curve.append((step, train_s, score))
                 if rec is not None:
-                    refreshed = score > best_dev and step <= window[1] and distill
+                    refreshed = score > best_dev and step < window[1] and distill
                     if score > best_dev:
                         best_dev = score
                     if refreshed:  # the teacher copy is part of training's cost
@@ -683,6 +691,8 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                     rec.update(dev=score, teacher_refreshed=refreshed)
                 elif score > best_dev:
                     best_dev = score
+            if teacher is not None and step >= window[1]:
+                teacher = None  # distillation is over: free the copy
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", mu=f"{mu:.2f}")
     bar.close()

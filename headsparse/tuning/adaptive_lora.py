@@ -6,8 +6,8 @@ number of tuning parameters linearly to a multiple (4x) of the start: the adapte
 its rank rows i of |sum_j A_ij dL/dA_ij|, smoothed over steps. New rows of A are drawn Kaiming-uniform and the new
 columns of B are zero, so growing an adapter leaves the model's function unchanged.
 
-This module is the building block (adapters, importance, growth); it is not yet wired into
-:func:`headsparse.tuning.tune_apt`, which trains head slices instead of adapters.
+This module is the building block (adapters, importance, growth); :func:`headsparse.recipes.finetune_apt` (APT as
+published) grows these adapters during pruning. :func:`headsparse.tuning.tune_apt` trains head slices instead.
 """
 from __future__ import annotations
 
