@@ -44,7 +44,7 @@ ARMS = {
 SETTINGS = {
     "minilm": dict(epochs=20, batch_size=32, eval_every=9, n_prunings=10,
                    grids={"full": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3], "apt40": [3e-4, 1e-3, 3e-3]}),
-    "smollm2": dict(epochs=3, batch_size=8, eval_every=10, n_prunings=5,
+    "smollm2": dict(epochs=5, batch_size=8, eval_every=15, n_prunings=5,
                     grids={"full": [3e-5, 1e-4], "lora": [1e-3, 3e-3], "apt40": [1e-3, 3e-3]}),
 }
 # arms without a search of their own take the dev-best lr of this arm (APT's scripts use one lr for all its runs)
