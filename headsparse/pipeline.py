@@ -48,7 +48,7 @@ from .metrics import aer
 from .stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci, seed_interval
 from .provenance import provenance
 from .mining.core import METHODS, mine
-from .mining.data import as_examples, check_token_ids, collate, model_device, pad_id_of, vocab_size_of
+from .data import as_examples, check_token_ids, collate, model_device, pad_id_of, vocab_size_of
 from .mining.features import patched_for, probe
 from .plan import HeadPlan
 from .scoring import score_heads

@@ -7,7 +7,7 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from headsparse.mining.data import as_examples, check_token_ids
+from headsparse.data import as_examples, check_token_ids
 from headsparse.tasks import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

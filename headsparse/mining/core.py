@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import HeadPlan
-from .data import as_examples, pad_id_of, vocab_size_of
+from ..data import as_examples, pad_id_of, vocab_size_of
 from .features import cached_forward_signature, forward_signature, patched_for, probe
 from .slap import SlapSelector
 from .._checks import check_int, check_number

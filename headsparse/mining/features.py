@@ -35,7 +35,7 @@ from ..patch import HeadSlicedOutput, HeadSlicedProjection, head_layout, is_patc
 from ..patch.core import layer_states
 from ..patch.families import find_family
 from ..plan import HeadPlan
-from .data import collate, model_device, per_sample_loss
+from ..data import collate, model_device, per_sample_loss
 
 
 @contextlib.contextmanager

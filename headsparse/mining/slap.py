@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import HeadPlan
-from .data import as_examples, pad_id_of
+from ..data import as_examples, pad_id_of
 from .features import patched_for, probe
 from .._checks import check_int
 

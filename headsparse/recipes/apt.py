@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int, check_number
-from ..mining.data import IGNORE, collate, model_device, pad_id_of, per_sample_loss
+from ..data import IGNORE, collate, model_device, pad_id_of, per_sample_loss
 from ..tuning.adaptive_lora import GrowingLoRA, grow_to_budget
 from ..tuning.apt_blocks import apt_retained, density_keep, track_abs
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..mining.data import vocab_size_of
+from ..data import vocab_size_of
 from ._model import iter_batches, model_info, per_sample_loss
 from .methods import DEFAULTS, resolve_options
 from .scores import HeadScores, spearman

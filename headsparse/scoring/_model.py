@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mining.data import check_token_ids
+from ..data import IGNORE, check_token_ids, per_sample_loss as next_token_loss
 from ..patch.families import Family, find_family
 from .._checks import check_int
 
@@ -161,24 +161,16 @@ def per_sample_loss(model, info: ModelInfo, batch: Dict[str, torch.Tensor]) -> t
         return F.cross_entropy(logits.float(), y.long(), reduction="none")
     if logits is not None and info.is_decoder:
         tgt = batch.get("labels")
-        if tgt is None:
-            tgt = batch["input_ids"].masked_fill(~mask, -100)
-        else:
-            tgt = tgt.masked_fill(~mask, -100)
-        # a target counts only if the position predicting it is a real token too (left padding)
-        lg, tg = logits[:, :-1], tgt[:, 1:].masked_fill(~mask[:, :-1], -100)
+        tgt = (batch["input_ids"] if tgt is None else tgt).masked_fill(~mask, IGNORE)
     else:
         if logits is None:
             hidden = out.last_hidden_state
             emb = model.get_input_embeddings().weight
             logits = hidden @ emb.t()
-        tgt = batch["input_ids"].masked_fill(~mask, -100)
-        valid = mask[:, :-1] & mask[:, 1:]
-        lg, tg = logits[:, :-1], tgt[:, 1:].masked_fill(~valid, -100)
-    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tg.reshape(-1), reduction="none",
-                          ignore_index=-100).view(tg.shape)
-    n = (tg != -100).sum(dim=1)
-    return tok.sum(dim=1) / n.clamp(min=1)
+        tgt = batch["input_ids"].masked_fill(~mask, IGNORE)
+    # a target counts only if the position predicting it is a real token too (left padding)
+    tgt = torch.cat([tgt[:, :1], tgt[:, 1:].masked_fill(~mask[:, :-1], IGNORE)], dim=1)
+    return next_token_loss(logits, tgt)
 
 
 LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]

@@ -37,8 +37,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..mining.data import IGNORE, as_examples, batches as make_batches, collate, model_device, pad_id_of
-from ..mining.data import per_sample_loss
+from ..data import IGNORE, as_examples, batches as make_batches, collate, model_device, pad_id_of
+from ..data import per_sample_loss
 from ..patch import HeadSlicedOutput, is_patched, patch, patch_info, unpatch
 from ..patch.core import layer_states
 from ..plan import HeadMode, HeadPlan

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..mining.data import as_examples, collate
+from ..data import as_examples, collate
 
 try:
     from transformers import TrainerCallback

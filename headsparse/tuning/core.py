@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..mining.core import MineResult
-from ..mining.data import (as_examples, batches as make_batches, collate, model_device, pad_id_of, per_sample_loss,
+from ..data import (as_examples, batches as make_batches, collate, model_device, pad_id_of, per_sample_loss,
                            vocab_size_of)
 from ..patch import is_patched, patch, patch_info
 from ..plan import HeadPlan

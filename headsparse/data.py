@@ -1,4 +1,4 @@
-"""Examples, pools and batches for mining and tuning (causal language models).
+"""Examples, pools and batches: the one data module of the package (scoring, mining, tuning, recipes, pipeline).
 
 An *example* is a dict with ``input_ids`` (a sequence of token ids) and
 optionally ``labels`` (same length; -100 marks positions without loss; absent
