@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import random
@@ -166,10 +165,6 @@ def run_child(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------ the report
-def fmt_ci(ci) -> str:
-    return f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(SETTINGS), default="minilm")

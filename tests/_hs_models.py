@@ -76,6 +76,14 @@ def loss_of(model, ids, attention_mask=None, seed: int = 2):
     return (t * w).sum() / t.numel(), t
 
 
+def input_keeper(seen: dict, key):
+    """A forward pre-hook that keeps a module's input under ``seen[key]``, its gradient retained (hand salience)."""
+    def pre(mod, args):
+        args[0].retain_grad()
+        seen[key] = args[0]
+    return pre
+
+
 def zero_pruned_o(ref, plan):
     """In an unpatched model, zero the O columns of the plan's pruned heads."""
     from headsparse.patch.families import find_family

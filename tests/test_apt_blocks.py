@@ -8,7 +8,7 @@ import torch
 
 from headsparse.tuning.apt_blocks import (FFNNeurons, apt_retained, compact_ffn, density_keep, gated_mlps,
                                           neuron_cost)
-from _hs_models import batch, loss_of, tiny_model
+from _hs_models import batch, input_keeper, loss_of, tiny_model
 
 
 def test_ffn_salience_equals_the_hand_computation():
@@ -17,14 +17,7 @@ def test_ffn_salience_equals_the_hand_computation():
     for p in model.parameters():
         p.requires_grad_(True)
     seen = {}
-
-    def grab(i):
-        def pre(mod, args):
-            args[0].retain_grad()
-            seen[i] = args[0]
-        return pre
-
-    handles = [m.down_proj.register_forward_pre_hook(grab(i)) for i, m in enumerate(gated_mlps(model))]
+    handles = [m.down_proj.register_forward_pre_hook(input_keeper(seen, i)) for i, m in enumerate(gated_mlps(model))]
     neurons = FFNNeurons(model)  # registered after grab: it sees the same input tensor
     for _ in range(2):  # accumulated over two backward passes
         loss_of(model, ids)[0].backward()

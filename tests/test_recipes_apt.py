@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import headsparse.recipes.apt as apt
+import headsparse.tuning.apt_blocks as apt_blocks_module
 from headsparse.recipes.apt import _Masks, apt_blocks, finetune_apt, kurtosis_term, merge_adapters
 from headsparse.tuning.adaptive_lora import GrowingLoRA, add_adapters
-from _hs_models import VOCAB, batch, loss_of, tiny_model
+from _hs_models import VOCAB, batch, input_keeper, loss_of, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,17 +93,10 @@ def test_salience_and_kurtosis_equal_the_hand_computation(family):
     blocks = apt_blocks(model)
     ids = batch(model, b=3, s=9)
     seen = {}
-
-    def grab(key):
-        def pre(mod, args):
-            args[0].retain_grad()
-            seen[key] = args[0]
-        return pre
-
     handles = []
     for i, b in enumerate(blocks):  # registered before _Masks: it sees the same (unmasked) input tensor
-        handles.append(getattr(*b.o).register_forward_pre_hook(grab(("h", i))))
-        handles.append(getattr(*b.ffn_out).register_forward_pre_hook(grab(("f", i))))
+        handles.append(getattr(*b.o).register_forward_pre_hook(input_keeper(seen, ("h", i))))
+        handles.append(getattr(*b.ffn_out).register_forward_pre_hook(input_keeper(seen, ("f", i))))
     masks = _Masks(blocks, torch.float64, torch.device("cpu"))
     with torch.no_grad():  # soft masks: the salience is read before the mask
         masks.head[1].copy_(torch.tensor([1.0, 0.7, 0.3, 1.0], dtype=torch.float64))
@@ -321,7 +315,8 @@ def test_teacher_is_refreshed_only_on_a_dev_improvement_as_a_mask_folded_copy(mo
         copies[-1]["unmasked"] = _logits(bare, ids)
         return t
 
-    monkeypatch.setattr(apt, "copy", types.SimpleNamespace(deepcopy=deepcopy))
+    # the teacher snapshot is taken by headsparse.tuning.apt_blocks.snapshot
+    monkeypatch.setattr(apt_blocks_module, "copy", types.SimpleNamespace(deepcopy=deepcopy))
     script = [0.5, 0.4, 0.6, 0.55, 0.7, 0.7, 0.1]  # start, the 5 pruning steps, the end
     calls = []
 

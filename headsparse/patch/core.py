@@ -163,6 +163,12 @@ def headsparse_attention_forward(module, query, key, value, attention_mask, drop
 
 def register() -> None:
     """Register "headsparse" with transformers' attention and mask interfaces (idempotent)."""
+    register_attention(ATTN_NAME, headsparse_attention_forward)
+
+
+def register_attention(name: str, fn) -> None:
+    """Register attention function ``fn`` under ``name`` with transformers' ``AttentionInterface``, with SDPA's mask
+    builder under the same name (idempotent)."""
     try:
         from transformers import AttentionInterface
     except ImportError:  # pragma: no cover - very old transformers
@@ -174,8 +180,8 @@ def register() -> None:
             "headsparse.patch needs transformers.masking_utils.AttentionMaskInterface and sdpa_mask "
             "(transformers >= 4.53); without them padding masks would be dropped silently"
         ) from exc
-    AttentionInterface.register(ATTN_NAME, headsparse_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def _set_attn_impl(model: nn.Module, name: Optional[str]) -> None:

@@ -37,7 +37,6 @@ dynamic matching, the optimizer state of grown or compacted tensors restarts.
 """
 from __future__ import annotations
 
-import copy
 import math
 import resource
 import time
@@ -50,8 +49,11 @@ from torch import nn
 
 from .._checks import check_int, check_number
 from ..data import IGNORE, collate, model_device, pad_id_of, per_sample_loss
+from ..patch.core import register_attention
 from ..tuning.adaptive_lora import GrowingLoRA, grow_to_budget
-from ..tuning.apt_blocks import apt_retained, density_keep, track_abs
+from ..tuning.core import scheduled_lr
+from ..tuning.apt_blocks import apt_retained, density_keep, move_masks, sliced_linear, track_abs
+from ..tuning.apt_blocks import snapshot as apt_snapshot
 
 ATTN_NAME = "headsparse_apt"
 
@@ -201,8 +203,7 @@ class _Masks:
         return heads, neurons
 
     def move(self, step: float) -> None:
-        for m, t in zip(self.head + self.ffn, self.head_target + self.ffn_target):
-            m.copy_(torch.where(t > m, torch.clamp(m + step, max=1.0), torch.clamp(m - step, min=0.0)))
+        move_masks(self.head + self.ffn, self.head_target + self.ffn_target, step)
 
     def finalize(self) -> None:
         for m, t in zip(self.head + self.ffn, self.head_target + self.ffn_target):
@@ -218,18 +219,8 @@ class _Masks:
 def _select(slot, idx: torch.Tensor, dim: str) -> None:
     """Keep output rows (``dim="out"``) or input columns (``"in"``) ``idx`` of a Linear or GrowingLoRA in place."""
     m = _get(slot)
-    lin = m.base if isinstance(m, GrowingLoRA) else m
-    idx = idx.to(lin.weight.device)
-    w = lin.weight.detach()
-    new_w = w[idx] if dim == "out" else w[:, idx]
-    new = nn.Linear(new_w.shape[1], new_w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(new_w)
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias.detach()[idx] if dim == "out" else lin.bias.detach())
-    new.weight.requires_grad_(lin.weight.requires_grad)
-    if new.bias is not None:
-        new.bias.requires_grad_(lin.bias.requires_grad)
+    new = sliced_linear(m.base if isinstance(m, GrowingLoRA) else m, idx, dim)
+    idx = idx.to(new.weight.device)
     if isinstance(m, GrowingLoRA):
         m.base = new
         if dim == "out":
@@ -285,11 +276,7 @@ def _indexed_kv_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _register_attention(model) -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTN_NAME, _indexed_kv_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    register_attention(ATTN_NAME, _indexed_kv_attention)
     model.set_attn_implementation(ATTN_NAME)
 
 
@@ -479,7 +466,6 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
     t_warm = int((prune_start + sparsity_warmup) * total)
     t_end = max(int(prune_end * total), t_warm + 1)
     prune_at = sorted({t_start + max(1, round((k + 1) * (t_end - t_start) / n_prunings)) for k in range(n_prunings)})
-    window = (t_start, t_end)  # mu and the adapters' growth run across the pruning window
     if eval_every is None:
         eval_every = max(1, total // 20)
     p0 = next(model.parameters())
@@ -491,7 +477,7 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
     prunable = float(costs.sum())
     head_ema: List[Optional[torch.Tensor]] = [None] * len(blocks)
     ffn_ema: List[Optional[torch.Tensor]] = [None] * len(blocks)
-    lora_ema: List[float] = [0.0] * len(lora)
+    lora_ema: List[torch.Tensor] = [torch.zeros((), dtype=torch.float64)] * len(lora)
     hidden_size = _in_out(_get(blocks[0].q))[0]
     layer_map = nn.Linear(hidden_size, hidden_size, bias=False, device=p0.device, dtype=p0.dtype) if distill else None
     if layer_map is not None:
@@ -512,29 +498,16 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                     opt.state[p] = old.state[p]
         return opt
 
-    def lr_at(step):
-        warm = int(warmup_ratio * total)
-        if warm and step < warm:
-            return lr * (step + 1) / warm
-        return lr * max(0.0, (total - step) / max(1, total - warm))
+
+    def fold_masks(t):  # the soft masks into the copy's output projections
+        merge_adapters(t)  # adapters on an output projection would bypass the fold: merge them first
+        for b, hm, fm in zip(apt_blocks(t), masks.head, masks.ffn):
+            o, f = _get(b.o), _get(b.ffn_out)
+            o.weight.mul_(hm.repeat_interleave(b.head_dim).to(o.weight.dtype))
+            f.weight.mul_(fm.to(f.weight.dtype))
 
     def snapshot():
-        t = copy.deepcopy(model).eval()
-        for m in t.modules():
-            for k in [k for k, h in m._forward_pre_hooks.items() if getattr(h, "_hs_apt", False)]:
-                del m._forward_pre_hooks[k]
-        if masks is not None:  # fold the soft masks into the copy's output projections
-            # adapters on an output projection would bypass the fold: merge them into the copy first
-            merge_adapters(t)
-            tb = apt_blocks(t)
-            with torch.no_grad():
-                for b, hm, fm in zip(tb, masks.head, masks.ffn):
-                    o, f = _get(b.o), _get(b.ffn_out)
-                    o.weight.mul_(hm.repeat_interleave(b.head_dim).to(o.weight.dtype))
-                    f.weight.mul_(fm.to(f.weight.dtype))
-        for p in t.parameters():
-            p.requires_grad_(False)
-        return t
+        return apt_snapshot(model, fold=fold_masks if masks is not None else None)
 
     def evaluate_dev():
         model.eval()
@@ -570,10 +543,10 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
             exs = [examples[i] for i in order[s0:s0 + batch_size]]
             b = _cls_batch(exs, pad, dev) if is_cls else collate(exs, pad, dev)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = scheduled_lr(lr, step, total, int(warmup_ratio * total))
             mu = 0.0  # APT distils only while it prunes; afterwards the task loss alone trains the pruned model
-            if distill and window[0] <= step < window[1]:
-                mu = (step - window[0]) / (window[1] - window[0])
+            if distill and t_start <= step < t_end:
+                mu = (step - t_start) / (t_end - t_start)
             mus.append(mu)
             want_hidden = distill and mu > 0 and hidden_weight > 0
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
@@ -608,7 +581,7 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
             loss.backward()
             if lora:
                 for j, a in enumerate(lora):
-                    imp = float(a.importance().mean())
+                    imp = a.importance().mean()  # a tensor: no device sync per adapter and step
                     lora_ema[j] = imp if step == 0 else beta * lora_ema[j] + (1 - beta) * imp
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable(), max_grad_norm)
@@ -650,7 +623,7 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                     rec.update(retained_target=ratio, salience_known=known,
                                retained_params=float((targets_now * costs).sum()) / prunable)
                 if grow and lora:
-                    frac = (step - window[0]) / max(1, window[1] - window[0])
+                    frac = (step - t_start) / max(1, t_end - t_start)
                     target = int(init_tuning * (1 + (expand - 1) * min(1.0, frac)))
                     before = [a.rank for a in lora]
                     grow_to_budget(lora, lora_ema, target, max_rank=max_rank)
@@ -680,7 +653,7 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                 eval_s += time.perf_counter() - e0
                 curve.append((step, train_s, score))
                 if rec is not None:
-                    refreshed = score > best_dev and step < window[1] and distill
+                    refreshed = score > best_dev and step < t_end and distill
                     if score > best_dev:
                         best_dev = score
                     if refreshed:  # the teacher copy is part of training's cost
@@ -691,7 +664,7 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                     rec.update(dev=score, teacher_refreshed=refreshed)
                 elif score > best_dev:
                     best_dev = score
-            if teacher is not None and step >= window[1]:
+            if teacher is not None and step >= t_end:
                 teacher = None  # distillation is over: free the copy
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", mu=f"{mu:.2f}")

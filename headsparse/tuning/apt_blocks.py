@@ -15,7 +15,7 @@ not implemented.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -67,10 +67,11 @@ def track_abs(x: torch.Tensor, key, abs_x: Dict, abs_g: Dict, dtype: torch.dtype
     return True
 
 
-def snapshot(model, neurons: Optional["FFNNeurons"] = None) -> nn.Module:
+def snapshot(model, neurons: Optional["FFNNeurons"] = None,
+             fold: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """A frozen copy of ``model`` for self-distillation, without the APT hooks (masks, salience) of the original;
     the current FFN soft masks of ``neurons`` are folded into the copy's down_proj columns, so the copy computes
-    what the masked model computes."""
+    what the masked model computes. ``fold(copy)``, if given, folds other masks into the copy (under no_grad)."""
     teacher = copy.deepcopy(model).eval()
     for m in teacher.modules():
         for k in [k for k, h in m._forward_pre_hooks.items() if getattr(h, "_hs_apt", False)]:
@@ -79,6 +80,9 @@ def snapshot(model, neurons: Optional["FFNNeurons"] = None) -> nn.Module:
         with torch.no_grad():
             for mlp, mask in zip(gated_mlps(teacher), neurons.masks):
                 mlp.down_proj.weight.mul_(mask.to(mlp.down_proj.weight.dtype))
+    if fold is not None:
+        with torch.no_grad():
+            fold(teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -100,6 +104,12 @@ def neuron_cost(mlp: nn.Module) -> int:
     hidden = mlp.down_proj.weight.shape[0]
     biases = sum(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj"))
     return 3 * hidden + biases
+
+
+def move_masks(masks: List[torch.Tensor], targets: List[torch.Tensor], step: float) -> None:
+    """APT's soft masks: every mask moves in place by ``step`` toward its target (1 kept, 0 dropped), within [0, 1]."""
+    for m, t in zip(masks, targets):
+        m.copy_(torch.where(t > m, torch.clamp(m + step, max=1.0), torch.clamp(m - step, min=0.0)))
 
 
 class FFNNeurons:
@@ -139,8 +149,7 @@ class FFNNeurons:
 
     def move(self, step: float = 0.01) -> None:
         """Every mask one step (``step``) toward its target (1 kept, 0 dropped)."""
-        for m, t in zip(self.masks, self.targets):
-            m.copy_(torch.where(t > m, torch.clamp(m + step, max=1.0), torch.clamp(m - step, min=0.0)))
+        move_masks(self.masks, self.targets, step)
 
     def finalize(self) -> None:
         """Masks become exactly their targets (APT's last pruning step)."""
@@ -151,6 +160,23 @@ class FFNNeurons:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def sliced_linear(lin: nn.Linear, idx: torch.Tensor, dim: str) -> nn.Linear:
+    """A new Linear holding output rows (``dim="out"``) or input columns (``"in"``) ``idx`` of ``lin``, with the
+    same bias handling (sliced with the rows, kept whole with the columns) and the same requires_grad flags."""
+    idx = idx.to(lin.weight.device)
+    w = lin.weight.detach()
+    new_w = w[idx] if dim == "out" else w[:, idx]
+    new = nn.Linear(new_w.shape[1], new_w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(new_w)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias.detach()[idx] if dim == "out" else lin.bias.detach())
+    new.weight.requires_grad_(lin.weight.requires_grad)
+    if new.bias is not None:
+        new.bias.requires_grad_(lin.bias.requires_grad)
+    return new
 
 
 def compact_ffn(model, keep: List[torch.Tensor]) -> int:
@@ -170,28 +196,8 @@ def compact_ffn(model, keep: List[torch.Tensor]) -> int:
         idx = torch.nonzero(k).flatten()
         before = sum(p.numel() for p in mlp.parameters())
         for name in ("gate_proj", "up_proj"):
-            old = getattr(mlp, name)
-            new = nn.Linear(old.in_features, idx.numel(), bias=old.bias is not None, device=old.weight.device,
-                            dtype=old.weight.dtype)
-            with torch.no_grad():
-                new.weight.copy_(old.weight[idx])
-                if old.bias is not None:
-                    new.bias.copy_(old.bias[idx])
-            new.weight.requires_grad_(old.weight.requires_grad)
-            if new.bias is not None:
-                new.bias.requires_grad_(old.bias.requires_grad)
-            setattr(mlp, name, new)
-        old = mlp.down_proj
-        new = nn.Linear(idx.numel(), old.out_features, bias=old.bias is not None, device=old.weight.device,
-                        dtype=old.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(old.weight[:, idx])
-            if old.bias is not None:
-                new.bias.copy_(old.bias)
-        new.weight.requires_grad_(old.weight.requires_grad)
-        if new.bias is not None:
-            new.bias.requires_grad_(old.bias.requires_grad)
-        mlp.down_proj = new
+            setattr(mlp, name, sliced_linear(getattr(mlp, name), idx, "out"))
+        mlp.down_proj = sliced_linear(mlp.down_proj, idx, "in")
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = idx.numel()
         removed += before - sum(p.numel() for p in mlp.parameters())

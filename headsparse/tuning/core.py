@@ -41,6 +41,16 @@ class TuneResult:
     cpu_s: float = 0.0  # process CPU time of the training loop (all threads), beside the wall time_s
 
 
+def scheduled_lr(lr: float, step: int, total: int, warmup_steps: int = 0, schedule: str = "linear") -> float:
+    """The learning rate at optimizer step ``step`` (0-based) of ``total``: linear warm-up over ``warmup_steps``,
+    then constant or linear decay to 0 at ``total``."""
+    if warmup_steps and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    return lr * max(0.0, (total - step) / max(1, total - warmup_steps))
+
+
 def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: int = 8, lr: float = 1e-4,
          weight_decay: float = 0.0, grad: str = "exact", max_steps: Optional[int] = None, warmup_steps: int = 0,
          schedule: str = "linear", train_modules: Sequence[str] = (), pad_id: Optional[int] = None, seed: int = 0,
@@ -126,12 +136,6 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
-    def lr_at(step):
-        if warmup_steps and step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        if schedule == "constant":
-            return lr
-        return lr * max(0.0, (total - step) / max(1, total - warmup_steps))
 
     try:
         from tqdm.auto import tqdm
@@ -163,7 +167,7 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
                 break
             b = collate([examples[i] for i in idx], pad, dev)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = scheduled_lr(lr, step, total, warmup_steps, schedule)
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             loss = per_sample_loss(out.logits, b["labels"]).mean()
             loss.backward()
