@@ -40,7 +40,7 @@ from torch import nn
 from ..ops import attention as hs_attention
 from ..plan import HeadMode, HeadPlan
 from .families import Family, find_family
-from .linear import HeadSlicedOutput, HeadSlicedProjection
+from .linear import HeadSlicedOutput, HeadSlicedProjection, is_sharded
 
 ATTN_NAME = "headsparse"
 GRAD_MODES = ("exact", "sparse")
@@ -573,9 +573,24 @@ def _standard_to_patched_hook(info: PatchInfo):
                 out[keys["o"] + ".weight_frozen"] = wp[:, o.cols_train:]
             if b is not None:
                 out[keys["o"] + ".bias"] = b
-        state_dict.update(out)
+        state_dict.update(_sharded_like(layer, prefix, out))
     hook._headsparse = True
     return hook
+
+
+def _sharded_like(layer: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Whole tensors for parameters that are sharded (FSDP2 ``fully_shard``: DTensors) become DTensors laid out like
+    them: each rank keeps its own shard of the whole tensor, which every rank holds (no communication)."""
+    params = dict(layer.named_parameters())
+    out = {}
+    for key, t in tensors.items():
+        p = params.get(key[len(prefix):])
+        if is_sharded(p) and not is_sharded(t):
+            from torch.distributed.tensor import distribute_tensor
+
+            t = distribute_tensor(t.to(device=p.device), p.device_mesh, p.placements, src_data_rank=None)
+        out[key] = t
+    return out
 
 
 def _save_pretrained_with_plan(model, save_directory, *args, **kwargs):
@@ -622,14 +637,23 @@ def _new_module(orig: Dict, w: torch.Tensor, b: Optional[torch.Tensor], conv1d: 
     return m
 
 
+def _unsharded(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` detached; a sharded parameter (FSDP2's DTensor) is gathered whole first: a collective, so every rank
+    must make the same call (as every rank does in ``state_dict()`` under FSDP2)."""
+    if t is None:
+        return None
+    return t.detach().full_tensor() if is_sharded(t) else t.detach()
+
+
 def _full_rows(proj: HeadSlicedProjection):
     """(weight, bias) of a sliced projection in its patched row order (segments concatenated)."""
     ws, bs = [], []
+    blocks = {kind: (_unsharded(getattr(proj, f"weight_{name}")), _unsharded(getattr(proj, f"bias_{name}")))
+              for kind, name in (("t", "train"), ("f", "frozen"))}  # each gathered once when sharded
     for kind, s, e in proj.segments:
-        w = proj.weight_train if kind == "t" else proj.weight_frozen
-        b = proj.bias_train if kind == "t" else proj.bias_frozen
-        ws.append(w.detach()[s:e])
-        bs.append(b.detach()[s:e] if b is not None else None)
+        w, b = blocks[kind]
+        ws.append(w[s:e])
+        bs.append(b[s:e] if b is not None else None)
     return torch.cat(ws), (torch.cat(bs) if bs[0] is not None else None)
 
 
@@ -672,13 +696,13 @@ def merged_layer_weights(info: PatchInfo, layer: nn.Module, st: LayerState):
             out[name] = scatter(w, b, order, n)
         zero_heads(*out["q"], pruned_q)
     o = _get(slots["o"])
-    parts = [x.detach() for x in (o.weight_train, o.weight_frozen) if x is not None]
+    parts = [_unsharded(x) for x in (o.weight_train, o.weight_frozen) if x is not None]
     wo_p = torch.cat(parts, dim=1)
     wo = wo_p.new_zeros((wo_p.shape[0], nq * d))
     wo.index_copy_(1, _rows(st.q_order, d, 0, wo.device), wo_p)
     if pruned_q:
         wo.index_fill_(1, _rows(pruned_q, d, 0, wo.device), 0)
-    out["o"] = (wo, o.bias.detach() if o.bias is not None else None)
+    out["o"] = (wo, _unsharded(o.bias))
     return out
 
 

@@ -36,9 +36,16 @@ def save_delta(model: nn.Module, path) -> None:
     """Write the tuned slices of a patched model to ``path`` (safetensors; temp file + rename)."""
     from safetensors.torch import save_file
 
+    from .linear import is_sharded
+
     info = patch_info(model)
     params = dict(model.named_parameters())
-    tensors = {n: params[n].detach().to("cpu").contiguous() for n in _trainable_names(model, info)}
+    names = _trainable_names(model, info)
+    if any(is_sharded(params[n]) for n in names):
+        raise ValueError("save_delta: the model's parameters are sharded (FSDP2 / DTensor); call "
+                         "headsparse.save_final(model, delta=path) on every rank instead (it gathers the slices "
+                         "and writes from rank 0)")
+    tensors = {n: params[n].detach().to("cpu").contiguous() for n in names}
     meta = {
         "format": _FORMAT, "version": _VERSION, "plan": info.plan.to_json(), "grad": info.grad,
         "train_modules": json.dumps(list(info.train_modules)), "model_family": info.family.name,

@@ -33,6 +33,26 @@ def _param(t: Optional[torch.Tensor], trainable: bool) -> Optional[nn.Parameter]
     return nn.Parameter(t.detach().clone().contiguous(), requires_grad=trainable)
 
 
+def is_sharded(t: Optional[torch.Tensor]) -> bool:
+    """True for a DTensor (a parameter sharded by FSDP2 ``fully_shard`` or another DTensor wrapper)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _stock_view(parts, dim: int) -> torch.Tensor:
+    """The blocks concatenated along ``dim``, detached; a meta tensor of that shape when any block is sharded
+    (reading it must not start a collective on one rank)."""
+    parts = [x for x in parts if x is not None]
+    if any(is_sharded(x) for x in parts):
+        shape = list(parts[0].shape)
+        shape[dim] = sum(x.shape[dim] for x in parts)
+        return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+    return torch.cat([x.detach() for x in parts], dim=dim)
+
+
 class HeadSlicedProjection(nn.Module):
     """y = x W^T + b with W's rows in a trainable and a frozen block (see the module docstring).
 
@@ -64,6 +84,27 @@ class HeadSlicedProjection(nn.Module):
             y = yt if kind == "t" else yf
             return y if (s == 0 and e == y.shape[-1]) else y[..., s:e]
         return torch.cat([(yt if kind == "t" else yf)[..., s:e] for kind, s, e in self.segments], dim=-1)
+
+    # ``weight`` / ``bias``: what a stock projection would hold, read-only. The state dict of a patched model has
+    # the stock keys (``...q_proj.weight``); torch.distributed.checkpoint resolves each key to an attribute, so they
+    # must exist. Rows are in this module's (patched) output order; sharded blocks give a meta tensor of the shape.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._stock("weight")
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self._stock("bias")
+
+    def _stock(self, kind: str) -> Optional[torch.Tensor]:
+        blocks = {"t": getattr(self, f"{kind}_train"), "f": getattr(self, f"{kind}_frozen")}
+        if all(b is None for b in blocks.values()):
+            return None
+        if any(is_sharded(b) for b in blocks.values()):
+            ref = next(b for b in blocks.values() if b is not None)
+            shape = (self.out_features, self.in_features) if kind == "weight" else (self.out_features,)
+            return torch.empty(shape, dtype=ref.dtype, device="meta")
+        return torch.cat([blocks[k].detach()[s:e] for k, s, e in self.segments])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rows_train={self.rows_train}, rows_frozen={self.rows_frozen}"
@@ -99,6 +140,11 @@ class HeadSlicedOutput(nn.Module):
             return F.linear(x, self.weight_train, self.bias)
         y = F.linear(x[..., ct:], self.weight_frozen, self.bias)
         return y + F.linear(x[..., :ct], self.weight_train)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stock (out, in) weight, columns in patched head order, detached (see HeadSlicedProjection.weight)."""
+        return _stock_view([self.weight_train, self.weight_frozen], 1)
 
     def extra_repr(self) -> str:
         return f"cols_train={self.cols_train}, cols_frozen={self.cols_frozen}, out_features={self.out_features}"

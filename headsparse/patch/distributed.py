@@ -1,0 +1,165 @@
+"""Final outputs of a patched model trained on several processes (DDP, FSDP2 ``fully_shard``, accelerate, Trainer).
+
+:func:`save_final` is called on every rank after training. It gathers the
+sharded parameters (a collective: every rank must call it), and rank 0 alone
+writes the standard checkpoint (stock keys, tuned slices merged, pruned heads
+zeroed, the plan beside it: loads with plain ``from_pretrained``) and, if asked,
+the delta; each through a temporary name that is then renamed, so no
+half-written output is ever visible. The other ranks wait for rank 0 and raise
+if it failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .._atomic import atomic_path
+from .core import patch_info
+from .delta import _FORMAT, _VERSION, _trainable_names
+from .linear import is_sharded
+
+
+def _dist():
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() else None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The patched model inside DDP / accelerate wrappers (FSDP2 shards in place: nothing to unwrap)."""
+    seen = 0
+    while not hasattr(model, "_headsparse_patch") and hasattr(model, "module") and seen < 8:
+        model, seen = model.module, seen + 1
+    return model
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if is_sharded(t) else t).detach().to("cpu")
+
+
+def _keep(items, keep: bool) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in items:
+        g = _gathered(v)  # gathered on every rank (a collective when sharded), kept on one
+        if keep:
+            out[k] = g
+    return out
+
+
+def gather_trainable(model: nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
+    """The trainable slices (and ``train_modules``) of a patched model under their patched names, whole, on the CPU.
+
+    Sharded parameters are gathered: under FSDP2 every rank must call this (``keep=False``: take part, keep
+    nothing, return an empty dict).
+    """
+    model = _unwrap(model)
+    info = patch_info(model)
+    params = dict(model.named_parameters())
+    return _keep(((n, params[n]) for n in _trainable_names(model, info)), keep)
+
+
+def gather_standard_state_dict(model: nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
+    """The model's state dict as a stock checkpoint (standard keys, merged weights), whole, on the CPU.
+
+    Under FSDP2 every rank must call this (the shards are gathered, in the same order on every rank;
+    ``keep=False``: take part, keep nothing).
+    """
+    model = _unwrap(model)
+    return _keep(model.state_dict().items(), keep)
+
+
+def _write_delta(model: nn.Module, tensors: Dict[str, torch.Tensor], path) -> None:
+    from safetensors.torch import save_file
+
+    info = patch_info(model)
+    meta = {
+        "format": _FORMAT, "version": _VERSION, "plan": info.plan.to_json(), "grad": info.grad,
+        "train_modules": json.dumps(list(info.train_modules)), "model_family": info.family.name,
+    }
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+
+
+def _write_checkpoint_dir(model: nn.Module, state_dict: Dict[str, torch.Tensor], directory: str,
+                          safe_serialization: bool) -> None:
+    """save_pretrained into a temporary folder beside ``directory``, then swap it in by renames."""
+    directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(directory) + "-", suffix=".tmp", dir=parent)
+    old = None
+    try:
+        os.chmod(tmp, 0o755)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=safe_serialization,
+                              is_main_process=True)
+        if os.path.lexists(directory):
+            # os.replace cannot replace a non-empty folder: move the old one aside, then the new one in
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(directory) + "-", suffix=".old", dir=parent)
+            os.rmdir(old)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    except BaseException:
+        if old is not None and not os.path.lexists(directory):
+            os.replace(old, directory)  # put the previous output back
+            old = None
+        raise
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(model: nn.Module, directory=None, *, delta=None, safe_serialization: bool = True,
+               main_rank: int = 0) -> None:
+    """Write a trained patched model's final outputs from one rank, atomically; call it on every rank.
+
+    Args:
+        model: the patched model, as trained: plain, FSDP2-sharded in place (``fully_shard``), or inside a
+            DDP / accelerate wrapper.
+        directory: if given, the standard checkpoint is written there (``save_pretrained``: stock keys, tuned
+            slices merged, pruned heads zeroed, ``headsparse_plan.json`` beside it); it loads with plain
+            ``from_pretrained``. It is built in a temporary folder beside ``directory`` and renamed into place
+            (an existing folder of that name is replaced only once the new one is complete).
+        delta: if given, a path for the delta file (:func:`headsparse.save_delta`'s format), written to a
+            temporary name and renamed.
+        safe_serialization: passed to ``save_pretrained``.
+        main_rank: the rank that writes (default 0).
+
+    Sharded parameters are gathered with collectives, so every rank must call this with the same model; only
+    ``main_rank`` writes. When ``torch.distributed`` is initialised, every rank returns after the writer has
+    finished and raises ``RuntimeError`` if it failed. Without ``torch.distributed`` this simply writes.
+    """
+    if directory is None and delta is None:
+        raise ValueError("save_final: give a directory for the standard checkpoint, a delta path, or both")
+    inner = _unwrap(model)
+    patch_info(inner)  # a clear error for an unpatched model, on every rank
+    dist = _dist()
+    rank = dist.get_rank() if dist is not None else main_rank
+    mine = rank == main_rank
+    tensors = gather_trainable(inner, keep=mine) if delta is not None else None
+    state = gather_standard_state_dict(inner, keep=mine) if directory is not None else None
+    error: Optional[str] = None
+    if mine:
+        try:
+            if delta is not None:
+                _write_delta(inner, tensors, delta)
+            if directory is not None:
+                _write_checkpoint_dir(inner, state, directory, safe_serialization)
+        except Exception as exc:  # reported to every rank below, then raised here
+            if dist is None:
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+            failure = exc
+    if dist is not None:
+        box = [error]
+        dist.broadcast_object_list(box, src=main_rank)
+        if box[0] is not None:
+            if rank == main_rank:
+                raise failure
+            raise RuntimeError(f"headsparse.save_final: rank {main_rank} failed to write the outputs: {box[0]}")
