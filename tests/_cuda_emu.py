@@ -2,7 +2,7 @@
 
 ``build()`` compiles csrc/cuda/*.cu with g++ against tests/cuda_emu/hs_cuda_emu.h
 (cached by source hash). ``forward``/``backward`` have the contract of
-:mod:`headsparse.ops.cuda_backend` and fill the kernels' parameter structs the
+:class:`headsparse.ops.extension.CompiledBackend` (``forward``, ``backward``) and fill the kernels' parameter structs the
 way csrc/bind.cpp does, so the module can be registered as an attention
 backend ("cuda_emu") and run through the shared suites on CPU tensors.
 """
@@ -202,9 +202,9 @@ def _mask(mask: Optional[torch.Tensor]):
     return _strided4(mask), _MASK_KINDS[mask.dtype]
 
 
-def forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> torch.Tensor:
-    """Like csrc/bind.cpp's cuda_attn_forward: writes out[:, heads], returns lse (B, P, Sq) fp32."""
-    h, hk, hm = (t.to(torch.int64).contiguous() for t in (heads, kv_heads, mask_heads))
+def forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> torch.Tensor:
+    """Like csrc/bind.cpp's cuda_attn_forward: writes out[:, q_idx], returns lse (B, P, Sq) fp32."""
+    h, hk, hm = (t.to(torch.int64).contiguous() for t in (q_idx, kv_idx, mask_idx))
     P = h.numel()
     lse = torch.full((q.shape[0], P, q.shape[2]), float("nan"), dtype=torch.float32)  # NaN: unwritten shows
     p = AttnFwdParams()
@@ -218,10 +218,10 @@ def forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> t
     return lse
 
 
-def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, stats: Optional[torch.Tensor]):
+def backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats: Optional[torch.Tensor]):
     """Like csrc/bind.cpp's cuda_attn_backward: returns (dq, dk, dv) of the compact heads."""
     lse = lse.to(torch.float32)
-    kp, hm = (t.to(torch.int64).contiguous() for t in (kv_heads, mask_heads))
+    kp, hm = (t.to(torch.int64).contiguous() for t in (kv_pos, mask_idx))
     B, G, Sq, D = q.shape
     R, Skv = k.shape[1], k.shape[2]
     dq32 = torch.zeros(B, G, Sq, D, dtype=torch.float32)

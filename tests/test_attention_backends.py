@@ -142,9 +142,9 @@ def unvalidated_cuda_enabled(monkeypatch):
     from headsparse.ops import registry
 
     monkeypatch.setenv("HEADSPARSE_ENABLE_UNVALIDATED_CUDA", "1")
-    registry._status_cache.pop("cuda", None)
+    registry.get("cuda").reset_status()
     yield
-    registry._status_cache.pop("cuda", None)
+    registry.get("cuda").reset_status()
 
 
 @pytest.mark.gpu

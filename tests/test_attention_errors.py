@@ -70,18 +70,18 @@ def test_triton_interpreter_reports_an_incompatible_numpy(monkeypatch):
     import numpy
     import triton
 
-    from headsparse.ops import registry
+    from headsparse.ops import triton_backend
 
-    assert "numpy<2.4" in registry._interpreter_incompatibility("3.6.0", "2.4.6")
-    assert registry._interpreter_incompatibility("3.6.0", "2.3.5") is None
-    assert registry._interpreter_incompatibility("3.7.1", "2.4.6") is None
-    assert registry._interpreter_incompatibility("3.8.0", "2.5.0") is None
+    assert "numpy<2.4" in triton_backend._interpreter_incompatibility("3.6.0", "2.4.6")
+    assert triton_backend._interpreter_incompatibility("3.6.0", "2.3.5") is None
+    assert triton_backend._interpreter_incompatibility("3.7.1", "2.4.6") is None
+    assert triton_backend._interpreter_incompatibility("3.8.0", "2.5.0") is None
     if torch.cuda.is_available():
         return  # compiled kernels: the interpreter is not involved
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.6")
-    monkeypatch.setattr(registry, "_status_cache", {})
+    monkeypatch.setattr(triton_backend.BACKEND, "_status", None)  # probe again; the cached status comes back after
     info = hs.backends()["triton"]
     assert not info.usable and "numpy 2.4.6" in info.reason
     q, k, v = _qkv(d=32)

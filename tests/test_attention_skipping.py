@@ -6,13 +6,12 @@ import pytest
 import torch
 
 import headsparse as hs
-from headsparse.ops import cpu_backend, torch_backend, triton_backend
+from headsparse.ops import registry
 from headsparse.ops.memory import saved_tensor_bytes as saved_bytes
 
 from attention_cases import Case, make_inputs
 
 BACKENDS = ["torch", "triton"] + ([] if os.environ.get("HEADSPARSE_SKIP_EXT", "0") not in ("", "0") else ["cpu"])
-BACKEND_MODULES = {"torch": torch_backend, "triton": triton_backend, "cpu": cpu_backend}
 
 
 def _leaves(case, dtype=torch.float32, seed=0):
@@ -51,14 +50,14 @@ def test_no_grad_heads_save_nothing(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_sees_only_grad_heads_and_their_kv_heads(backend, monkeypatch):
     seen = {}
-    module = BACKEND_MODULES[backend]
-    original = module.backward
+    kernels = registry.get(backend)
+    original = kernels.backward
 
     def spy(do, q, k, v, *rest):
         seen["q_heads"], seen["kv_heads"] = q.shape[1], k.shape[1]
         return original(do, q, k, v, *rest)
 
-    monkeypatch.setattr(module, "backward", spy)
+    monkeypatch.setattr(kernels, "backward", spy)  # an instance attribute: the dispatcher hands out this object
     (q, k, v), do, kw = _leaves(Case(b=2, hq=8, hkv=4, sq=24, skv=24))
     grad = torch.tensor([0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool)  # KV heads 1 and 3
     out = hs.attention(q, k, v, grad_heads=grad, backend=backend, **kw)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import headsparse as hs
-from headsparse.ops import registry
-from headsparse.ops.head_stats import gram_torch, head_stats_torch
+from headsparse.ops import extension, registry
+from headsparse.ops.head_stats import gram, head_stats
 
 import _cuda_emu as emu
 from attention_cases import TOL, Case, make_inputs, run_and_compare
@@ -31,14 +31,33 @@ TC = ["attn_fwd_tc", "attn_bwd_preprocess", "attn_bwd_tc"]
 SIMT = ["attn_fwd_simt", "attn_bwd_preprocess", "attn_bwd_simt"]
 
 
+class EmulatedCuda(extension.CompiledBackend):
+    """The ``cuda`` backend's rules (its ``limits``: no float64, head_dim <= 256) with csrc/cuda run by the
+    emulator on CPU tensors."""
+
+    def __init__(self):
+        super().__init__("cuda")
+        self.name = "cuda_emu"
+
+    def devices(self):
+        return ("cpu",)
+
+    def probe(self):
+        return True, "csrc/cuda under the CPU emulator"
+
+    def forward(self, *args):
+        return emu.forward(*args)
+
+    def backward(self, *args):
+        return emu.backward(*args)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def cuda_emu_backend():
     emu.lib()  # build once, before the first timed case
-    registry.register_backend("cuda_emu", "_cuda_emu", lambda: (True, "csrc/cuda under the CPU emulator"),
-                              lambda: ("cpu",), registry._cuda_check)
+    registry.register_backend(EmulatedCuda())
     yield
-    registry._REGISTRY.pop("cuda_emu", None)
-    registry._status_cache.pop("cuda_emu", None)
+    registry.unregister_backend("cuda_emu")
 
 
 @pytest.fixture
@@ -242,7 +261,7 @@ def test_head_stats_kernel(dtype, with_g):
     mask = torch.rand(b, s, generator=gen) > 0.3
     mask[0] = False
     xg, xx, gg, abs_x, abs_g = emu.head_stats(x, g, h, mask)
-    ref = head_stats_torch(x.double().contiguous(), None if g is None else g.double(), h, mask)
+    ref = head_stats(x.double().contiguous(), None if g is None else g.double(), h, mask, backend="torch")
     tol = dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(xx.double(), ref.x_sq, **tol)
     torch.testing.assert_close(abs_x.double(), ref.abs_x, **tol)
@@ -260,5 +279,5 @@ def test_gram_kernel(dtype, masked):
     x = torch.randn(2, 45, 70, generator=gen).to(dtype)  # C = 70: three column tiles, a partial one
     mask = (torch.rand(2, 45, generator=gen) > 0.4) if masked else None
     out = emu.gram(x, mask)
-    ref = gram_torch(x.double(), mask)
+    ref = gram(x.double(), mask, backend="torch")
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)

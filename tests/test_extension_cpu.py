@@ -15,7 +15,7 @@ import torch
 
 import headsparse as hs
 from headsparse.ops import extension, registry
-from headsparse.ops.head_stats import gram_torch, head_stats_torch
+from headsparse.ops.head_stats import gram, head_stats
 
 from attention_cases import Case, run_and_compare
 
@@ -52,8 +52,11 @@ def test_explicit_cuda_backend_on_cpu_raises_with_reason():
 
 
 def test_auto_never_picks_the_cuda_backend():
-    for order in registry._AUTO_ORDER.values():
-        assert "cuda" not in order
+    for op, orders in registry._AUTO_ORDER.items():
+        for device in ("cpu", "cuda", "mps"):
+            assert "cuda" not in registry.auto_order(op, device), (op, device)
+        for order in orders.values():
+            assert "cuda" not in order
 
 
 def test_extension_abi_matches():
@@ -82,7 +85,7 @@ STATS_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, tor
 
 
 def _check_stats(res, x, g, mask, h, dtype):
-    ref = head_stats_torch(x.double(), None if g is None else g.double(), h, mask)
+    ref = head_stats(x.double(), None if g is None else g.double(), h, mask, backend="torch")
     rtol = STATS_TOL[dtype]
     fields = ["x_sq", "abs_x"] + ([] if g is None else ["xg", "g_sq", "abs_g"])
     for f in fields:
@@ -140,7 +143,7 @@ def test_gram_cpu_many_tokens_accumulates_over_blocks():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 3000, 16, generator=gen)  # 9000 tokens: more than one 4096-token block
     mask = torch.rand(3, 3000, generator=gen) > 0.2
-    ref = gram_torch(x.double(), mask)
+    ref = gram(x.double(), mask, backend="torch")
     torch.testing.assert_close(hs.gram(x, mask, backend="cpu").double(), ref, rtol=1e-4, atol=1e-2)
 
 
@@ -164,10 +167,12 @@ def test_stats_bad_input():
 
 @pytest.fixture
 def fresh_loader(monkeypatch):
-    """Reset the loader's cache (and the registry's) so that a test can load again under new conditions."""
+    """Reset the loader's cache (and every backend's cached status) so that a test can load again under new
+    conditions; monkeypatch puts both back afterwards."""
     for name, val in (("_loaded", False), ("_module", None), ("_error", None)):
         monkeypatch.setattr(extension, name, val)
-    monkeypatch.setattr(registry, "_status_cache", {})
+    for backend in registry._BACKENDS.values():
+        monkeypatch.setattr(backend, "_status", None)
     yield
 
 
@@ -205,7 +210,7 @@ def test_loader_respects_skip_env(fresh_loader, monkeypatch):
     x = torch.randn(2, 3, 8)
     with pytest.raises(hs.BackendUnavailableError, match="HEADSPARSE_SKIP_EXT"):
         hs.gram(x, backend="cpu")
-    torch.testing.assert_close(hs.gram(x), gram_torch(x))  # auto still works
+    torch.testing.assert_close(hs.gram(x), gram(x, backend="torch"))  # auto still works
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -14,7 +14,7 @@ import torch
 
 import headsparse as hs
 from headsparse.ops import registry
-from headsparse.ops.head_stats import gram_torch, head_stats_torch
+from headsparse.ops.head_stats import gram, head_stats
 
 from attention_cases import Case, make_inputs
 
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def _enable_cuda_backend(monkeypatch):
     monkeypatch.setenv("HEADSPARSE_ENABLE_UNVALIDATED_CUDA", "1")
-    registry._status_cache.pop("cuda", None)
+    registry.get("cuda").reset_status()
     yield
-    registry._status_cache.pop("cuda", None)
+    registry.get("cuda").reset_status()
 
 
 def test_cuda_pruned_heads_never_read():
@@ -45,11 +45,11 @@ def test_cuda_head_stats_and_gram(dtype):
     g = torch.randn(3, 150, 8 * 64, generator=gen).to("cuda", dtype)
     mask = (torch.rand(3, 150, generator=gen) > 0.3).cuda()
     res = hs.head_stats(x, g, num_heads=8, token_mask=mask, backend="cuda")
-    ref = head_stats_torch(x.double(), g.double(), 8, mask)
+    ref = head_stats(x.double(), g.double(), 8, mask, backend="torch")
     for f in ("xg", "x_sq", "g_sq", "abs_x", "abs_g"):
         torch.testing.assert_close(getattr(res, f).double(), getattr(ref, f), rtol=1e-4, atol=1e-2)
     gm = hs.gram(x, mask, backend="cuda")
-    torch.testing.assert_close(gm.double(), gram_torch(x.double(), mask), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(gm.double(), gram(x.double(), mask, backend="torch"), rtol=1e-4, atol=1e-2)
 
 
 @pytest.mark.parametrize("tensor_cores", ["1", "0"])
@@ -62,11 +62,11 @@ def test_cuda_head_stats_and_gram(dtype):
 def test_cuda_tensor_core_and_cuda_core_paths(case, dtype, tensor_cores, monkeypatch):
     """Both kernel families on the GPU (HEADSPARSE_CUDA_TENSOR_CORES=0 forces the CUDA-core kernels)."""
     from attention_cases import run_and_compare
-    from headsparse.ops import cuda_backend
+    from headsparse.ops import extension
 
     monkeypatch.setenv("HEADSPARSE_CUDA_TENSOR_CORES", tensor_cores)
     like = torch.empty(1, device="cuda", dtype=dtype)
     if torch.cuda.get_device_capability() in ((8, 0), (9, 0)):  # A100/H100/H200: every tile fits
         expect = tensor_cores == "1"
-        assert cuda_backend.uses_tensor_cores(like, case.d) == (expect, expect)
+        assert extension.uses_tensor_cores(like, case.d) == (expect, expect)
     run_and_compare(case, dtype, "cuda", device="cuda")

@@ -1,5 +1,9 @@
 """Kernels and the op layer: dispatcher, autograd, reference, backends.
 
+Backends are objects that own their rules (:mod:`headsparse.ops.backend`), one module each: ``torch_backend``,
+``triton_backend`` and ``extension`` (the compiled ``cpu`` and ``cuda``); :mod:`headsparse.ops.registry` is the
+one dispatcher for attention and head statistics.
+
 Nothing here imports the model-patching layer or the pipeline.
 """
 from .attention import attention

@@ -69,7 +69,7 @@ def attention(
     problem = make_problem(q, k, v, grad_heads, pruned_heads, causal, attention_mask, scale, kv_head_index, out_layout)
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {type(backend).__name__}")
-    kernels = resolve(backend, problem)
+    kernels = resolve("attention", backend, problem)
     transformed = any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (q, k, v))
     if not transformed and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # Inference or below the gradient horizon: no graph, so nothing to gather or save.

@@ -103,10 +103,10 @@ class HeadSparseAttentionFn(torch.autograd.Function):
         nones = (None,) * 5
         if ctx.grad_count == 0:
             return None, None, None, *nones
-        if _batched(dout) and not getattr(ctx.kernels, "BATCHED_GRADS", False):
+        if _batched(dout) and not ctx.kernels.batched_grads:
             raise NotImplementedError(
                 f"batched gradients (is_grads_batched, gradcheck(check_batched_grad=True), torch.func transforms) "
-                f"go through the 'torch' backend only; this call ran {ctx.kernels.__name__.rsplit('.', 1)[-1]!r}, "
+                f"go through the 'torch' backend only; this call ran {ctx.kernels.name!r}, "
                 f"whose kernels read raw memory: pass backend='torch'")
         q_s, k_s, v_s, o_s, lse_s, mask = ctx.saved_tensors
         causal, scale = ctx.problem_meta

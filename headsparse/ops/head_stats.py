@@ -17,8 +17,9 @@ Padding tokens are excluded with ``token_mask`` (B, S) bool, True = counted.
 and :func:`cross_head_inner` take per-head diagonal blocks and the H x H matrix of
 cross-head inner products sum_t <X_i, X_j> from it.
 
-Backends: ``"torch"`` (this file, any device, always available), ``"cpu"`` and
-``"cuda"`` (the compiled extension, ``headsparse._C``). ``"auto"`` uses the
+Backends: ``"torch"`` (:mod:`headsparse.ops.torch_backend`, any device, always available), ``"cpu"`` and
+``"cuda"`` (the compiled extension, :mod:`headsparse.ops.extension`), chosen by the dispatcher of
+:mod:`headsparse.ops.registry` like the attention backends. ``"auto"`` uses the
 torch implementation everywhere (see docs/extension.md for the measurement
 that decided it; the CUDA kernels are not yet validated on a GPU). Results are
 float32 (float64 for float64 inputs on the torch and cpu backends).
@@ -30,10 +31,9 @@ from typing import Optional
 
 import torch
 
-from . import extension
-from .registry import BackendUnavailableError
-
-_BACKENDS = ("auto", "torch", "cpu", "cuda")
+from .._checks import check_int
+from . import registry
+from .backend import StatsProblem
 
 
 @dataclass
@@ -74,56 +74,10 @@ def _check_common(x, token_mask, backend: str, fn: str):
             raise ValueError(f"{fn}: token_mask must have shape {tuple(x.shape[:2])}, got {tuple(token_mask.shape)}")
         if token_mask.device != x.device:
             raise ValueError(f"{fn}: token_mask is on {token_mask.device} but x is on {x.device}")
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {backend!r}")
-
-
-def _resolve(backend: str, x: torch.Tensor) -> str:
-    if backend == "auto":
-        return "torch"
-    if backend == "torch":
-        return backend
-    if backend == "cpu":
-        ok, why = extension.cpu_status()
-        if not ok:
-            raise BackendUnavailableError(f"backend 'cpu' is unusable: {why}")
-        if x.device.type != "cpu":
-            raise BackendUnavailableError(f"backend 'cpu' runs on cpu tensors, got {x.device.type} tensors")
-        return backend
-    ok, why = extension.cuda_status()
-    if not ok:
-        raise BackendUnavailableError(f"backend 'cuda' is unusable: {why}")
-    if x.device.type != "cuda":
-        raise BackendUnavailableError(f"backend 'cuda' runs on cuda tensors, got {x.device.type} tensors")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise BackendUnavailableError(f"backend 'cuda' supports float16, bfloat16 and float32, got {x.dtype}")
-    return backend
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _masked(t: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    t = t.to(_acc_dtype(t.dtype))
-    if token_mask is None:
-        return t
-    return torch.where(token_mask[..., None], t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-def head_stats_torch(x, g, num_heads: int, token_mask=None) -> HeadStats:
-    """Pure-PyTorch implementation of :func:`head_stats` (also the reference of the tests)."""
-    b, s, c = x.shape
-    xf = _masked(x, token_mask)
-    xh = xf.view(b, s, num_heads, c // num_heads)
-    out = HeadStats(num_heads=num_heads, x_sq=(xh * xh).sum(dim=(1, 3)), abs_x=xf.abs().sum(dim=(0, 1)))
-    if g is not None:
-        gf = _masked(g, token_mask)
-        gh = gf.view(b, s, num_heads, c // num_heads)
-        out.xg = (xh * gh).sum(dim=(1, 3))
-        out.g_sq = (gh * gh).sum(dim=(1, 3))
-        out.abs_g = gf.abs().sum(dim=(0, 1))
-    return out
+    try:
+        registry.check_name("head_stats", backend)
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {exc}") from None
 
 
 def head_stats(
@@ -150,8 +104,7 @@ def head_stats(
     _check_common(x, token_mask, backend, "head_stats")
     if num_heads is None:
         raise ValueError("head_stats: num_heads is required (the number of heads H in x's last dimension H*D)")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"head_stats: num_heads must be a positive int, got {num_heads!r}")
+    check_int("head_stats: num_heads", num_heads, lo=1)
     if x.shape[2] % num_heads != 0:
         raise ValueError(f"head_stats: num_heads={num_heads} does not divide the channel count {x.shape[2]}")
     if g is not None:
@@ -162,23 +115,9 @@ def head_stats(
                 f"head_stats: g must match x in shape, dtype and device; got g {tuple(g.shape)} {g.dtype} {g.device}, "
                 f"x {tuple(x.shape)} {x.dtype} {x.device}"
             )
-    which = _resolve(backend, x)
-    if which == "torch":
-        return head_stats_torch(x, g, num_heads, token_mask)
-    xg, xx, gg, ax, ag = extension.get().head_stats(x, g, num_heads, token_mask)
-    has_g = g is not None
-    return HeadStats(num_heads=num_heads, x_sq=xx, abs_x=ax, xg=xg if has_g else None, g_sq=gg if has_g else None,
-                     abs_g=ag if has_g else None)
-
-
-def gram_torch(x, token_mask=None) -> torch.Tensor:
-    """Pure-PyTorch implementation of :func:`gram`."""
-    c = x.shape[2]
-    rows = x.reshape(-1, c)
-    if token_mask is not None:
-        rows = rows[token_mask.reshape(-1)]
-    rows = rows.to(_acc_dtype(x.dtype))
-    return rows.transpose(0, 1) @ rows
+    kernels = registry.resolve("head_stats", backend, StatsProblem(x))
+    xg, x_sq, g_sq, abs_x, abs_g = kernels.head_stats(x, g, num_heads, token_mask)
+    return HeadStats(num_heads=num_heads, x_sq=x_sq, abs_x=abs_x, xg=xg, g_sq=g_sq, abs_g=abs_g)
 
 
 def gram(x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
@@ -195,17 +134,13 @@ def gram(x: torch.Tensor, token_mask: Optional[torch.Tensor] = None, backend: st
         :func:`cross_head_inner`. Sum calls over batches to accumulate over a set.
     """
     _check_common(x, token_mask, backend, "gram")
-    which = _resolve(backend, x)
-    if which == "torch":
-        return gram_torch(x, token_mask)
-    return extension.get().gram(x, token_mask)
+    return registry.resolve("head_stats", backend, StatsProblem(x)).gram(x, token_mask)
 
 
 def _check_gram(gram_matrix, num_heads: int, fn: str) -> int:
     if not isinstance(gram_matrix, torch.Tensor) or gram_matrix.dim() != 2 or gram_matrix.shape[0] != gram_matrix.shape[1]:
         raise ValueError(f"{fn}: gram_matrix must be a square 2-d tensor")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"{fn}: num_heads must be a positive int, got {num_heads!r}")
+    check_int(f"{fn}: num_heads", num_heads, lo=1)
     if gram_matrix.shape[0] % num_heads != 0:
         raise ValueError(f"{fn}: num_heads={num_heads} does not divide the Gram size {gram_matrix.shape[0]}")
     return gram_matrix.shape[0] // num_heads

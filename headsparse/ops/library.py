@@ -48,7 +48,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Option
     """(output (B, Hq, Sq, D), log-sum-exp (B, active heads, Sq)); ``grad``/``pruned`` hold one 0/1 flag per query
     head, ``kv_index`` the KV head of each query head (empty: the standard GQA grouping)."""
     p = _problem(q, k, v, mask, grad, pruned, kv_index, causal, scale)
-    out, lse = run_forward(p, resolve(backend, p))
+    out, lse = run_forward(p, resolve("attention", backend, p))
     if lse is None:
         lse = q.new_empty((q.shape[0], 0, q.shape[2]), dtype=_lse_dtype(q.dtype))
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()  # the fake kernel promises contiguous
@@ -71,7 +71,7 @@ def attention_backward_op(dout: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tens
     q_full = dout.new_empty((b, hq, sq, d))  # shape and device only: make_problem checks them
     kv_full = dout.new_empty((b, hkv, skv, d))
     p = _problem(q_full, kv_full, kv_full, mask, grad, pruned, kv_index, causal, scale)
-    kernels = resolve(backend, p)
+    kernels = resolve("attention", backend, p)
     dq, dk, dv = compact_backward(kernels, p.heads, dout, q_s, k_s, v_s, o_s, lse_s, p.mask, causal, scale,
                                   (q_full.shape, kv_full.shape))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()  # the fake kernel promises contiguous

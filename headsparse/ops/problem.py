@@ -96,6 +96,14 @@ class AttentionProblem:
         return self.heads.grad
 
     @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
     def batch(self) -> int:
         return self.q.shape[0]
 

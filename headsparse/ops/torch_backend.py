@@ -1,10 +1,9 @@
-"""The ``torch`` backend: head-sparse attention in plain PyTorch, any device.
+"""The ``torch`` backend: head-sparse attention and head statistics in plain PyTorch, any device.
 
-It follows the same contract as the compiled and Triton kernels (``forward`` and
-``backward`` below, called by :mod:`headsparse.ops.autograd`): the forward runs only the listed query heads;
-the backward receives compact tensors that hold only the heads that need a
-gradient, recomputes the probabilities from the saved log-sum-exp, and returns
-compact gradients. Arithmetic is float32 (float64 for float64 inputs).
+:data:`BACKEND` follows the kernel contract of :mod:`headsparse.ops.backend`: the forward runs only the listed
+query heads; the backward receives compact tensors that hold only the heads that need a gradient, recomputes the
+probabilities from the saved log-sum-exp, and returns compact gradients. Arithmetic is float32 (float64 for
+float64 inputs). It is also the implementation of the head statistics that ``auto`` uses everywhere.
 
 On CPU tensors of float32/float16/bfloat16 it runs PyTorch's fused CPU
 flash-attention kernels (the ones behind ``scaled_dot_product_attention``,
@@ -18,16 +17,16 @@ the installed torch's kernels do not take (probed once) use the plain path.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
+
+from .backend import Backend, StatsProblem
+from .problem import AttentionProblem
 
 # Bound on one chunk's score matrix, so that long sequences do not allocate
 # B * H * Sq * Skv floats at once.
 _MAX_SCORE_ELEMENTS = 1 << 26
-
-
-BATCHED_GRADS = True  # the backward is built from torch ops out of place, so vmap can batch it
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,13 +100,13 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _mask_for_heads(mask: Optional[torch.Tensor], mask_heads: torch.Tensor) -> Optional[torch.Tensor]:
+def _mask_for_heads(mask: Optional[torch.Tensor], mask_idx: torch.Tensor) -> Optional[torch.Tensor]:
     """The mask rows of these heads; a mask broadcast over heads (stride 0) stays one head wide."""
     if mask is None:
         return None
     if mask.stride(0) == 0:  # collapse broadcast dims first, so no copy is made B (or H) times
         mask = mask[:1]
-    return mask[:, :1] if mask.stride(1) == 0 else mask.index_select(1, mask_heads)
+    return mask[:, :1] if mask.stride(1) == 0 else mask.index_select(1, mask_idx)
 
 
 def _flash_mask(mask: Optional[torch.Tensor], causal: bool, sq: int, skv: int, dtype: torch.dtype):
@@ -126,11 +125,11 @@ def _flash_mask(mask: Optional[torch.Tensor], causal: bool, sq: int, skv: int, d
     return add, False, (empty if bool(empty.any()) else None)
 
 
-def _flash_forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> torch.Tensor:
+def _flash_forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> torch.Tensor:
     fwd, _ = _FLASH_CPU
     sq, skv = q.shape[2], k.shape[2]
-    add, is_causal, empty = _flash_mask(_mask_for_heads(mask, mask_heads), causal, sq, skv, q.dtype)
-    o, lse = fwd(q.index_select(1, heads), k.index_select(1, kv_heads), v.index_select(1, kv_heads), 0.0,
+    add, is_causal, empty = _flash_mask(_mask_for_heads(mask, mask_idx), causal, sq, skv, q.dtype)
+    o, lse = fwd(q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), 0.0,
                  is_causal, attn_mask=add, scale=scale)
     # Non-finite inputs: the kernel's running max skips NaN, so a row whose scores are all NaN (NaN in q, say)
     # comes back as output 0 with lse exactly 0 instead of NaN; and it adds the mask to the scores, so NaN at a
@@ -142,24 +141,24 @@ def _flash_forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, ou
         lse = lse.masked_fill(empty, float("inf"))
     if bool(((lse == 0) | torch.isnan(lse)).any()):
         return None
-    out.index_copy_(1, heads, o)
+    out.index_copy_(1, q_idx, o)
     return lse.float()
 
 
-def _flash_backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, stats):
+def _flash_backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats):
     _, bwd = _FLASH_CPU
     b, g, sq, d = q.shape
     r, skv = k.shape[1], k.shape[2]
-    add, is_causal, _ = _flash_mask(_mask_for_heads(mask, mask_heads), causal, sq, skv, q.dtype)
+    add, is_causal, _ = _flash_mask(_mask_for_heads(mask, mask_idx), causal, sq, skv, q.dtype)
     if stats is not None:
         stats += (o.float() * do.float()).sum(dim=(-1, -2))
-    dq, dk_h, dv_h = bwd(_unit_last(do), _unit_last(q), k.index_select(1, kv_heads), v.index_select(1, kv_heads),
+    dq, dk_h, dv_h = bwd(_unit_last(do), _unit_last(q), k.index_select(1, kv_pos), v.index_select(1, kv_pos),
                          _unit_last(o), lse, 0.0, is_causal, attn_mask=add, scale=scale)
-    if g == r and bool((kv_heads == torch.arange(r)).all()):
+    if g == r and bool((kv_pos == torch.arange(r)).all()):
         return dq, dk_h, dv_h
     # out of place: under batched gradients (vmap) dk_h is batched and a fresh buffer is not
-    dk = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add(1, kv_heads, dk_h.float())
-    dv = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add(1, kv_heads, dv_h.float())
+    dk = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add(1, kv_pos, dk_h.float())
+    dv = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add(1, kv_pos, dv_h.float())
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 
@@ -175,26 +174,26 @@ def _chunks(num_heads: int, batch: int, sq: int, skv: int):
         yield start, min(num_heads, start + step)
 
 
-def forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> torch.Tensor:
-    """Attention for query heads ``heads`` (program p reads KV head ``kv_heads[p]``).
+def _forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> torch.Tensor:
+    """Attention for query heads ``q_idx`` (program p reads KV head ``kv_idx[p]``).
 
-    Writes ``out[:, heads[p]]`` and returns the log-sum-exp, shape (B, P, Sq),
+    Writes ``out[:, q_idx[p]]`` and returns the log-sum-exp, shape (B, P, Sq),
     float32/64; rows with nothing to attend get output 0 and lse = +inf.
     """
     if _use_flash_cpu(q, k.shape[2], mask):
-        lse = _flash_forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out)
+        lse = _flash_forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out)
         if lse is not None:
             return lse
     cdt = _compute_dtype(q.dtype)
     b, _, sq, _ = q.shape
     skv = k.shape[2]
-    lse = torch.empty((b, heads.numel(), sq), dtype=cdt, device=q.device)
-    for lo, hi in _chunks(heads.numel(), b, sq, skv):
-        h = heads[lo:hi]
+    lse = torch.empty((b, q_idx.numel(), sq), dtype=cdt, device=q.device)
+    for lo, hi in _chunks(q_idx.numel(), b, sq, skv):
+        h = q_idx[lo:hi]
         qa = q.index_select(1, h).to(cdt)
-        ka = k.index_select(1, kv_heads[lo:hi]).to(cdt)
-        va = v.index_select(1, kv_heads[lo:hi]).to(cdt)
-        m_sel = None if mask is None else mask.index_select(1, mask_heads[lo:hi])
+        ka = k.index_select(1, kv_idx[lo:hi]).to(cdt)
+        va = v.index_select(1, kv_idx[lo:hi]).to(cdt)
+        m_sel = None if mask is None else mask.index_select(1, mask_idx[lo:hi])
         s = _masked_scores(qa, ka, m_sel, causal, scale)
         if skv == 0:  # nothing to attend anywhere: amax over an empty dimension is undefined
             s = s.new_full(s.shape[:-1] + (1,), float("-inf"))
@@ -211,10 +210,10 @@ def forward(q, k, v, heads, kv_heads, mask_heads, mask, causal, scale, out) -> t
     return lse
 
 
-def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, stats: Optional[torch.Tensor]):
+def _backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats: Optional[torch.Tensor]):
     """Compact backward: q, o, do (B, G, Sq, D); k, v (B, R, Skv, D); lse (B, G, Sq).
 
-    ``kv_heads[g]`` is the position in k/v of head g's KV head and ``mask_heads[g]``
+    ``kv_pos[g]`` is the position in k/v of head g's KV head and ``mask_idx[g]``
     its index into the mask's head dimension. Returns dq (B, G, Sq, D) and
     dk, dv (B, R, Skv, D) in the input dtype. If ``stats`` (B, G) is given, the
     per-(batch, head) sum over tokens of <o, do> is added to it.
@@ -222,7 +221,7 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
     # An lse that is NaN (non-finite inputs; see _flash_forward) came from the plain forward: differentiate
     # it with the plain backward too. Finite lse costs one pass over (B, G, Sq).
     if _use_flash_cpu(q, k.shape[2], mask) and not bool(torch.isnan(lse).any()):
-        return _flash_backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, stats)
+        return _flash_backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats)
     cdt = _compute_dtype(q.dtype)
     b, g, sq, d = q.shape
     r, skv = k.shape[1], k.shape[2]
@@ -232,11 +231,11 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
     dk = torch.zeros((b, r, skv, d), dtype=cdt, device=q.device)
     dv = torch.zeros_like(dk)
     for lo, hi in _chunks(g, b, sq, skv):
-        idx = kv_heads[lo:hi]
+        idx = kv_pos[lo:hi]
         qg, dog, og = (_head_range(t, lo, hi).to(cdt) for t in (q, do, o))
         kg = k.index_select(1, idx).to(cdt)
         vg = v.index_select(1, idx).to(cdt)
-        m_sel = None if mask is None else mask.index_select(1, mask_heads[lo:hi])
+        m_sel = None if mask is None else mask.index_select(1, mask_idx[lo:hi])
         s = _masked_scores(qg, kg, m_sel, causal, scale)
         p = torch.exp(s - lse[:, lo:hi, :, None].to(cdt))
         delta = (og * dog).sum(dim=-1)  # (B, G, Sq): FlashAttention's preprocessing
@@ -248,3 +247,76 @@ def backward(do, q, k, v, o, lse, kv_heads, mask_heads, mask, causal, scale, sta
         dk = dk.index_add(1, idx, torch.matmul(ds.transpose(-1, -2), qg) * scale)
     dq = torch.cat(dq_parts, dim=1) if dq_parts else torch.empty_like(q)
     return dq, dk.to(q.dtype), dv.to(q.dtype)
+
+
+# ---------------------------------------------------------------- head statistics
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _masked_tokens(t: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    t = t.to(_acc_dtype(t.dtype))
+    if token_mask is None:
+        return t
+    return torch.where(token_mask[..., None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _head_stats(x, g, num_heads: int, token_mask=None):
+    """(xg, x_sq, g_sq, abs_x, abs_g) of :func:`headsparse.head_stats`; the g parts are None without g."""
+    b, s, c = x.shape
+    xf = _masked_tokens(x, token_mask)
+    xh = xf.view(b, s, num_heads, c // num_heads)
+    x_sq, abs_x = (xh * xh).sum(dim=(1, 3)), xf.abs().sum(dim=(0, 1))
+    if g is None:
+        return None, x_sq, None, abs_x, None
+    gf = _masked_tokens(g, token_mask)
+    gh = gf.view(b, s, num_heads, c // num_heads)
+    return (xh * gh).sum(dim=(1, 3)), x_sq, (gh * gh).sum(dim=(1, 3)), abs_x, gf.abs().sum(dim=(0, 1))
+
+
+def _gram(x, token_mask=None) -> torch.Tensor:
+    c = x.shape[2]
+    rows = x.reshape(-1, c)
+    if token_mask is not None:
+        rows = rows[token_mask.reshape(-1)]
+    rows = rows.to(_acc_dtype(x.dtype))
+    return rows.transpose(0, 1) @ rows
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    ops = ("attention", "head_stats")
+    batched_grads = True  # the backward is built from torch ops out of place, so vmap can batch it
+
+    def devices(self) -> Tuple[str, ...]:
+        return ("cpu", "cuda", "mps")
+
+    def probe(self) -> Tuple[bool, str]:
+        return True, "plain PyTorch; any device"
+
+    def supports(self, problem) -> List[str]:
+        if isinstance(problem, StatsProblem):
+            return []  # plain tensor ops: any device, any floating dtype
+        return super().supports(problem)
+
+    def limits(self, problem) -> List[str]:
+        if isinstance(problem, AttentionProblem) and problem.head_dim > 256:
+            return [f"head_dim must be <= 256, got {problem.head_dim}"]
+        return []
+
+    def forward(self, q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> torch.Tensor:
+        return _forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out)
+
+    def backward(self, do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats):
+        return _backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats)
+
+    def head_stats(self, x, g, num_heads, token_mask):
+        return _head_stats(x, g, num_heads, token_mask)
+
+    def gram(self, x, token_mask):
+        return _gram(x, token_mask)
+
+
+BACKEND = TorchBackend()
