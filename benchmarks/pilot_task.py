@@ -30,12 +30,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from headsparse._atomic import atomic_write_text  # noqa: E402
-from headsparse.pipeline import environment, evaluate, score_heads_for_pipeline  # noqa: E402
+from headsparse.recipes.pipeline import environment, evaluate, score_heads_for_pipeline  # noqa: E402
 from headsparse.plan import HeadPlan  # noqa: E402
-from headsparse.stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci  # noqa: E402
-from headsparse.tasks import (DEFAULT_TASK_DESCRIPTION, analogy_mix_records, load_causal_lm,  # noqa: E402
+from headsparse.recipes.stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci  # noqa: E402
+from headsparse.recipes.tasks import (DEFAULT_TASK_DESCRIPTION, analogy_mix_records, load_causal_lm,  # noqa: E402
                               smollm2_dir, task_from_records)
-from headsparse.tuning import tune  # noqa: E402
+from headsparse.recipes.tuning import tune  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

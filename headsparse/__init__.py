@@ -1,8 +1,9 @@
 """headsparse: train only the attention heads that matter, with kernels that skip the rest.
 
 See README.md for the public API. Layers: ``headsparse.ops`` (kernels),
-``headsparse.patch`` (Hugging Face integration), and the recipes (scoring,
-mining, tuning, pipeline), which load on first use.
+``headsparse.plan`` and ``headsparse.patch`` (Hugging Face integration), and
+``headsparse.recipes`` (scoring, mining, tuning, APT, the pipeline, tasks, the
+CLI), which loads on first use.
 """
 from .ops import (
     BackendInfo,
@@ -19,6 +20,7 @@ from .ops import (
     head_stats,
     record_gate_grads,
 )
+from ._lazy import lazy_attributes
 from .plan import HeadMode, HeadPlan
 from .patch import load_delta, save_delta, unpatch
 from .patch import patch  # noqa: E402  (the function; the subpackage stays importable as headsparse.patch.core etc.)
@@ -32,33 +34,19 @@ for _name, _mod in (("core", _patch_core), ("delta", _patch_delta), ("families",
 del _name, _mod
 __version__ = "0.1.0"
 
-# The recipes (scoring, mining, tuning, the pipeline) load on first use: ``import headsparse`` stays light and does
+# The recipes (scoring, mining, tuning, APT, the pipeline) load on first use: ``import headsparse`` stays light and does
 # not import transformers' Trainer, tqdm or the pipeline for a user who wants only the op and the patch.
 _LAZY = {
-    "score_heads": ".scoring", "HeadScores": ".scoring",
-    "mine": ".mining", "MineResult": ".mining",
-    "tune": ".tuning", "TuneResult": ".tuning",
-    "aer": ".metrics", "AERParts": ".metrics",
-    "run_pipeline": ".pipeline", "RunConfig": ".pipeline", "Task": ".pipeline",
+    "score_heads": ".recipes.scoring", "HeadScores": ".recipes.scoring",
+    "mine": ".recipes.mining", "MineResult": ".recipes.mining",
+    "tune": ".recipes.tuning", "TuneResult": ".recipes.tuning",
+    "aer": ".recipes.metrics", "AERParts": ".recipes.metrics",
+    "run_pipeline": ".recipes.pipeline", "RunConfig": ".recipes.pipeline", "Task": ".recipes.pipeline",
 }
-_SUBMODULES = ("scoring", "mining", "tuning", "metrics", "pipeline", "stats", "records", "tasks", "cli", "run_cli",
-               "demo", "provenance")
+_SUBMODULES = ("recipes", "provenance")
 
 
-def __getattr__(name):
-    import importlib
-
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'headsparse' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES, globals())
 
 __all__ = [
     "attention",

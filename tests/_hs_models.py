@@ -11,7 +11,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from headsparse.patch.core import layer_states, merged_layer_weights, patch_info  # noqa: E402
-from headsparse.tasks import smollm2_dir  # noqa: E402,F401  (shared with the pipeline's default run)
+from headsparse.recipes.tasks import smollm2_dir  # noqa: E402,F401  (shared with the pipeline's default run)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "roberta")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")

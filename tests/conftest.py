@@ -35,7 +35,7 @@ def smol():
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from headsparse.tasks import smollm2_dir
+    from headsparse.recipes.tasks import smollm2_dir
 
     try:
         path = smollm2_dir()

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from headsparse.tuning.adaptive_lora import GrowingLoRA, add_adapters, grow_to_budget
+from headsparse.recipes.tuning.adaptive_lora import GrowingLoRA, add_adapters, grow_to_budget
 from _hs_models import batch, loss_of, tiny_model
 
 

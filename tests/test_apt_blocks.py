@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from headsparse.tuning.apt_blocks import (FFNNeurons, apt_retained, compact_ffn, density_keep, gated_mlps,
+from headsparse.recipes.tuning.apt_blocks import (FFNNeurons, apt_retained, compact_ffn, density_keep, gated_mlps,
                                           neuron_cost)
 from _hs_models import batch, input_keeper, loss_of, tiny_model
 
@@ -115,8 +115,8 @@ def test_compacting_keeps_the_masked_function_and_shrinks_the_model():
 def test_tune_apt_prunes_heads_and_neurons_jointly_under_the_budget():
     from headsparse import HeadPlan
     from headsparse.patch.core import is_patched
-    from headsparse.tuning.apt import tune_apt
-    from headsparse.tasks import synthetic_task, tiny_llama
+    from headsparse.recipes.tuning.apt import tune_apt
+    from headsparse.recipes.tasks import synthetic_task, tiny_llama
 
     model = tiny_llama(seed=0, heads=4, kv_heads=2)
     task = synthetic_task(n_pool=48, n_targets=12, n_eval=4, seed=0)
@@ -140,9 +140,9 @@ def test_tune_apt_prunes_heads_and_neurons_jointly_under_the_budget():
 
 
 def test_teacher_is_refreshed_only_on_a_dev_improvement_and_mu_follows_its_schedule(monkeypatch):
-    import headsparse.tuning.apt as apt
+    import headsparse.recipes.tuning.apt as apt
     from headsparse import HeadPlan
-    from headsparse.tasks import synthetic_task, tiny_llama
+    from headsparse.recipes.tasks import synthetic_task, tiny_llama
 
     taken = []
     real = apt.snapshot
@@ -170,7 +170,7 @@ def test_teacher_is_refreshed_only_on_a_dev_improvement_and_mu_follows_its_sched
 
 
 def test_teacher_snapshot_folds_the_soft_masks():
-    from headsparse.tuning.apt_blocks import snapshot
+    from headsparse.recipes.tuning.apt_blocks import snapshot
 
     model = tiny_model("llama")
     ids = batch(model)

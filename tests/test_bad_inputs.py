@@ -24,9 +24,10 @@ import pytest
 import torch
 
 import headsparse as hs
-from headsparse import HeadPlan, stats
+from headsparse import HeadPlan
+from headsparse.recipes import stats
 from headsparse.patch.core import is_patched
-from headsparse.records import read_jsonl
+from headsparse.recipes.records import read_jsonl
 from _hs_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -491,7 +492,7 @@ def test_tune_patched_model(base, name, match, call):
     _assert_untouched(m, snap)
 
 
-# ================================================================== aer and headsparse.stats
+# ================================================================== aer and headsparse.recipes.stats
 GOOD_AER = dict(t_select=1.0, t_train=1.0, t_full=2.0, q=0.5, q_full=0.6, q_base=0.4)
 AER = [
     ("t_select", -1.0), ("t_select", True), ("t_train", math.nan), ("t_full", 0.0), ("t_full", math.inf),
@@ -637,7 +638,7 @@ def cli_results(tmp_path_factory):
         if argv[0] == "run":
             argv += ["--out", os.path.join(d, "out"), "--stem", "s", "--no-progress"]
         before = set(_files(d))
-        p = subprocess.run([sys.executable, "-m", "headsparse.cli", *argv], cwd=d, env=env, capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "headsparse.recipes.cli", *argv], cwd=d, env=env, capture_output=True,
                            text=True, timeout=300)
         return d, (p, before)
 

@@ -1,8 +1,8 @@
 """The command line and the demo that the README's main command runs."""
 import pytest
 
-from headsparse.cli import main
-from headsparse.demo import run_demo
+from headsparse.recipes.cli import main
+from headsparse.recipes.demo import run_demo
 
 
 def test_demo_agrees_and_saves(capsys):

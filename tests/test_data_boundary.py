@@ -7,8 +7,8 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from headsparse.data import as_examples, check_token_ids
-from headsparse.tasks import tiny_llama
+from headsparse.recipes.data import as_examples, check_token_ids
+from headsparse.recipes.tasks import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("gensim")
 
-from headsparse.tasks import analogy_mix_records, analogy_pairs, split_pairs  # noqa: E402
+from headsparse.recipes.tasks import analogy_mix_records, analogy_pairs, split_pairs  # noqa: E402
 
 QUESTION = re.compile(r"^Q: (\S+) is to (\S+) as (\S+) is to what\?\nA:$")
 

@@ -25,7 +25,7 @@ END_TIMEOUT = 120  # s for the job to end after SIGINT
 
 
 class Job:
-    """A ``python -m headsparse.cli`` subprocess; stdout read by a thread, stderr to a file outside the output folder."""
+    """A ``python -m headsparse.recipes.cli`` subprocess; stdout read by a thread, stderr to a file outside the output folder."""
 
     def __init__(self, argv, cwd, log_dir):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
@@ -34,7 +34,7 @@ class Job:
         self._err = open(self.err_path, "w")
         # A job started in the background by a non-interactive shell (as CI may run the suite) inherits SIGINT
         # ignored, and Python then installs no KeyboardInterrupt handler: restore the default in the child.
-        self.proc = subprocess.Popen([sys.executable, "-m", "headsparse.cli", *argv], cwd=cwd, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "headsparse.recipes.cli", *argv], cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True,
                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.out_lines = []

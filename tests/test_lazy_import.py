@@ -10,8 +10,9 @@ def _run(code: str) -> str:
 
 def test_import_headsparse_loads_neither_transformers_nor_the_recipes():
     out = _run("import sys, headsparse as hs\n"
-               "heavy = [m for m in ('transformers', 'headsparse.pipeline', 'headsparse.tuning', 'headsparse.mining',"
-               " 'headsparse.scoring') if m in sys.modules]\n"
+               "heavy = [m for m in ('transformers', 'headsparse.recipes', 'headsparse.recipes.pipeline',"
+               " 'headsparse.recipes.tuning', 'headsparse.recipes.mining', 'headsparse.recipes.scoring')"
+               " if m in sys.modules]\n"
                "hs.HeadPlan, hs.patch, hs.attention\n"
                "heavy += [m for m in ('transformers',) if m in sys.modules]\n"
                "print(heavy)")
@@ -20,8 +21,8 @@ def test_import_headsparse_loads_neither_transformers_nor_the_recipes():
 
 def test_every_public_name_resolves_and_lazy_names_are_the_real_objects():
     out = _run("import headsparse as hs\n"
-               "from headsparse.tuning import tune\n"
-               "from headsparse.pipeline import RunConfig\n"
+               "from headsparse.recipes.tuning import tune\n"
+               "from headsparse.recipes.pipeline import RunConfig\n"
                "missing = [n for n in hs.__all__ if getattr(hs, n, None) is None]\n"
                "print(missing, hs.tune is tune, hs.RunConfig is RunConfig, 'run_pipeline' in dir(hs))")
     assert out == "[] True True True"

@@ -6,10 +6,10 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from headsparse.mining import (collate, compose_batches, loss_strata, mean_intra_batch_distance, patched_for,
+from headsparse.recipes.mining import (collate, compose_batches, loss_strata, mean_intra_batch_distance, patched_for,
                                per_sample_loss, probe, relative_distances)
 from headsparse.patch.core import is_patched
-from headsparse.tasks import synthetic_task, tiny_llama
+from headsparse.recipes.tasks import synthetic_task, tiny_llama
 from _hs_models import tiny_model
 
 

@@ -7,9 +7,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import headsparse as hs
 from headsparse import HeadMode, HeadPlan
-from headsparse.mining import collate
-from headsparse.mining.features import forward_signature, train_head_index
-from headsparse.tasks import synthetic_task, tiny_llama
+from headsparse.recipes.mining import collate
+from headsparse.recipes.mining.features import forward_signature, train_head_index
+from headsparse.recipes.tasks import synthetic_task, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -112,7 +112,7 @@ def test_p2d_fwd_mining_finds_planted_targets():
 
 
 def test_signature_cache_hits_and_invalidates(tmp_path, model):
-    from headsparse.mining.features import cached_forward_signature
+    from headsparse.recipes.mining.features import cached_forward_signature
 
     plan_a, plan_b = _plan(), _plan(train=((2, 3), (0, 0)))
     ex, _ = _batch()

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from headsparse.cli import main
-from headsparse.pipeline import RunConfig, evaluate, markdown, run_pipeline, table, write_report
-from headsparse.tasks import synthetic_task, tiny_llama
+from headsparse.recipes.cli import main
+from headsparse.recipes.pipeline import RunConfig, evaluate, markdown, run_pipeline, table, write_report
+from headsparse.recipes.tasks import synthetic_task, tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -194,7 +194,7 @@ def test_cli_head_scorer_is_used(tmp_path):
 
 
 def test_load_flag_and_its_warning():
-    from headsparse.pipeline import _load_changed
+    from headsparse.recipes.pipeline import _load_changed
 
     assert _load_changed({"full": 2.0, "p2d": 3.2}) and not _load_changed({"full": 2.0, "p2d": 2.9, "x": None})
     assert not _load_changed({"full": None})
@@ -227,7 +227,7 @@ def _small_task():
 
 def test_lr_search_picks_by_dev_never_eval(monkeypatch):
     """A planted disagreement: dev prefers one learning rate, eval another; the search must follow dev."""
-    import headsparse.pipeline as pl
+    import headsparse.recipes.pipeline as pl
 
     real_tune, real_eval = pl.tune, pl.evaluate
     task = _small_task()
@@ -285,7 +285,7 @@ def test_lr_table_reuses_a_search_with_its_times(tmp_path):
     first = run_pipeline(tiny_llama(seed=0), task, RunConfig(**base, lr_grid_full=(1e-4, 1e-3),
                                                              lr_grid_heads=(1e-3, 3e-3)), quiet=True)
     (tmp_path / "s.json").write_text(json.dumps(first))
-    from headsparse.run_cli import read_lr_table
+    from headsparse.recipes.run_cli import read_lr_table
 
     table = read_lr_table(str(tmp_path / "s.json"))
     again = run_pipeline(tiny_llama(seed=0), task, RunConfig(**base, lr_table=table), quiet=True)
@@ -332,7 +332,7 @@ def test_same_steps_arm_trains_as_many_steps_as_full():
 def test_cli_learning_rate_flags():
     import argparse
 
-    from headsparse.run_cli import (LR_GRID_FULL, LR_GRID_HEADS, SMOLLM2_DEFAULTS, SMOLLM2_LR_TABLE,
+    from headsparse.recipes.run_cli import (LR_GRID_FULL, LR_GRID_HEADS, SMOLLM2_DEFAULTS, SMOLLM2_LR_TABLE,
                                     add_run_arguments, learning_rates)
 
     p = argparse.ArgumentParser()

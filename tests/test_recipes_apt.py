@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import headsparse.recipes.apt as apt
-import headsparse.tuning.apt_blocks as apt_blocks_module
+import headsparse.recipes.tuning.apt_blocks as apt_blocks_module
 from headsparse.recipes.apt import _Masks, apt_blocks, finetune_apt, kurtosis_term, merge_adapters
-from headsparse.tuning.adaptive_lora import GrowingLoRA, add_adapters
+from headsparse.recipes.tuning.adaptive_lora import GrowingLoRA, add_adapters
 from _hs_models import VOCAB, batch, input_keeper, loss_of, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -315,7 +315,7 @@ def test_teacher_is_refreshed_only_on_a_dev_improvement_as_a_mask_folded_copy(mo
         copies[-1]["unmasked"] = _logits(bare, ids)
         return t
 
-    # the teacher snapshot is taken by headsparse.tuning.apt_blocks.snapshot
+    # the teacher snapshot is taken by headsparse.recipes.tuning.apt_blocks.snapshot
     monkeypatch.setattr(apt_blocks_module, "copy", types.SimpleNamespace(deepcopy=deepcopy))
     script = [0.5, 0.4, 0.6, 0.55, 0.7, 0.7, 0.1]  # start, the 5 pruning steps, the end
     calls = []

@@ -1,10 +1,10 @@
-"""Reading, checking and tokenising JSONL task records (headsparse.records), good and bad input."""
+"""Reading, checking and tokenising JSONL task records (headsparse.recipes.records), good and bad input."""
 import json
 import re
 
 import pytest
 
-from headsparse.records import (check_disjoint, check_records, read_jsonl, record_shape, to_choice_item,
+from headsparse.recipes.records import (check_disjoint, check_records, read_jsonl, record_shape, to_choice_item,
                                 to_example)
 
 

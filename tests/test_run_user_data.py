@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from headsparse.cli import main
+from headsparse.recipes.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -93,8 +93,8 @@ def test_missing_model_folder_is_named(tmp_path):
 
 def test_token_ids_outside_the_vocabulary_name_the_record(tmp_path):
     """A tokenizer whose ids exceed the model's vocabulary: caught per record, before training."""
-    from headsparse.records import read_jsonl
-    from headsparse.tasks import byte_tokenizer, task_from_records
+    from headsparse.recipes.records import read_jsonl
+    from headsparse.recipes.tasks import byte_tokenizer, task_from_records
 
     shutil.copy(FILES["pool"], tmp_path / "pool.jsonl")
     recs = {k: read_jsonl(FILES[k] if k != "pool" else str(tmp_path / "pool.jsonl"), name=f"--{k}",
@@ -105,7 +105,7 @@ def test_token_ids_outside_the_vocabulary_name_the_record(tmp_path):
 
 
 def test_in_memory_records_are_checked_like_files():
-    from headsparse.tasks import byte_tokenizer, task_from_records
+    from headsparse.recipes.tasks import byte_tokenizer, task_from_records
 
     good = {"pool": [{"text": "ab cd"}], "target": [{"text": "xy z"}],
             "eval": [{"prompt": "Q", "choices": [" a", " b"], "answer": 1}]}

@@ -8,8 +8,8 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan, HeadScores
-from headsparse.scoring import METHODS, model_info, per_sample_loss, spearman
-from headsparse.scoring.methods import proxy_finetune, resolve_options
+from headsparse.recipes.scoring import METHODS, model_info, per_sample_loss, spearman
+from headsparse.recipes.scoring.methods import proxy_finetune, resolve_options
 from _hs_models import VOCAB, tiny_model
 
 TOL = dict(rtol=1e-7, atol=1e-10)
@@ -278,7 +278,7 @@ def test_alps_matches_head_loops_gqa(family, matrix):
 def test_alps_gqa_heads_read_their_kv_group():
     """Heads beyond the KV-head count get full-size, group-correct scores (the published code's
     query-index slicing would leave them empty)."""
-    from headsparse.scoring.methods import alps_head_matrices
+    from headsparse.recipes.scoring.methods import alps_head_matrices
 
     model = tiny_model("llama", layers=1, heads=4, kv_heads=2)
     w = model_info(model).qkvo(0)

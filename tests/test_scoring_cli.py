@@ -4,8 +4,8 @@ import json
 import pytest
 
 from headsparse import HeadPlan, HeadScores
-from headsparse.cli import main
-from headsparse.scoring.cli import parse_options, read_texts
+from headsparse.recipes.cli import main
+from headsparse.recipes.scoring.cli import parse_options, read_texts
 from _hs_models import minilm_dir
 
 TEXTS = ["The capital of Italy is Rome.", "A cat sat on the mat.", "Heads can be pruned.", "Water boils."]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import headsparse as hs
-from headsparse.scoring import model_info
+from headsparse.recipes.scoring import model_info
 from _hs_models import VOCAB, tiny_model
 
 LAYER, HEAD = 1, 2

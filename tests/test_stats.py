@@ -1,11 +1,11 @@
-"""Hand-computed checks of headsparse.stats (bootstrap, McNemar, gain recovered) and metrics.aer."""
+"""Hand-computed checks of headsparse.recipes.stats (bootstrap, McNemar, gain recovered) and metrics.aer."""
 import math
 
 import numpy as np
 import pytest
 
-from headsparse.metrics import aer
-from headsparse.stats import bootstrap_ci, gain_recovered, mcnemar_p, paired_bootstrap_ci
+from headsparse.recipes.metrics import aer
+from headsparse.recipes.stats import bootstrap_ci, gain_recovered, mcnemar_p, paired_bootstrap_ci
 
 
 # ------------------------------------------------------------------ mcnemar_p
@@ -220,7 +220,7 @@ def test_numpy_scalars_are_numbers_and_outcomes_must_be_boolean():
 
 
 def test_seed_interval_hand_computed():
-    from headsparse.stats import seed_interval
+    from headsparse.recipes.stats import seed_interval
 
     # values 0.762, 0.804, 0.766: mean 0.7773..., sd 0.023180 (ddof 1), t(2) = 4.303 -> half width 0.057587
     iv = seed_interval([0.762, 0.804, 0.766])

@@ -6,9 +6,9 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from headsparse.mining import collate, per_sample_loss
+from headsparse.recipes.mining import collate, per_sample_loss
 from headsparse.patch.core import is_patched
-from headsparse.tasks import synthetic_task, tiny_llama
+from headsparse.recipes.tasks import synthetic_task, tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -5,10 +5,10 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from headsparse.mining import collate
+from headsparse.recipes.mining import collate
 from headsparse.patch.core import is_patched, patch_info
-from headsparse.tasks import synthetic_task, tiny_llama
-from headsparse.tuning import cubic_retained, tune_apt
+from headsparse.recipes.tasks import synthetic_task, tiny_llama
+from headsparse.recipes.tuning import cubic_retained, tune_apt
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,8 +7,8 @@ import transformers
 
 import headsparse as hs
 from headsparse import HeadPlan
-from headsparse.tasks import synthetic_task, tiny_llama
-from headsparse.tuning import HeadSparseCallback, MinedDataset, trainer_collator
+from headsparse.recipes.tasks import synthetic_task, tiny_llama
+from headsparse.recipes.tuning import HeadSparseCallback, MinedDataset, trainer_collator
 
 
 def test_trainer_with_reselection(tmp_path):

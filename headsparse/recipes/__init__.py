@@ -1,10 +1,30 @@
-"""Recipes: published methods assembled from the package's parts, each one entry point.
+"""Recipes: the methods and the application built on the op, the plan and the patch layer.
 
-- :func:`finetune_apt`: APT (adaptive pruning and tuning, Zhao et al., ICML 2024) with LoRA adapters that grow,
-  salience-density pruning of heads and FFN neurons under a parameter budget, soft masks, self-distillation,
-  and APT's cost accounting; ``adapters=False`` / ``keep=1`` / ``grow=False`` / ``distill=False`` give its
-  baselines (full fine-tuning, LoRA, LoRA+prune) through the same loop.
+Subpackages and modules (each loads on first use, so importing one recipe does not import the others):
+
+- :mod:`~headsparse.recipes.scoring`: head importance scores and plans (``score_heads``, ``headsparse score``);
+- :mod:`~headsparse.recipes.mining`: data mining with the heads' signatures (P2D, SLAP, LESS-style, loss, random);
+- :mod:`~headsparse.recipes.tuning`: head-sparse tuning (``tune``), APT-style pruning during it, the Trainer callback;
+- :mod:`~headsparse.recipes.apt`: :func:`finetune_apt`, APT (Zhao et al., ICML 2024) as published, with
+  its baselines (full fine-tuning, LoRA, LoRA+prune) through the same loop;
+- :mod:`~headsparse.recipes.data`: the one data module (examples, batching, the next-token loss) they all use;
+- :mod:`~headsparse.recipes.pipeline`, :mod:`~headsparse.recipes.tasks`, :mod:`~headsparse.recipes.metrics`,
+  :mod:`~headsparse.recipes.stats`, :mod:`~headsparse.recipes.records`: the end-to-end experiment
+  (``headsparse run``), its tasks, AER, confidence intervals and result records;
+- :mod:`~headsparse.recipes.cli`: the ``headsparse`` command.
+
+Nothing below ``headsparse.recipes`` is imported by the kernels (``headsparse.ops``) or the patch layer.
 """
-from .apt import APTResult, apt_blocks, finetune_apt, kurtosis_term, time_to_fraction
+from .._lazy import lazy_attributes
+
+_LAZY = {
+    "finetune_apt": ".apt", "APTResult": ".apt", "apt_blocks": ".apt", "kurtosis_term": ".apt",
+    "time_to_fraction": ".apt",
+}
+_SUBMODULES = ("apt", "cli", "data", "demo", "metrics", "mining", "pipeline", "records", "run_cli", "scoring", "stats",
+               "tasks", "tuning")
 
 __all__ = ["finetune_apt", "APTResult", "apt_blocks", "kurtosis_term", "time_to_fraction"]
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES, globals())

@@ -11,15 +11,15 @@ Llama-family decoders (Llama, Mistral, Qwen2/3, SmolLM2; gated MLPs):
   plus, with ``kurtosis=True``, ``sqrt(max(kurtosis, 0))`` of (mean activation x output-projection columns) per
   block (:func:`kurtosis_term`), smoothed by an EMA (0.85), from the ordinary training batches after every backward.
 - **Selection**: all blocks sorted together by salience density (salience / parameters); the longest prefix that
-  fits ``ratio(t) x prunable parameters`` is kept (binary search, :func:`headsparse.tuning.apt_blocks.density_keep`).
+  fits ``ratio(t) x prunable parameters`` is kept (binary search, :func:`headsparse.recipes.tuning.apt_blocks.density_keep`).
   ``ratio`` follows APT's cubic decay after a sparsity warm-up
-  (:func:`headsparse.tuning.apt_blocks.apt_retained`). Masks move by ``mask_step`` per optimizer step toward
+  (:func:`headsparse.recipes.tuning.apt_blocks.apt_retained`). Masks move by ``mask_step`` per optimizer step toward
   kept/dropped, become exact 0/1 at the last pruning step, and the dropped blocks are then physically removed
   (rows and columns of every projection, adapters included).
 - **Adaptive tuning**: the number of tuning parameters grows linearly over the pruning window to ``expand`` x
   the start; at every pruning step the top half of the adapters by smoothed importance
   (mean over rank rows of |sum_j A_ij dL/dA_ij|) grow by one common factor, capped at ``max_rank``
-  (:func:`headsparse.tuning.adaptive_lora.grow_to_budget`); growth leaves the function unchanged.
+  (:func:`headsparse.recipes.tuning.adaptive_lora.grow_to_budget`); growth leaves the function unchanged.
 - **Self-distillation**: the teacher is a snapshot of the model itself (soft masks folded in), refreshed whenever
   the dev metric improves during pruning; loss = mu * L_distill + (1 - mu) * L_task, mu rising linearly from 0 to 1
   over the pruning window, after which distillation ends and the task loss alone trains (as in APT's trainer);
@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int, check_number
-from ..data import IGNORE, collate, model_device, pad_id_of, per_sample_loss
+from .data import IGNORE, collate, model_device, pad_id_of, per_sample_loss
 from ..patch.core import register_attention
-from ..tuning.adaptive_lora import GrowingLoRA, grow_to_budget
-from ..tuning.core import scheduled_lr
-from ..tuning.apt_blocks import apt_retained, density_keep, move_masks, sliced_linear, track_abs
-from ..tuning.apt_blocks import snapshot as apt_snapshot
+from .tuning.adaptive_lora import GrowingLoRA, grow_to_budget
+from .tuning.core import scheduled_lr
+from .tuning.apt_blocks import apt_retained, density_keep, move_masks, sliced_linear, track_abs
+from .tuning.apt_blocks import snapshot as apt_snapshot
 
 ATTN_NAME = "headsparse_apt"
 

@@ -12,7 +12,7 @@ Stages, each timed with ``time.perf_counter`` on the same machine:
 5. per mining method: ``mine`` (T_mine) -> the selected ``fraction`` of the
    pool; ``tune`` the plan's heads on it (T_train); ``eval`` (Q). The AER uses
    T_select = T_score + T_mine (head scoring is part of the selection latency)
-   and T_train; see :mod:`headsparse.metrics`.
+   and T_train; see :mod:`headsparse.recipes.metrics`.
 6. optionally (``same_steps``) the first method again, trained for as many
    optimizer steps as full fine-tuning: what head-sparse training reaches when
    it is not the cheaper one.
@@ -43,17 +43,17 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._atomic import atomic_path, atomic_write_text
+from .._atomic import atomic_path, atomic_write_text
 from .metrics import aer
 from .stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci, seed_interval
-from .provenance import provenance
+from ..provenance import provenance
 from .mining.core import METHODS, mine
 from .data import as_examples, check_token_ids, collate, model_device, pad_id_of, vocab_size_of
 from .mining.features import patched_for, probe
-from .plan import HeadPlan
+from ..plan import HeadPlan
 from .scoring import score_heads
 from .tuning.core import tune
-from ._checks import check_int, check_number
+from .._checks import check_int, check_number
 
 PIPELINE_METHODS = METHODS + ("all",)  # "all": head-sparse tuning on the whole pool (no mining)
 

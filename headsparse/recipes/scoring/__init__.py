@@ -20,7 +20,7 @@ from ..data import vocab_size_of
 from ._model import iter_batches, model_info, per_sample_loss
 from .methods import DEFAULTS, resolve_options
 from .scores import HeadScores, spearman
-from .._checks import check_int
+from ..._checks import check_int
 
 METHODS = tuple(DEFAULTS)
 
@@ -41,8 +41,8 @@ def score_heads(model, data, method: str = "gradient", *, tokenizer=None, batch_
         seed: for ``random`` and the ``alps`` proxy run.
         progress: show a tqdm progress bar over batches.
         loss_fn: optional ``loss_fn(model, batch) -> (B,)`` per-sample losses; default
-            :func:`headsparse.scoring.per_sample_loss` (padding excluded).
-        **options: method options (see ``headsparse.scoring.DEFAULTS``); unknown ones raise ValueError.
+            :func:`headsparse.recipes.scoring.per_sample_loss` (padding excluded).
+        **options: method options (see ``headsparse.recipes.scoring.DEFAULTS``); unknown ones raise ValueError.
 
     Returns:
         :class:`HeadScores` with a (num_layers, num_q_heads) score tensor (higher = more important).

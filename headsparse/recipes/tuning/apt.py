@@ -22,7 +22,7 @@ What this mode keeps from its code, at head granularity only:
 With ``ffn=True``, FFN neurons are pruned jointly with the FROZEN heads by
 salience density under a parameter budget, with soft neuron masks that become
 exact (and the neurons removed) at the last pruning step
-(:mod:`headsparse.tuning.apt_blocks`). Not kept: hidden-dimension pruning,
+(:mod:`headsparse.recipes.tuning.apt_blocks`). Not kept: hidden-dimension pruning,
 kurtosis term, LoRA rank growth, hidden-state distillation, soft masks for
 heads. ``dev_fn`` refreshes the teacher when the dev metric improves.
 Heads below the gradient horizon (lowest trainable layer) get no gradient and
@@ -39,13 +39,13 @@ import torch.nn.functional as F
 
 from ..data import IGNORE, as_examples, batches as make_batches, collate, model_device, pad_id_of
 from ..data import per_sample_loss
-from ..patch import HeadSlicedOutput, is_patched, patch, patch_info, unpatch
-from ..patch.core import layer_states
-from ..plan import HeadMode, HeadPlan
+from ...patch import HeadSlicedOutput, is_patched, patch, patch_info, unpatch
+from ...patch.core import layer_states
+from ...plan import HeadMode, HeadPlan
 from .apt_blocks import (FFNNeurons, apt_retained, compact_ffn, density_keep, neuron_cost, snapshot,
                          track_abs)
 from .core import TuneResult
-from .._checks import check_int, check_number
+from ..._checks import check_int, check_number
 
 
 def cubic_retained(step: int, keep_final: float, t_start: int, t_end: int) -> float:
@@ -111,7 +111,7 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
 
     ``ffn=True`` (gated MLPs only) prunes FFN neurons jointly with the FROZEN heads, as APT does: at every pruning
     step all candidate blocks are ranked by salience density (salience / parameters) and the longest prefix that
-    fits ``retained ratio x prunable parameters`` is kept (:mod:`headsparse.tuning.apt_blocks`); the prunable
+    fits ``retained ratio x prunable parameters`` is kept (:mod:`headsparse.recipes.tuning.apt_blocks`); the prunable
     parameters are those of the FROZEN heads and FFN neurons at or above the gradient horizon (TRAIN heads are
     never pruned), and ``keep_final`` is the share of them kept at the end. Neuron masks move by ``mask_step`` per optimizer step
     toward kept/dropped, become exact at the last pruning step, and the dropped neurons are then removed from

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .._atomic import atomic_write_text
+from ..._atomic import atomic_write_text
 
 _FORMAT = "headsparse.HeadScores"
 _VERSION = 1
@@ -87,7 +87,7 @@ class HeadScores:
                 kv_policy: str = "any"):
         """A :class:`headsparse.HeadPlan`: TRAIN the global top ``fraction`` of heads or the top ``per_layer_k``
         heads of every layer (exactly one), optionally PRUNE the lowest-scoring ones; the rest FROZEN."""
-        from ..plan import HeadPlan
+        from ...plan import HeadPlan
 
         if not torch.isfinite(self.scores).all():
             raise ValueError("to_plan: scores hold NaN or inf")

@@ -17,7 +17,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_backends(args) -> int:
-    from .ops import backends
+    from ..ops import backends
 
     for name, info in backends().items():
         print(f"{name:7s} {'usable' if info.usable else 'unusable':8s} devices={','.join(info.devices):10s} "

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE, check_token_ids, per_sample_loss as next_token_loss
-from ..patch.families import Family, find_family
-from .._checks import check_int
+from ...patch.families import Family, find_family
+from ..._checks import check_int
 
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 

@@ -14,7 +14,7 @@ import json
 import os
 from typing import List
 
-from .._atomic import atomic_path
+from ..._atomic import atomic_path
 
 
 def read_texts(path: str) -> List[str]:

@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..ops.head_stats import cross_head_inner, gram, head_gram_blocks, head_stats
-from ..ops.stats import record_gate_grads
+from ...ops.head_stats import cross_head_inner, gram, head_gram_blocks, head_stats
+from ...ops.stats import record_gate_grads
 from ._model import ModelInfo, activation_grads_only, compute_loss, eval_mode, model_info
 
 # -------------------------------------------------------------------- options
@@ -102,7 +102,7 @@ def score_gradient(model, info: ModelInfo, batches, loss_fn, opts) -> Tuple[torc
     No weight gradient is computed (parameters are frozen during scoring; the
     input embeddings' output carries the graph).
     """
-    from ..patch.core import ATTN_NAME, register
+    from ...patch.core import ATTN_NAME, register
 
     register()
     before = getattr(model.config, "_attn_implementation", None)

@@ -30,11 +30,11 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from ..ops import record_gate_grads
-from ..patch import HeadSlicedOutput, HeadSlicedProjection, head_layout, is_patched, patch, patch_info
-from ..patch.core import layer_states
-from ..patch.families import find_family
-from ..plan import HeadPlan
+from ...ops import record_gate_grads
+from ...patch import HeadSlicedOutput, HeadSlicedProjection, head_layout, is_patched, patch, patch_info
+from ...patch.core import layer_states
+from ...patch.families import find_family
+from ...plan import HeadPlan
 from ..data import collate, model_device, per_sample_loss
 
 
@@ -319,7 +319,7 @@ def cached_forward_signature(model, examples: Sequence[Dict], plan: HeadPlan, ca
 
     from safetensors.torch import load_file, save_file
 
-    from .._atomic import atomic_path
+    from ..._atomic import atomic_path
 
     if is_patched(model):
         raise ValueError("cache_dir: the signature cache needs an unpatched model (all heads present)")

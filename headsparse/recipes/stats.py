@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Sequence
 
 import numpy as np
-from ._checks import check_int
+from .._checks import check_int
 
 
 def _scores(name: str, values: Sequence[float]) -> np.ndarray:

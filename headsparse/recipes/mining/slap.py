@@ -7,7 +7,7 @@ optimisation", and dynamic batch choice from Hessian-approximated gradient
 information, re-selected on-policy. Our reconstruction, every choice a parameter:
 
 1. Probe the pool with the *current* model (one batched forward + backward per
-   batch, :func:`headsparse.mining.features.probe`): per-sample loss, a
+   batch, :func:`headsparse.recipes.mining.features.probe`): per-sample loss, a
    mean-pooled last-hidden-state embedding, and a Kronecker sketch of each
    sample's gradient on the trainable head slices.
 2. Strata: ``n_strata`` loss quantiles ("loss-based"); the budget is split
@@ -37,10 +37,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..plan import HeadPlan
+from ...plan import HeadPlan
 from ..data import as_examples, pad_id_of
 from .features import patched_for, probe
-from .._checks import check_int
+from ..._checks import check_int
 
 
 def relative_distances(emb: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:

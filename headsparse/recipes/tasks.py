@@ -74,7 +74,7 @@ def check_model_family(name_or_path) -> str:
     causal-LM family (checked before any weights are loaded)."""
     import transformers
 
-    from .patch.families import FAMILIES
+    from ..patch.families import FAMILIES
 
     try:
         cfg = transformers.AutoConfig.from_pretrained(name_or_path)
@@ -314,7 +314,7 @@ DEFAULT_TASK_DESCRIPTION = (
 
 def task_from_records(records: Dict[str, List[Dict]], tok, *, vocab_size: Optional[int] = None,
                       max_tokens: Optional[int] = 48, name: str = "task", description: str = "") -> Task:
-    """A tokenised :class:`Task` from checked records {"pool", "target", "eval", "dev"?} (:mod:`headsparse.records`).
+    """A tokenised :class:`Task` from checked records {"pool", "target", "eval", "dev"?} (:mod:`headsparse.recipes.records`).
 
     Pool and target records become training examples (``max_tokens`` caps each
     one, the completion kept whole); eval and dev records must be multiple

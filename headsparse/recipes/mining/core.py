@@ -11,7 +11,7 @@ Methods (see ``docs/pipeline.md`` for what is published and what is our reconstr
   over the pool (``center=True``); each sample is ranked by the cosine between
   its signature and the mean standardised signature of the small ``target`` set.
 - ``"slap"`` batch-aware stratified, diverse, curvature-scored selection (see
-  :mod:`headsparse.mining.slap`); the result carries the batches.
+  :mod:`headsparse.recipes.mining.slap`); the result carries the batches.
 - ``"random"``: a seeded random subset.
 - ``"loss"``: the highest per-sample loss under the current model (forward only).
 - ``"less"`` [LESS-style, simplified]: per-sample gradients of the trainable
@@ -28,11 +28,11 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..plan import HeadPlan
+from ...plan import HeadPlan
 from ..data import as_examples, pad_id_of, vocab_size_of
 from .features import cached_forward_signature, forward_signature, patched_for, probe
 from .slap import SlapSelector
-from .._checks import check_int, check_number
+from ..._checks import check_int, check_number
 
 METHODS = ("p2d", "slap", "random", "loss", "less")
 
@@ -90,7 +90,7 @@ def p2d_scores(pool_sig: torch.Tensor, target_sig: torch.Tensor, center: bool = 
     al.'s per-example head importance (how strongly the sample's loss leans on
     the head, whatever the sign, which flips with the label); "gate-signed"
     keeps the sign; "fwd" is the forward-only mean-pooled output of each TRAIN
-    head (:func:`headsparse.mining.features.forward_signature`). With
+    head (:func:`headsparse.recipes.mining.features.forward_signature`). With
     ``center`` each head's column is standardised over the pool first, so the
     affinity measures "uses the task heads more than the pool does".
     """
@@ -125,7 +125,7 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
             backward per batch), "gate-signed", or "fwd" (forward-only pooled head outputs, no backward, no
             LM head, stopping after the highest TRAIN layer).
         cache_dir: with ``signature="fwd"`` on an unpatched model, keep every head's pool signature there
-            (:func:`headsparse.mining.features.cached_forward_signature`): a later call on the same model and
+            (:func:`headsparse.recipes.mining.features.cached_forward_signature`): a later call on the same model and
             pool, with any plan, skips the pool's forward. ``info`` gets "cache" (hit/miss) and
             "signature_s" (seconds spent computing the pool signature, 0 on a hit).
     """

@@ -7,7 +7,7 @@ its rank rows i of |sum_j A_ij dL/dA_ij|, smoothed over steps. New rows of A are
 columns of B are zero, so growing an adapter leaves the model's function unchanged.
 
 This module is the building block (adapters, importance, growth); :func:`headsparse.recipes.finetune_apt` (APT as
-published) grows these adapters during pruning. :func:`headsparse.tuning.tune_apt` trains head slices instead.
+published) grows these adapters during pruning. :func:`headsparse.recipes.tuning.tune_apt` trains head slices instead.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
-from .._checks import check_int
+from ..._checks import check_int
 
 
 class GrowingLoRA(nn.Module):

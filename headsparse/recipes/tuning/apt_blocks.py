@@ -9,7 +9,7 @@ are masked softly (each mask moves by a fixed step per update toward 1 or 0) unt
 the masks become exact and the pruned weights are removed.
 
 Here: FFN neurons of gated MLPs (``mlp.gate_proj`` / ``up_proj`` / ``down_proj``: Llama, Mistral, Qwen2/3),
-jointly with attention heads in :func:`headsparse.tuning.tune_apt` (``ffn=True``). Hidden-dimension pruning is
+jointly with attention heads in :func:`headsparse.recipes.tuning.tune_apt` (``ffn=True``). Hidden-dimension pruning is
 not implemented.
 """
 from __future__ import annotations

@@ -23,9 +23,9 @@ import torch
 from ..mining.core import MineResult
 from ..data import (as_examples, batches as make_batches, collate, model_device, pad_id_of, per_sample_loss,
                            vocab_size_of)
-from ..patch import is_patched, patch, patch_info
-from ..plan import HeadPlan
-from .._checks import check_int
+from ...patch import is_patched, patch, patch_info
+from ...plan import HeadPlan
+from ..._checks import check_int
 
 
 @dataclass
@@ -72,7 +72,7 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
         max_steps: stop after this many optimizer steps (None: all epochs).
         on_step: called as ``on_step(step, loss)`` after every optimizer step.
         mode: "sparse" (train the plan's heads as they are) or "apt" (APT-style
-            adaptive head pruning during training, :func:`headsparse.tuning.tune_apt`,
+            adaptive head pruning during training, :func:`headsparse.recipes.tuning.tune_apt`,
             with ``apt_options``; needs a plan and an unpatched model).
     """
     if mode not in ("sparse", "apt"):

@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from .ops import attention, backends
-from .ops.memory import saved_tensor_bytes
+from ..ops import attention, backends
+from ..ops.memory import saved_tensor_bytes
 
 
 def _time_step(fn, inputs, grad_out, reps: int) -> float:
