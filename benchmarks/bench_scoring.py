@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import headsparse as hs  # noqa: E402
-from headsparse.recipes.scoring import model_info, per_sample_loss, spearman  # noqa: E402
+from headsparse.recipes.scoring import model_info, scoring_loss, spearman  # noqa: E402
 
 LICENSES = ["GPL-3", "Apache-2.0", "GFDL-1.3", "LGPL-3", "MPL-2.0"]
 
@@ -117,7 +117,7 @@ def michel_per_example(model, batch):
     try:
         for r in range(batch["input_ids"].shape[0]):
             smp = {"input_ids": batch["input_ids"][r:r + 1], "attention_mask": batch["attention_mask"][r:r + 1]}
-            loss = per_sample_loss(model, info, smp)[0]
+            loss = scoring_loss(model, info, smp)[0]
             loss.backward()
             total += torch.stack([g.grad.abs() for g in gates])
             for g in gates:

@@ -6,8 +6,9 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from headsparse.recipes.mining import (collate, compose_batches, loss_strata, mean_intra_batch_distance, patched_for,
-                               per_sample_loss, probe, relative_distances)
+from headsparse.recipes.data import collate, per_sample_loss
+from headsparse.recipes.mining import (compose_batches, loss_strata, mean_intra_batch_distance, patched_for, probe,
+                                       relative_distances)
 from headsparse.patch.core import is_patched
 from headsparse.recipes.tasks import synthetic_task, tiny_llama
 from _hs_models import tiny_model

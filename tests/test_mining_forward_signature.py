@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import headsparse as hs
 from headsparse import HeadMode, HeadPlan
-from headsparse.recipes.mining import collate
+from headsparse.recipes.data import collate
 from headsparse.recipes.mining.features import forward_signature, train_head_index
 from headsparse.recipes.tasks import synthetic_task, tiny_llama
 

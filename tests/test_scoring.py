@@ -8,7 +8,7 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan, HeadScores
-from headsparse.recipes.scoring import METHODS, model_info, per_sample_loss, spearman
+from headsparse.recipes.scoring import METHODS, model_info, scoring_loss, spearman
 from headsparse.recipes.scoring.methods import proxy_finetune, resolve_options
 from _hs_models import VOCAB, tiny_model
 
@@ -72,7 +72,7 @@ def ref_gradient(model, data):
         for smp in samples:
             for gt in gates:
                 gt.grad = None
-            loss = per_sample_loss(model, info, smp)[0]
+            loss = scoring_loss(model, info, smp)[0]
             loss.backward()
             for i in range(L):
                 for h in range(H):
@@ -104,7 +104,7 @@ def ref_apt(model, data, beta=0.85, kurtosis=True):
     try:
         for b in data:
             model.zero_grad(set_to_none=True)
-            loss = per_sample_loss(model, info, b).mean()
+            loss = scoring_loss(model, info, b).mean()
             loss.backward()
             mask = b["attention_mask"].bool()
             cur = torch.zeros(L, H, dtype=torch.float64)

@@ -6,7 +6,7 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from headsparse.recipes.mining import collate, per_sample_loss
+from headsparse.recipes.data import collate, per_sample_loss
 from headsparse.patch.core import is_patched
 from headsparse.recipes.tasks import synthetic_task, tiny_llama
 

@@ -5,7 +5,7 @@ import torch
 
 import headsparse as hs
 from headsparse import HeadPlan
-from headsparse.recipes.mining import collate
+from headsparse.recipes.data import collate
 from headsparse.patch.core import is_patched, patch_info
 from headsparse.recipes.tasks import synthetic_task, tiny_llama
 from headsparse.recipes.tuning import cubic_retained, tune_apt

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..data import vocab_size_of
-from ._model import iter_batches, model_info, per_sample_loss
+from ._model import iter_batches, model_info, scoring_loss
 from .methods import DEFAULTS, resolve_options
 from .scores import HeadScores, spearman
 from ..._checks import check_int
@@ -41,7 +41,7 @@ def score_heads(model, data, method: str = "gradient", *, tokenizer=None, batch_
         seed: for ``random`` and the ``alps`` proxy run.
         progress: show a tqdm progress bar over batches.
         loss_fn: optional ``loss_fn(model, batch) -> (B,)`` per-sample losses; default
-            :func:`headsparse.recipes.scoring.per_sample_loss` (padding excluded).
+            :func:`headsparse.recipes.scoring.scoring_loss` (padding excluded).
         **options: method options (see ``headsparse.recipes.scoring.DEFAULTS``); unknown ones raise ValueError.
 
     Returns:
@@ -85,5 +85,5 @@ def score_heads(model, data, method: str = "gradient", *, tokenizer=None, batch_
                       info.family.name, extra)
 
 
-__all__ = ["score_heads", "HeadScores", "METHODS", "DEFAULTS", "spearman", "per_sample_loss", "iter_batches",
+__all__ = ["score_heads", "HeadScores", "METHODS", "DEFAULTS", "spearman", "scoring_loss", "iter_batches",
            "model_info"]

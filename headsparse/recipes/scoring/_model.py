@@ -137,7 +137,7 @@ def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- loss
-def per_sample_loss(model, info: ModelInfo, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+def scoring_loss(model, info: ModelInfo, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """The default scoring loss, one value per sample: the mean token loss of that sample, padding excluded.
 
     * causal LMs (decoder families): next-token cross-entropy; targets are
@@ -177,7 +177,7 @@ LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]
 
 
 def compute_loss(model, info: ModelInfo, batch, loss_fn: Optional[LossFn]) -> torch.Tensor:
-    per = loss_fn(model, batch) if loss_fn is not None else per_sample_loss(model, info, batch)
+    per = loss_fn(model, batch) if loss_fn is not None else scoring_loss(model, info, batch)
     if not isinstance(per, torch.Tensor) or per.dim() != 1 or per.shape[0] != batch["input_ids"].shape[0]:
         raise ValueError("loss_fn must return a 1-d tensor with one loss per sample")
     return per
