@@ -1,0 +1,156 @@
+"""A patched model through the launchers users run: ``accelerate launch`` with an FSDP2 config file, and
+``transformers.Trainer`` with its FSDP2 options under torchrun; 2 CPU processes (gloo), each with a hard deadline.
+
+Both save a checkpoint (DCP, sharded), resume from it, and end with ``save_final`` (standard checkpoint + delta from
+rank 0 only). The worker script is tests/_hs_launch_fsdp.py. accelerate 1.15 turns FSDP off on the CPU, so the
+script switches its state to FSDP as a GPU machine would have it (see ``fsdp_on_cpu`` there).
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import headsparse as hs
+from _hs_dist import ROOT, free_port, need_gloo, run_with_deadline
+from _hs_models import batch, tiny_model
+from headsparse.patch import is_patched
+from headsparse.patch.core import PLAN_FILE
+
+SCRIPT = os.path.join(ROOT, "tests", "_hs_launch_fsdp.py")
+ACCELERATE_FSDP2 = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+rdzv_backend: static
+same_network: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+"""
+
+
+def _launch(mode, out):
+    need_gloo()
+    pytest.importorskip("accelerate")
+    if mode == "accelerate":
+        cfg = out / "fsdp2.yaml"
+        cfg.write_text(ACCELERATE_FSDP2)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
+               "--main_process_port", str(free_port()), SCRIPT, mode, str(out)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), SCRIPT, mode, str(out)]
+    run_with_deadline(cmd, deadline_s=300)
+    reports = [json.loads((out / f"report-rank{r}.json").read_text()) for r in range(2)]
+    params = [torch.load(out / f"params-rank{r}.pt") for r in range(2)]
+    return out, reports, params
+
+
+@pytest.fixture(scope="module")
+def accelerate_run(tmp_path_factory):
+    return _launch("accelerate", tmp_path_factory.mktemp("acc"))
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    return _launch("trainer", tmp_path_factory.mktemp("trainer"))
+
+
+def _make():
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from _hs_launch_fsdp import make
+
+    return make()
+
+
+def _single_loop():
+    """One process, the same 4 steps on the whole global batch (rows 0-3, 4-7, 0-3, 4-7)."""
+    from _hs_launch_fsdp import LR, data
+
+    model = _make()
+    rows = torch.stack([d["input_ids"] for d in data()])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for ids in (rows[:4], rows[4:], rows[:4], rows[4:]):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, losses
+
+
+def _trained(model):
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_final(out, single):
+    assert not (out / "final-rank1").exists() and not (out / "delta-rank1.safetensors").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    assert (out / "final-rank0" / PLAN_FILE).exists()
+    ids = batch(single, b=2, s=9, seed=5)
+    want = single(input_ids=ids).logits
+    stock = type(single).from_pretrained(out / "final-rank0", dtype=torch.float32)
+    assert not is_patched(stock)
+    torch.testing.assert_close(stock(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    base = tiny_model("llama", dtype=torch.float32)
+    hs.load_delta(base, out / "delta-rank0.safetensors")
+    torch.testing.assert_close(base(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_accelerate_fsdp2_matches_single_and_resumes(accelerate_run):
+    out, reports, params = accelerate_run
+    single, losses = _single_loop()
+    for rep, par in zip(reports, params):
+        torch.testing.assert_close(rep["losses"], losses, rtol=1e-5, atol=1e-5)
+        # load_state after step 2, then steps 3-4 again: the same losses and slices as without the interruption
+        torch.testing.assert_close(rep["resumed_losses"], rep["losses"][2:], rtol=1e-6, atol=1e-6)
+        want = _trained(single)
+        assert par["straight"].keys() == want.keys() == par["resumed"].keys()
+        for n, p in want.items():
+            torch.testing.assert_close(par["straight"][n], p, rtol=1e-5, atol=1e-5, msg=n)
+            torch.testing.assert_close(par["resumed"][n], par["straight"][n], rtol=1e-6, atol=1e-6, msg=n)
+        c = rep["counts"]
+        assert c["frozen_in_optimizer"] == 0 and c["frozen_with_grad"] == 0
+        assert c["grad"] == c["trainable"] and c["optimizer"] == 2 * c["trainable"]
+    total = sum(p.numel() * p.element_size() for p in _trained(single).values())
+    assert sum(r["counts"]["trainable"] for r in reports) == total
+    assert (out / "state" / "pytorch_model_fsdp_0" / ".metadata").exists()  # accelerate's sharded (DCP) save
+    _check_final(out, single)
+
+
+def test_trainer_fsdp2_checkpoint_resume_and_final_outputs(trainer_run, tmp_path):
+    out, reports, params = trainer_run
+    assert (out / "run" / "checkpoint-2" / "pytorch_model_fsdp_0" / ".metadata").exists()
+    # one process, the same Trainer on the global batch (4 = 2 processes x 2): same samples per step
+    from transformers import Trainer, TrainingArguments
+    from _hs_launch_fsdp import LR, data
+
+    single = _make()
+    args = TrainingArguments(output_dir=str(tmp_path / "one"), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=LR, lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                             use_cpu=True, dataloader_num_workers=0, seed=0, data_seed=0, logging_steps=1,
+                             disable_tqdm=True)
+    trainer = Trainer(model=single, args=args, train_dataset=data())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    want = _trained(single)
+    for rep, par in zip(reports, params):
+        torch.testing.assert_close(rep["losses"], losses, rtol=1e-5, atol=1e-5)
+        assert par["straight"].keys() == want.keys() == par["resumed"].keys()
+        for n, p in want.items():
+            torch.testing.assert_close(par["straight"][n], p, rtol=1e-5, atol=1e-5, msg=n)
+            torch.testing.assert_close(par["resumed"][n], par["straight"][n], rtol=1e-6, atol=1e-6, msg=n)
+        c = rep["counts"]
+        assert c["frozen_in_optimizer"] == 0 and c["optimizer"] == 2 * c["trainable"]
+    _check_final(out, single)
