@@ -152,7 +152,7 @@ def test_inference_path_matches_and_keeps_no_graph(backend):
     torch.testing.assert_close(out, hs.attention(q, k, v, backend=backend, **kw), atol=0, rtol=0)
 
 
-def test_head_layout_is_computed_once_per_plan():
+def test_head_index_is_computed_once_per_plan():
     from headsparse.ops.problem import make_problem
 
     (q, k, v), _, _ = _leaves(Case(b=1, hq=4, hkv=2, sq=8, skv=8))
@@ -160,7 +160,7 @@ def test_head_layout_is_computed_once_per_plan():
     first = make_problem(q, k, v, grad_heads=grad).heads
     again = make_problem(q, k, v, grad_heads=grad.clone()).heads
     assert first is again
-    assert first.grad.tolist() == [0, 3] and first.kv_needed.tolist() == [0, 1] and first.all_kv
+    assert first.grad_idx.tolist() == [0, 3] and first.kv_needed.tolist() == [0, 1] and first.all_kv
     assert make_problem(q, k, v).heads is not first
 
 

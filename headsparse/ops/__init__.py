@@ -10,7 +10,7 @@ from .attention import attention
 from .head_stats import HeadStats, cross_head_inner, gram, head_gram_blocks, head_stats
 from .reference import attention_reference
 from .registry import BackendInfo, BackendUnavailableError, backends, register_backend
-from .stats import GateGradRecord, GateGradRecorder, record_gate_grads
+from .gate_grads import GateGradRecord, GateGradRecorder, record_gate_grads
 
 __all__ = [
     "attention",

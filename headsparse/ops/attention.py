@@ -9,7 +9,7 @@ from .autograd import HeadSparseAttentionFn, run_forward
 from .library import compiled_attention
 from .problem import make_problem
 from .registry import resolve
-from .stats import current_recorder
+from .gate_grads import current_recorder
 
 
 def attention(

@@ -14,7 +14,7 @@ from typing import Hashable, Optional
 import torch
 
 from .problem import AttentionProblem
-from .stats import GateGradRecorder
+from .gate_grads import GateGradRecorder
 
 
 def _batched(t: torch.Tensor) -> bool:
@@ -34,8 +34,8 @@ def _allocate_output(p: AttentionProblem) -> torch.Tensor:
         out = torch.empty((b, sq, hq, d), dtype=p.q.dtype, device=p.q.device).transpose(1, 2)
     else:
         out = torch.empty((b, hq, sq, d), dtype=p.q.dtype, device=p.q.device)
-    if p.heads.pruned.numel() > 0:
-        out.index_fill_(1, p.heads.pruned, 0)
+    if p.heads.pruned_idx.numel() > 0:
+        out.index_fill_(1, p.heads.pruned_idx, 0)
     return out
 
 
@@ -44,9 +44,9 @@ def run_forward(p: AttentionProblem, kernels):
     out = _allocate_output(p)
     lse = None
     heads = p.heads
-    if heads.active.numel() > 0:
-        lse = kernels.forward(p.q, p.k, p.v, heads.active, heads.kv_head_index[heads.active], heads.active,
-                              p.mask, p.causal, p.scale, out)
+    if heads.active_idx.numel() > 0:  # each active head reads its KV head and its own row of the mask
+        lse = kernels.forward(p.q, p.k, p.v, heads.active_idx, heads.kv_head_index[heads.active_idx],
+                              heads.active_idx, p.mask, p.causal, p.scale, out)
     return out, lse
 
 
@@ -68,17 +68,17 @@ class HeadSparseAttentionFn(torch.autograd.Function):
         if lse is not None:
             ctx.mark_non_differentiable(lse)
         heads = problem.heads
-        ctx.grad_count = heads.grad.numel() if any(t.requires_grad for t in (q, k, v)) else 0
+        ctx.grad_count = heads.grad_idx.numel() if any(t.requires_grad for t in (q, k, v)) else 0
         ctx.shapes = (q.shape, k.shape)
         ctx.problem_meta = (problem.causal, problem.scale)
         ctx.kernels, ctx.recorder, ctx.stats_key = kernels, recorder, stats_key
         if ctx.grad_count == 0:
             return
         ctx.heads = heads
-        lse_g = lse if heads.grad.numel() == heads.active.numel() else lse.index_select(1, heads.lse_pos)
+        lse_g = lse if heads.grad_idx.numel() == heads.active_idx.numel() else lse.index_select(1, heads.lse_pos)
         ctx.save_for_backward(
-            _select_heads(q, heads.grad, heads.all_q), _select_heads(k, heads.kv_needed, heads.all_kv),
-            _select_heads(v, heads.kv_needed, heads.all_kv), _select_heads(out, heads.grad, heads.all_q), lse_g,
+            _select_heads(q, heads.grad_idx, heads.all_q), _select_heads(k, heads.kv_needed, heads.all_kv),
+            _select_heads(v, heads.kv_needed, heads.all_kv), _select_heads(out, heads.grad_idx, heads.all_q), lse_g,
             problem.mask,
         )
 
@@ -120,21 +120,21 @@ def compact_backward(kernels, heads, dout, q_s, k_s, v_s, o_s, lse_s, mask, caus
                      recorder=None, stats_key=None):
     """The backward on the compact (grad-head) tensors, scattered back to full-size dq, dk, dv."""
     q_shape, k_shape = shapes
-    do_s = _select_heads(dout, heads.grad, heads.all_q)
+    do_s = _select_heads(dout, heads.grad_idx, heads.all_q)
     stats = None
     if recorder is not None:
-        stats = torch.zeros((q_shape[0], heads.grad.numel()), dtype=torch.float32, device=dout.device)
-    dq_s, dk_s, dv_s = kernels.backward(do_s, q_s, k_s, v_s, o_s, lse_s, heads.kv_pos, heads.grad, mask,
+        stats = torch.zeros((q_shape[0], heads.grad_idx.numel()), dtype=torch.float32, device=dout.device)
+    dq_s, dk_s, dv_s = kernels.backward(do_s, q_s, k_s, v_s, o_s, lse_s, heads.kv_pos, heads.grad_idx, mask,
                                         causal, scale, stats)
     if stats is not None:
         full = torch.full((q_shape[0], q_shape[1]), float("nan"), dtype=torch.float32, device=dout.device)
-        full[:, heads.grad] = stats
+        full[:, heads.grad_idx] = stats
         recorder.add(stats_key, full)
     # scatter back out of place (a batched dq_s cannot be copied into a fresh unbatched buffer)
     if heads.all_q:
         dq = dq_s
     else:
-        dq = torch.zeros(q_shape, dtype=dq_s.dtype, device=dq_s.device).index_copy(1, heads.grad, dq_s)
+        dq = torch.zeros(q_shape, dtype=dq_s.dtype, device=dq_s.device).index_copy(1, heads.grad_idx, dq_s)
     if heads.all_kv:
         dk, dv = dk_s, dv_s
     else:

@@ -27,27 +27,29 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=512)
-def _layout_lists(grad: Tuple[int, ...], pruned: Tuple[int, ...], kv_index: Tuple[int, ...], hkv: int):
-    """(grad heads, KV heads they need, position of each grad head among the active ones) as Python lists."""
-    hq = len(grad)
-    kv_map = kv_index or tuple(h // (hq // hkv) for h in range(hq))
-    lists = head_index_lists([bool(g) for g in grad], [not p for p in pruned], kv_map)
-    return lists["grad"], lists["kv_needed"], lists["lse_pos"]
+def _saved_index_lists(grad_heads: Tuple[int, ...], pruned_heads: Tuple[int, ...], kv_head_index: Tuple[int, ...],
+                       hkv: int):
+    """(grad heads, KV heads they need, position of each grad head among the active ones) as Python index lists."""
+    hq = len(grad_heads)
+    kv_map = kv_head_index or tuple(h // (hq // hkv) for h in range(hq))
+    lists = head_index_lists([bool(g) for g in grad_heads], [not p for p in pruned_heads], kv_map)
+    return lists["grad_idx"], lists["kv_needed"], lists["lse_pos"]
 
 
-def _problem(q, k, v, mask, grad, pruned, kv_index, causal, scale):
+def _problem(q, k, v, mask, grad_heads, pruned_heads, kv_head_index, causal, scale):
     as_mask = (lambda flags: torch.tensor([bool(f) for f in flags], dtype=torch.bool))  # noqa: E731
-    kvi = torch.tensor(list(kv_index), dtype=torch.long) if kv_index else None
-    return make_problem(q, k, v, as_mask(grad), as_mask(pruned), causal, mask, scale, kvi, "bhsd")
+    kvi = torch.tensor(list(kv_head_index), dtype=torch.long) if kv_head_index else None
+    return make_problem(q, k, v, as_mask(grad_heads), as_mask(pruned_heads), causal, mask, scale, kvi, "bhsd")
 
 
 @torch.library.custom_op("headsparse::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                 grad: List[int], pruned: List[int], kv_index: List[int], causal: bool, scale: float,
+                 grad_heads: List[int], pruned_heads: List[int], kv_head_index: List[int], causal: bool, scale: float,
                  backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(output (B, Hq, Sq, D), log-sum-exp (B, active heads, Sq)); ``grad``/``pruned`` hold one 0/1 flag per query
-    head, ``kv_index`` the KV head of each query head (empty: the standard GQA grouping)."""
-    p = _problem(q, k, v, mask, grad, pruned, kv_index, causal, scale)
+    """(output (B, Hq, Sq, D), log-sum-exp (B, active heads, Sq)); ``grad_heads``/``pruned_heads`` are bool masks
+    as one 0/1 flag per query head, ``kv_head_index`` the KV head of each query head (empty: the standard GQA
+    grouping)."""
+    p = _problem(q, k, v, mask, grad_heads, pruned_heads, kv_head_index, causal, scale)
     out, lse = run_forward(p, resolve("attention", backend, p))
     if lse is None:
         lse = q.new_empty((q.shape[0], 0, q.shape[2]), dtype=_lse_dtype(q.dtype))
@@ -55,22 +57,22 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Option
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, mask, grad, pruned, kv_index, causal, scale, backend):
-    n_active = len(pruned) - sum(1 for f in pruned if f)
+def _attention_fake(q, k, v, mask, grad_heads, pruned_heads, kv_head_index, causal, scale, backend):
+    n_active = len(pruned_heads) - sum(1 for f in pruned_heads if f)
     return q.new_empty(q.shape), q.new_empty((q.shape[0], n_active, q.shape[2]), dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("headsparse::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor,
-                          o_s: torch.Tensor, lse_s: torch.Tensor, mask: Optional[torch.Tensor], grad: List[int],
-                          pruned: List[int], kv_index: List[int], causal: bool, scale: float, backend: str,
-                          hkv: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          o_s: torch.Tensor, lse_s: torch.Tensor, mask: Optional[torch.Tensor],
+                          grad_heads: List[int], pruned_heads: List[int], kv_head_index: List[int], causal: bool,
+                          scale: float, backend: str, hkv: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Full-size (dq, dk, dv) from the compact tensors saved by the forward."""
     b, hq, sq, d = dout.shape
     skv = k_s.shape[2]
     q_full = dout.new_empty((b, hq, sq, d))  # shape and device only: make_problem checks them
     kv_full = dout.new_empty((b, hkv, skv, d))
-    p = _problem(q_full, kv_full, kv_full, mask, grad, pruned, kv_index, causal, scale)
+    p = _problem(q_full, kv_full, kv_full, mask, grad_heads, pruned_heads, kv_head_index, causal, scale)
     kernels = resolve("attention", backend, p)
     dq, dk, dv = compact_backward(kernels, p.heads, dout, q_s, k_s, v_s, o_s, lse_s, p.mask, causal, scale,
                                   (q_full.shape, kv_full.shape))
@@ -78,39 +80,40 @@ def attention_backward_op(dout: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tens
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(dout, q_s, k_s, v_s, o_s, lse_s, mask, grad, pruned, kv_index, causal, scale, backend,
-                             hkv):
+def _attention_backward_fake(dout, q_s, k_s, v_s, o_s, lse_s, mask, grad_heads, pruned_heads, kv_head_index, causal,
+                             scale, backend, hkv):
     b, hq, sq, d = dout.shape
     kv = (b, hkv, k_s.shape[2], d)
     return dout.new_empty(dout.shape), dout.new_empty(kv), dout.new_empty(kv)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, grad, pruned, kv_index, causal, scale, backend = inputs
+    q, k, v, mask, grad_heads, pruned_heads, kv_head_index, causal, scale, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     hkv = int(k.shape[1])  # head counts are static (the plan fixes them); under dynamic shapes this specialises
-    ctx.args = (list(grad), list(pruned), list(kv_index), causal, scale, backend, hkv)
-    grad_idx, kv_needed, lse_pos = _layout_lists(tuple(grad), tuple(pruned), tuple(kv_index), hkv)
+    ctx.args = (list(grad_heads), list(pruned_heads), list(kv_head_index), causal, scale, backend, hkv)
+    grad_idx, kv_needed, lse_pos = _saved_index_lists(tuple(grad_heads), tuple(pruned_heads), tuple(kv_head_index),
+                                                      hkv)
     ctx.empty = not grad_idx
 
     def take(t, idx, n):
         return t if len(idx) == n else t.index_select(1, torch.tensor(idx, dtype=torch.long, device=t.device))
 
-    hq, n_active = len(grad), len(grad) - sum(1 for f in pruned if f)
+    hq, n_active = len(grad_heads), len(grad_heads) - sum(1 for f in pruned_heads if f)
     ctx.save_for_backward(take(q, grad_idx, hq), take(k, kv_needed, hkv), take(v, kv_needed, hkv),
                           take(out, grad_idx, hq), take(lse, lse_pos, n_active), mask)
 
 
 def _backward(ctx, dout, _dlse):
     q_s, k_s, v_s, o_s, lse_s, mask = ctx.saved_tensors
-    grad, pruned, kv_index, causal, scale, backend, hkv = ctx.args
+    grad_heads, pruned_heads, kv_head_index, causal, scale, backend, hkv = ctx.args
     if ctx.empty:
         b, hq, sq, d = dout.shape
         z = dout.new_zeros((b, hkv, k_s.shape[2], d))
         return dout.new_zeros(dout.shape), z, z.clone(), None, None, None, None, None, None, None
-    dq, dk, dv = attention_backward_op(dout.contiguous(), q_s, k_s, v_s, o_s, lse_s, mask, grad, pruned, kv_index,
-                                       causal, scale, backend, hkv)
+    dq, dk, dv = attention_backward_op(dout.contiguous(), q_s, k_s, v_s, o_s, lse_s, mask, grad_heads, pruned_heads,
+                                       kv_head_index, causal, scale, backend, hkv)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -4,6 +4,11 @@ Every backend receives an :class:`AttentionProblem`: the inputs in a known
 layout plus the head bookkeeping (which query heads run, which need a
 backward, which KV head each reads). Checking happens once, here, so that the
 kernels can assume well-formed input.
+
+Names, here and in every module of the op: ``grad_heads`` / ``pruned_heads`` are bool masks over the query heads
+(one entry per head, as :func:`headsparse.attention` takes them); a name ending in ``_idx`` holds absolute head
+indices (``grad_idx``: the query heads in the backward); a name ending in ``_pos`` holds positions in a compact
+tensor (``kv_pos``: where a grad head's KV head sits among the KV heads kept for the backward).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ OUT_LAYOUTS = ("bhsd", "bshd")
 
 
 @dataclass(frozen=True)
-class HeadLayout:
+class HeadIndex:
     """Index tensors that describe which heads run and which take part in the backward.
 
     Built on the host from the head masks and cached, so a model that calls
@@ -28,40 +33,42 @@ class HeadLayout:
     """
 
     kv_head_index: torch.Tensor  # (Hq,) KV head read by each query head
-    active: torch.Tensor  # query heads that are computed (not pruned)
-    pruned: torch.Tensor  # query heads that are not computed
-    grad: torch.Tensor  # query heads in the backward (subset of active)
-    kv_needed: torch.Tensor  # KV heads read by some grad head, sorted
+    active_idx: torch.Tensor  # query heads that are computed (not pruned)
+    pruned_idx: torch.Tensor  # query heads that are not computed
+    grad_idx: torch.Tensor  # query heads in the backward (subset of active_idx)
+    kv_needed: torch.Tensor  # KV heads read by some grad head, sorted (absolute indices)
     kv_pos: torch.Tensor  # for each grad head, the position of its KV head in kv_needed
     lse_pos: torch.Tensor  # for each grad head, its position among the active heads
     all_q: bool  # every query head is in the backward
     all_kv: bool  # every KV head is in the backward
 
 
-def head_index_lists(grad: Sequence[bool], active: Sequence[bool], kv_map: Sequence[int]) -> Dict[str, List[int]]:
-    """The head indices of :class:`HeadLayout` as Python lists (also what the torch.library op saves by)."""
-    grad = tuple(g and a for g, a in zip(grad, active))  # a pruned head has nothing to differentiate
-    active_idx = [h for h, a in enumerate(active) if a]
-    grad_idx = [h for h, g in enumerate(grad) if g]
+def head_index_lists(grad_heads: Sequence[bool], active_heads: Sequence[bool],
+                     kv_map: Sequence[int]) -> Dict[str, List[int]]:
+    """The head indices of :class:`HeadIndex` as Python lists (also what the torch.library op saves by), from the
+    bool masks of the grad and the active (unpruned) heads and the KV head of each query head."""
+    grad_heads = tuple(g and a for g, a in zip(grad_heads, active_heads))  # a pruned head has nothing to differentiate
+    active_idx = [h for h, a in enumerate(active_heads) if a]
+    grad_idx = [h for h, g in enumerate(grad_heads) if g]
     kv_needed = sorted({kv_map[h] for h in grad_idx})
     kv_rank = {kv: i for i, kv in enumerate(kv_needed)}
     active_rank = {h: i for i, h in enumerate(active_idx)}
-    return {"active": active_idx, "pruned": [h for h, a in enumerate(active) if not a], "grad": grad_idx,
-            "kv_needed": kv_needed, "kv_pos": [kv_rank[kv_map[h]] for h in grad_idx],
+    return {"active_idx": active_idx, "pruned_idx": [h for h, a in enumerate(active_heads) if not a],
+            "grad_idx": grad_idx, "kv_needed": kv_needed, "kv_pos": [kv_rank[kv_map[h]] for h in grad_idx],
             "lse_pos": [active_rank[h] for h in grad_idx]}
 
 
 @functools.lru_cache(maxsize=512)
-def _head_layout(grad: Tuple[bool, ...], active: Tuple[bool, ...], kv_map: Tuple[int, ...], hkv: int,
-                 device: torch.device) -> HeadLayout:
-    lists = head_index_lists(grad, active, kv_map)
+def _head_index(grad_heads: Tuple[bool, ...], active_heads: Tuple[bool, ...], kv_map: Tuple[int, ...], hkv: int,
+                device: torch.device) -> HeadIndex:
+    lists = head_index_lists(grad_heads, active_heads, kv_map)
 
     def idx(values):
         return torch.tensor(values, dtype=torch.int64).to(device)
 
-    return HeadLayout(
+    return HeadIndex(
         kv_head_index=idx(list(kv_map)), **{k: idx(v) for k, v in lists.items()},
-        all_q=len(lists["grad"]) == len(grad), all_kv=len(lists["kv_needed"]) == hkv,
+        all_q=len(lists["grad_idx"]) == len(grad_heads), all_kv=len(lists["kv_needed"]) == hkv,
     )
 
 
@@ -77,23 +84,11 @@ class AttentionProblem:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    heads: HeadLayout
+    heads: HeadIndex
     mask: Optional[torch.Tensor]
     causal: bool
     scale: float
     out_layout: str
-
-    @property
-    def kv_head_index(self) -> torch.Tensor:
-        return self.heads.kv_head_index
-
-    @property
-    def active_heads(self) -> torch.Tensor:
-        return self.heads.active
-
-    @property
-    def grad_heads(self) -> torch.Tensor:
-        return self.heads.grad
 
     @property
     def device(self) -> torch.device:
@@ -242,6 +237,6 @@ def make_problem(
     active = tuple(not x for x in _head_mask(pruned_heads, "pruned_heads", hq, False))
     mask = _check_mask(attention_mask, b, hq, sq, skv, device)
     return AttentionProblem(
-        q=q, k=k, v=v, heads=_head_layout(grad, active, kv_map, hkv, device),
+        q=q, k=k, v=v, heads=_head_index(grad, active, kv_map, hkv, device),
         mask=mask, causal=causal, scale=float(scale), out_layout=out_layout,
     )

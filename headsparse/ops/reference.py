@@ -28,12 +28,12 @@ def attention_reference(
     p = make_problem(q, k, v, grad_heads, pruned_heads, causal, attention_mask, scale, kv_head_index)
     hq = q.shape[1]
     grad = torch.zeros(hq, dtype=torch.bool, device=q.device)
-    grad[p.grad_heads] = True
-    active = p.active_heads
+    grad[p.heads.grad_idx] = True
+    active = p.heads.active_idx
     # Heads outside grad_heads see detached inputs: they contribute no gradient.
     g = grad[active][None, :, None, None]
     qa = torch.where(g, q[:, active], q[:, active].detach())
-    kv = p.kv_head_index[active]
+    kv = p.heads.kv_head_index[active]
     ka = torch.where(g, k[:, kv], k[:, kv].detach())
     va = torch.where(g, v[:, kv], v[:, kv].detach())
     s = torch.matmul(qa, ka.transpose(-1, -2)) * p.scale
