@@ -143,3 +143,34 @@ def test_a_layer_split_across_shards_loads_slot_by_slot():
     with torch.no_grad():
         torch.testing.assert_close(loss_of(fresh, ids)[1], loss_of(model, ids)[1], **TOL)
 
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_patched_model_pickles_and_deep_copies(family):
+    import io
+
+    _, plan, model, ids = _tuned(family)
+    buf = io.BytesIO()
+    torch.save(model, buf)  # whole-model pickling: hooks and per-instance overrides must not be closures
+    buf.seek(0)
+    copies = [torch.load(buf, weights_only=False), copy.deepcopy(model)]
+    model.zero_grad(set_to_none=True)
+    loss, out = loss_of(model, ids)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads
+    for other in copies:
+        assert core.is_patched(other) and core.patch_info(other).plan.to_dict() == plan.to_dict()
+        other.zero_grad(set_to_none=True)
+        loss2, out2 = loss_of(other, ids)
+        torch.testing.assert_close(out2, out, rtol=0, atol=0)
+        loss2.backward()
+        assert {n: p.grad for n, p in other.named_parameters() if p.grad is not None}.keys() == grads.keys()
+        for n, p in other.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=0)
+        # the reloaded model's overrides act on the reloaded model, not on the original
+        assert other.save_pretrained.obj is other
+        sd = other.state_dict()
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(sd[k], v, rtol=0, atol=0)

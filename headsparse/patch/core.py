@@ -29,7 +29,6 @@ What ``patch(model, plan)`` does, per layer ``i`` of the plan:
 from __future__ import annotations
 
 import os
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -463,12 +462,12 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
             attn.split_size = len(st.q_order) * head_dim
         if st.no_grad:
             _wrap_no_grad(layer)
-        layer._register_state_dict_hook(_merged_state_hook(info))
-        layer.register_load_state_dict_pre_hook(_standard_to_patched_hook(info))
+        layer._register_state_dict_hook(_MergedStateHook(info))
+        layer.register_load_state_dict_pre_hook(_StandardToPatchedHook(info))
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained = types.MethodType(_save_pretrained_with_plan, model)
+        model.save_pretrained = _BoundOverride(_save_pretrained_with_plan, model)
     for m in _pretrained_models(model):  # init_weights() reaches _init_weights through the base model too
-        m._init_weights = types.MethodType(_init_weights_patched, m)
+        m._init_weights = _BoundOverride(_init_weights_patched, m)
     setattr(model, _PATCH_ATTR, info)
     _set_attn_impl(model, ATTN_NAME)
     return model
@@ -491,8 +490,16 @@ def _remove_state_hooks(layer: nn.Module) -> None:
             del hooks[k]
 
 
-def _merged_state_hook(info: PatchInfo):
-    def hook(layer, state_dict, prefix, local_metadata):
+class _MergedStateHook:
+    """state_dict hook of a patched layer (a class, not a closure, so a patched model pickles)."""
+
+    _headsparse = True
+
+    def __init__(self, info: PatchInfo):
+        self.info = info
+
+    def __call__(self, layer, state_dict, prefix, local_metadata):
+        info = self.info
         st = getattr(info.family.attention(layer), _STATE_ATTR)
         keys = _slot_keys(layer, prefix, info.family.slots(layer))
         standard = {}
@@ -509,8 +516,6 @@ def _merged_state_hook(info: PatchInfo):
             elif standard[base]:
                 state_dict.update(standard[base])
                 standard[base] = []
-    hook._headsparse = True
-    return hook
 
 
 def _split_rows(proj: HeadSlicedProjection, w: torch.Tensor, b: Optional[torch.Tensor], out: Dict, base: str):
@@ -535,8 +540,16 @@ def _split_rows(proj: HeadSlicedProjection, w: torch.Tensor, b: Optional[torch.T
             out[f"{base}.bias_{name}"] = bk
 
 
-def _standard_to_patched_hook(info: PatchInfo):
-    def hook(layer, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+class _StandardToPatchedHook:
+    """load_state_dict pre-hook of a patched layer (a class, not a closure, so a patched model pickles)."""
+
+    _headsparse = True
+
+    def __init__(self, info: PatchInfo):
+        self.info = info
+
+    def __call__(self, layer, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        info = self.info
         family, d = info.family, info.head_dim
         st = getattr(family.attention(layer), _STATE_ATTR)
         slots = family.slots(layer)
@@ -574,8 +587,6 @@ def _standard_to_patched_hook(info: PatchInfo):
             if b is not None:
                 out[keys["o"] + ".bias"] = b
         state_dict.update(_sharded_like(layer, prefix, out))
-    hook._headsparse = True
-    return hook
 
 
 def _sharded_like(layer: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -591,6 +602,17 @@ def _sharded_like(layer: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor
             t = distribute_tensor(t.to(device=p.device), p.device_mesh, p.placements, src_data_rank=None)
         out[key] = t
     return out
+
+
+class _BoundOverride:
+    """A per-instance method override: ``fn(obj, ...)``. Unlike types.MethodType, it pickles (fn by reference,
+    obj through pickle's memo), so torch.save / copy.deepcopy of a whole patched model work."""
+
+    def __init__(self, fn, obj):
+        self.fn, self.obj = fn, obj
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.obj, *args, **kwargs)
 
 
 def _save_pretrained_with_plan(model, save_directory, *args, **kwargs):

@@ -25,6 +25,10 @@ class Family:
     fused_qkv: bool = False  # GPT-2: one Conv1D producing [q | k | v]
     conv1d: bool = False  # projections are transformers Conv1D (weight stored (in, out))
 
+    def __reduce__(self):
+        # the table's entries hold lambdas: a pickled patched model refers to its family by name
+        return family_named, (self.name,)
+
 
 def _llama_slots(layer) -> Dict[str, Slot]:
     a = layer.self_attn
@@ -58,6 +62,14 @@ FAMILIES: Tuple[Family, ...] = (
 SUPPORTED = ", ".join(
     f"{f.name} ({'/'.join(f.base_classes)} and its task heads)" for f in FAMILIES
 )
+
+
+def family_named(name: str) -> Family:
+    """The supported family called ``name`` (KeyError if there is none)."""
+    for fam in FAMILIES:
+        if fam.name == name:
+            return fam
+    raise KeyError(f"no supported family {name!r}; supported: {[f.name for f in FAMILIES]}")
 
 
 def find_family(model) -> Tuple[Family, nn.Module]:
