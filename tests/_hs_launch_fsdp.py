@@ -5,7 +5,7 @@
 MODE "accelerate": an accelerate loop on FSDP2 (from the config file): 2 steps, ``save_state``, 2 more steps; then a
 fresh patched model and optimizer, ``load_state`` and the same 2 steps; both end states are saved for the test.
 MODE "trainer": ``transformers.Trainer`` with its own FSDP2 options: 4 steps with a checkpoint at step 2, then a
-fresh Trainer resumed from that checkpoint. Both modes end with ``headsparse.save_final`` (standard checkpoint and
+fresh Trainer resumed from that checkpoint. MODE "deepspeed" (under torchrun): the same with DeepSpeed ZeRO-2. All end with ``headsparse.save_final`` (standard checkpoint and
 delta, rank 0 only) and a per-rank JSON of what the test checks.
 """
 import json
@@ -123,10 +123,37 @@ def run_trainer(out):
     return {"losses": losses, "resumed_losses": resumed_losses, "counts": counts}, straight, resumed
 
 
+def run_deepspeed(out):
+    """Trainer with DeepSpeed ZeRO-2 (CPU accelerator, gloo): checkpoint at step 2, resume, final outputs."""
+    from transformers import Trainer, TrainingArguments
+
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+
+    def args(steps):
+        return TrainingArguments(
+            output_dir=os.path.join(out, "run"), max_steps=steps, per_device_train_batch_size=2, learning_rate=LR,
+            lr_scheduler_type="constant", report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+            dataloader_num_workers=0, seed=0, data_seed=0, logging_steps=1, disable_tqdm=True, deepspeed=ds)
+
+    trainer = Trainer(model=make(), args=args(4), train_dataset=data())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    straight = gather_trainable(trainer.model)
+    trainer2 = Trainer(model=make(), args=args(4), train_dataset=data())
+    trainer2.train(resume_from_checkpoint=os.path.join(out, "run", "checkpoint-2"))
+    resumed = gather_trainable(trainer2.model)
+    rank = torch.distributed.get_rank()
+    save_final(trainer.model, os.path.join(out, f"final-rank{rank}"),
+               delta=os.path.join(out, f"delta-rank{rank}.safetensors"))
+    return {"losses": losses}, straight, resumed
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
-    report, straight, resumed = {"accelerate": run_accelerate, "trainer": run_trainer}[mode](out)
+    report, straight, resumed = {"accelerate": run_accelerate, "trainer": run_trainer,
+                                 "deepspeed": run_deepspeed}[mode](out)
     rank = torch.distributed.get_rank()
     torch.save({"straight": straight, "resumed": resumed}, os.path.join(out, f"params-rank{rank}.pt"))
     with open(os.path.join(out, f"report-rank{rank}.json"), "w") as f:

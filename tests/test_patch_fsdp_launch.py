@@ -1,5 +1,6 @@
 """A patched model through the launchers users run: ``accelerate launch`` with an FSDP2 config file, and
-``transformers.Trainer`` with its FSDP2 options under torchrun; 2 CPU processes (gloo), each with a hard deadline.
+``transformers.Trainer`` with its FSDP2 options under torchrun, and Trainer with DeepSpeed ZeRO-2 (skipped without
+deepspeed); 2 CPU processes (gloo), each with a hard deadline.
 
 Both save a checkpoint (DCP, sharded), resume from it, and end with ``save_final`` (standard checkpoint + delta from
 rank 0 only). The worker script is tests/_hs_launch_fsdp.py. accelerate 1.15 turns FSDP off on the CPU, so the
@@ -66,6 +67,13 @@ def trainer_run(tmp_path_factory):
     return _launch("trainer", tmp_path_factory.mktemp("trainer"))
 
 
+@pytest.fixture(scope="module")
+def deepspeed_run(tmp_path_factory):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed; it runs on the CPU "
+                                            "with its CPU accelerator and gloo)")
+    return _launch("deepspeed", tmp_path_factory.mktemp("ds"))
+
+
 def _make():
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from _hs_launch_fsdp import make
@@ -129,10 +137,8 @@ def test_accelerate_fsdp2_matches_single_and_resumes(accelerate_run):
     _check_final(out, single)
 
 
-def test_trainer_fsdp2_checkpoint_resume_and_final_outputs(trainer_run, tmp_path):
-    out, reports, params = trainer_run
-    assert (out / "run" / "checkpoint-2" / "pytorch_model_fsdp_0" / ".metadata").exists()
-    # one process, the same Trainer on the global batch (4 = 2 processes x 2): same samples per step
+def _single_trainer(tmp_path):
+    """One process, the same Trainer on the global batch (4 = 2 processes x 2): same samples per step."""
     from transformers import Trainer, TrainingArguments
     from _hs_launch_fsdp import LR, data
 
@@ -143,7 +149,12 @@ def test_trainer_fsdp2_checkpoint_resume_and_final_outputs(trainer_run, tmp_path
                              disable_tqdm=True)
     trainer = Trainer(model=single, args=args, train_dataset=data())
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return single, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _check_trainer_run(run, tmp_path):
+    out, reports, params = run
+    single, losses = _single_trainer(tmp_path)
     want = _trained(single)
     for rep, par in zip(reports, params):
         torch.testing.assert_close(rep["losses"], losses, rtol=1e-5, atol=1e-5)
@@ -151,6 +162,23 @@ def test_trainer_fsdp2_checkpoint_resume_and_final_outputs(trainer_run, tmp_path
         for n, p in want.items():
             torch.testing.assert_close(par["straight"][n], p, rtol=1e-5, atol=1e-5, msg=n)
             torch.testing.assert_close(par["resumed"][n], par["straight"][n], rtol=1e-6, atol=1e-6, msg=n)
+    _check_final(out, single)
+
+
+def test_trainer_fsdp2_checkpoint_resume_and_final_outputs(trainer_run, tmp_path):
+    out, reports, _ = trainer_run
+    assert (out / "run" / "checkpoint-2" / "pytorch_model_fsdp_0" / ".metadata").exists()
+    for rep in reports:
         c = rep["counts"]
         assert c["frozen_in_optimizer"] == 0 and c["optimizer"] == 2 * c["trainable"]
-    _check_final(out, single)
+    _check_trainer_run(trainer_run, tmp_path)
+
+
+def test_trainer_deepspeed_zero2_checkpoint_resume_and_final_outputs(deepspeed_run, tmp_path):
+    """DeepSpeed ZeRO-2 through Trainer: its checkpoint holds a stock model file (the patched state dict) and the
+    ZeRO optimizer shards; resuming gives the uninterrupted run; losses and slices equal one process."""
+    out = deepspeed_run[0]
+    assert (out / "run" / "checkpoint-2" / "model.safetensors").exists()
+    assert (out / "run" / "checkpoint-2" / PLAN_FILE).exists()
+    assert any((out / "run" / "checkpoint-2").glob("global_step2/*optim_states.pt"))
+    _check_trainer_run(deepspeed_run, tmp_path)
