@@ -50,7 +50,8 @@ _NO_GRAD_FLAG = "_headsparse_no_grad"
 
 
 # ---------------------------------------------------------------- model shape
-def _dims(family: Family, config) -> Tuple[int, int, int, int]:
+def attention_dims(family: Family, config) -> Tuple[int, int, int, int]:
+    """(query heads, KV heads, head dim, hidden size) per layer, read from a model's config."""
     nq = int(config.num_attention_heads)
     nkv = getattr(config, "num_key_value_heads", None) if not family.fused_qkv else None
     nkv = int(nkv) if nkv else nq
@@ -65,7 +66,7 @@ def model_shape(model) -> Tuple[str, int, int, int]:
     if info is not None:
         return info.family.name, info.num_layers, info.num_q_heads, info.num_kv_heads
     family, base = find_family(model)
-    nq, nkv, _, _ = _dims(family, model.config)
+    nq, nkv, _, _ = attention_dims(family, model.config)
     return family.name, len(family.layers(base)), nq, nkv
 
 
@@ -428,7 +429,7 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
         if name not in modules:
             raise ValueError(f"train_modules: model has no module named {name!r}")
     register()
-    nq, nkv, head_dim, _ = _dims(family, model.config)
+    nq, nkv, head_dim, _ = attention_dims(family, model.config)
     layers = family.layers(base)
     lowest, full_layers = _effective_horizon(model, plan, layers, [modules[n] for n in train_modules])
     info = PatchInfo(plan, grad, family, len(layers), nq, nkv, head_dim,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE, check_token_ids, per_sample_loss as next_token_loss
+from ...patch.core import attention_dims
 from ...patch.families import Family, find_family
 from ..._checks import check_int
 
@@ -66,12 +67,7 @@ def model_info(model) -> ModelInfo:
     if getattr(model, "_headsparse_patch", None) is not None:
         raise ValueError("model is patched by headsparse.patch; score the unpatched model (headsparse.unpatch(model))")
     family, base = find_family(model)
-    cfg = model.config
-    nq = int(cfg.num_attention_heads)
-    nkv = getattr(cfg, "num_key_value_heads", None) if not family.fused_qkv else None
-    nkv = int(nkv) if nkv else nq
-    hidden = int(cfg.hidden_size)
-    head_dim = int(getattr(cfg, "head_dim", None) or hidden // nq)
+    nq, nkv, head_dim, hidden = attention_dims(family, model.config)
     layers = family.layers(base)
     return ModelInfo(family, base, layers, len(layers), nq, nkv, head_dim, hidden)
 
