@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ...ops.head_stats import cross_head_inner, gram, head_gram_blocks, head_stats
-from ...ops.stats import record_gate_grads
+from ...ops.gate_grads import record_gate_grads
 from ._model import ModelInfo, activation_grads_only, compute_loss, eval_mode, model_info
 
 # -------------------------------------------------------------------- options
