@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 # the last-dimension strides of contiguous q/k/v/o/dO and of a contiguous mask
-_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_mk"}
+_UNIT_STRIDES = {"stride_qd", "stride_kvd", "stride_od", "stride_dod", "stride_mk"}
 _PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}
 
 
@@ -108,16 +108,16 @@ def compile_kernels(archs: Iterable[int] = (80, 90), dtypes: Iterable[str] = ("b
                 for causal, mask_kind in ((False, K.MASK_NONE), (True, K.MASK_BOOL), (False, K.MASK_ADD)):
                     flags = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, MASK_KIND=mask_kind,
                                  CHECK_BOUNDS=mask_kind != K.MASK_NONE,
-                                 UPCAST=False, IEEE=dtype == "float32")
+                                 DOT_MODE=K.DOT_IEEE if dtype == "float32" else K.DOT_NATIVE)
                     mask_t = "*u8" if mask_kind == K.MASK_BOOL else t
                     variants = [
-                        ("fwd", K._attn_fwd, dict(Q=t, K=t, V=t, O=t, LSE="*fp32", M=mask_t, HEADS="*i64",
-                                                  KV_HEADS="*i64", M_HEADS="*i64")),
+                        ("fwd", K._attn_fwd, dict(Q=t, K=t, V=t, O=t, LSE="*fp32", M=mask_t, Q_IDX="*i64",
+                                                  KV_IDX="*i64", M_IDX="*i64")),
                         ("dkdv", K._attn_bwd_dkdv, dict(Q=t, K=t, V=t, DO=t, DK=t, DV=t, LSE="*fp32",
                                                         DELTA="*fp32", M=mask_t, QH_PTR="*i64", QH_IDX="*i64",
-                                                        M_HEADS="*i64")),
+                                                        M_IDX="*i64")),
                         ("dq", K._attn_bwd_dq, dict(Q=t, K=t, V=t, DO=t, DQ=t, LSE="*fp32", DELTA="*fp32",
-                                                    M=mask_t, KV_POS="*i64", M_HEADS="*i64")),
+                                                    M=mask_t, KV_POS="*i64", M_IDX="*i64")),
                     ]
                     for kind, fn, ptrs in variants:
                         cfg = _gpu_config(kind, d)

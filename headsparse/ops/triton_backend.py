@@ -87,11 +87,18 @@ def _ragged(sq: int, skv: int, cfg: LaunchConfig) -> bool:
     return sq % cfg.block_m != 0 or skv % cfg.block_n != 0
 
 
-def _flags(q: torch.Tensor) -> dict:
-    return dict(
-        UPCAST=triton_interpreted() and q.dtype == torch.bfloat16,
-        IEEE=q.dtype == torch.float32,
-    )
+def _dot_mode(dtype: torch.dtype) -> int:
+    K = _kernels()
+    if triton_interpreted() and dtype == torch.bfloat16:
+        return K.DOT_UPCAST
+    return K.DOT_IEEE if dtype == torch.float32 else K.DOT_NATIVE
+
+
+def _same_layout(k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """k and v with one set of strides (the kernels read both with one): as given when they already share it."""
+    if k.stride() == v.stride():
+        return k, v
+    return k.contiguous(), v.contiguous()
 
 
 def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, ...], int]:
@@ -105,6 +112,7 @@ def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor) -> Tuple[torch
 
 def _forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> torch.Tensor:
     K = _kernels()
+    k, v = _same_layout(k, v)
     b, _, sq, d = q.shape
     skv = k.shape[2]
     n_prog_h = q_idx.numel()
@@ -114,10 +122,10 @@ def _forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> torc
     grid = (_cdiv(sq, cfg.block_m), b * n_prog_h)
     K._attn_fwd[grid](
         q, k, v, out, lse, m, q_idx, kv_idx, mask_idx,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides,
-        n_prog_h, sq, skv, skv - sq, scale * K.LOG2E,
+        *q.stride(), *k.stride(), *out.stride(), *m_strides,
+        n_prog_h, sq, skv, scale * K.LOG2E,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CHECK_BOUNDS=_ragged(sq, skv, cfg), CAUSAL=causal, MASK_KIND=mask_kind, **_flags(q),
+        CHECK_BOUNDS=_ragged(sq, skv, cfg), CAUSAL=causal, MASK_KIND=mask_kind, DOT_MODE=_dot_mode(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return lse
@@ -125,6 +133,7 @@ def _forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> torc
 
 def _backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats):
     K = _kernels()
+    k, v = _same_layout(k, v)
     b, g, sq, d = q.shape
     r, skv = k.shape[1], k.shape[2]
     block_d = _block_d(d)
@@ -136,7 +145,7 @@ def _backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats)
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre.block_m, HAS_STATS=stats is not None,
     )
     m, m_strides, mask_kind = _mask_args(mask, q)
-    common = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, MASK_KIND=mask_kind, **_flags(q))
+    common = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, MASK_KIND=mask_kind, DOT_MODE=_dot_mode(q.dtype))
 
     # Query heads of each KV head, as a CSR list, so that dK/dV need no atomics.
     # (index_add_ rather than bincount, which would synchronise with the device to size its output)
@@ -149,8 +158,8 @@ def _backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats)
     cfg = launch_config("dkdv", d)
     K._attn_bwd_dkdv[(_cdiv(skv, cfg.block_n), b * r)](
         q, k, v, do, dk, dv, lse, delta, m, qh_ptr, qh_idx, mask_idx,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *m_strides,
-        g, r, sq, skv, skv - sq, scale * K.LOG2E, scale,
+        *q.stride(), *k.stride(), *do.stride(), *m_strides,
+        g, r, sq, skv, scale * K.LOG2E, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CHECK_BOUNDS=_ragged(sq, skv, cfg), **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -158,8 +167,8 @@ def _backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats)
     cfg = launch_config("dq", d)
     K._attn_bwd_dq[(_cdiv(sq, cfg.block_m), b * g)](
         q, k, v, do, dq, lse, delta, m, kv_pos, mask_idx,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *m_strides,
-        g, sq, skv, skv - sq, scale * K.LOG2E, scale,
+        *q.stride(), *k.stride(), *do.stride(), *m_strides,
+        g, sq, skv, scale * K.LOG2E, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CHECK_BOUNDS=_ragged(sq, skv, cfg), **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
