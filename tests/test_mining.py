@@ -11,7 +11,7 @@ from headsparse.recipes.mining import (compose_batches, loss_strata, mean_intra_
                                        relative_distances)
 from headsparse.patch.core import is_patched
 from headsparse.recipes.tasks import synthetic_task, tiny_llama
-from _hs_models import tiny_model
+from _hs_models import input_keeper, tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,15 +68,8 @@ def test_gate_signature_is_the_per_sample_gate_gradient():
     with patched_for(ref, plan) as m:
         sig = probe(m, ex, batch_size=2, gate=True)["gate"]  # batches of 2 and 1, padded
     xs = {}
-
-    def hook(i):
-        def fwd(mod, inp):
-            x = inp[0]
-            x.retain_grad()
-            xs[i] = x
-        return fwd
-
-    handles = [layer.self_attn.o_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(ref.model.layers)]
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(input_keeper(xs, i))
+               for i, layer in enumerate(ref.model.layers)]
     b = collate(ex, 0)
     out = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     per_sample_loss(out.logits, b["labels"]).sum().backward()

@@ -10,7 +10,7 @@ import headsparse as hs
 from headsparse import HeadPlan, HeadScores
 from headsparse.recipes.scoring import METHODS, model_info, scoring_loss, spearman
 from headsparse.recipes.scoring.methods import proxy_finetune, resolve_options
-from _hs_models import VOCAB, tiny_model
+from _hs_models import VOCAB, input_keeper, tiny_model
 
 TOL = dict(rtol=1e-7, atol=1e-10)
 
@@ -91,15 +91,7 @@ def ref_apt(model, data, beta=0.85, kurtosis=True):
     info = model_info(model)
     L, H, D = info.num_layers, info.num_q_heads, _head_dim(model)
     xs = {}
-
-    def pre(i):
-        def fn(m, args):
-            x = args[0]
-            x.retain_grad()
-            xs[i] = x
-        return fn
-
-    handles = [info.o_module(i).register_forward_pre_hook(pre(i)) for i in range(L)]
+    handles = [info.o_module(i).register_forward_pre_hook(input_keeper(xs, i)) for i in range(L)]
     ema = torch.zeros(L, H, dtype=torch.float64)
     try:
         for b in data:
