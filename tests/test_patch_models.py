@@ -21,6 +21,17 @@ def _sparse_modes(family):
     return [["f", "f", "f", "f"], ["f", "t", "f", "p"], ["t", "f", "f", "t"]]
 
 
+def _same_outputs_and_grads(model, ref, plan):
+    """The patched model's outputs equal the reference's, and so do the gradients the plan asks for."""
+    ids = batch(model)
+    lp, outp = loss_of(model, ids)
+    lr, outr = loss_of(ref, ids)
+    torch.testing.assert_close(outp, outr, **TOL)
+    lp.backward()
+    lr.backward()
+    _check_grads(model, ref, plan)
+
+
 def _check_grads(patched, ref, plan):
     """Trainable slices' gradients equal the reference gradients on those slices; nothing else has a gradient."""
     grads, masks = full_layout_grads(patched)
@@ -46,13 +57,7 @@ def test_all_train_matches_unpatched(family):
     plan = HeadPlan.for_model(model, "train")
     hs.patch(model, plan)
     assert model.config._attn_implementation == "headsparse"
-    ids = batch(model)
-    lp, outp = loss_of(model, ids)
-    lr, outr = loss_of(ref, ids)
-    torch.testing.assert_close(outp, outr, **TOL)
-    lp.backward()
-    lr.backward()
-    _check_grads(model, ref, plan)
+    _same_outputs_and_grads(model, ref, plan)
     # every attention weight is trainable; nothing else is
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert n_train == sum(sum(w.numel() for w, _ in d.values()) for d in full_layout_grads(model)[1]) + sum(
@@ -67,13 +72,7 @@ def test_sparse_plan_exact_gradients(family, kv_policy):
     plan = HeadPlan(_sparse_modes(family), num_kv_heads=_kv(model), kv_policy=kv_policy)
     zero_pruned_o(ref, plan)
     hs.patch(model, plan, grad="exact")
-    ids = batch(model)
-    lp, outp = loss_of(model, ids)
-    lr, outr = loss_of(ref, ids)
-    torch.testing.assert_close(outp, outr, **TOL)
-    lp.backward()
-    lr.backward()
-    _check_grads(model, ref, plan)
+    _same_outputs_and_grads(model, ref, plan)
     if kv_policy == "none":
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         assert names and not any(("k_proj" in n or "v_proj" in n or ".key." in n or ".value." in n) for n in names)
