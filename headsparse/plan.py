@@ -15,7 +15,6 @@ pruned.
 from __future__ import annotations
 
 import json
-import math
 import os
 from enum import Enum
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -23,7 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from ._atomic import atomic_write_text
-from ._checks import check_int
+from ._checks import check_int, check_number
 
 KV_POLICIES = ("any", "all", "none")
 _FORMAT_VERSION = 1
@@ -85,7 +84,7 @@ class HeadPlan:
                 raise ValueError(f"modes: layer {i} has {len(layer)} heads but layer 0 has {nq}; every layer needs the same count")
         if num_kv_heads is None:
             num_kv_heads = nq
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or nq % num_kv_heads:
+        if nq % check_int("num_kv_heads", num_kv_heads, lo=1):
             raise ValueError(f"num_kv_heads must be a positive divisor of the {nq} query heads, got {num_kv_heads!r}")
         if kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
@@ -114,9 +113,7 @@ class HeadPlan:
         return head // self.group_size
 
     def _layer(self, layer: int) -> List[HeadMode]:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
-        return self.modes[layer]
+        return self.modes[check_int("layer", layer, 0, self.num_layers - 1)]
 
     def heads(self, layer: int, mode) -> List[int]:
         """Query heads of ``layer`` in ``mode``."""
@@ -231,26 +228,22 @@ class HeadPlan:
         total = nl * nq
         train = torch.zeros(nl, nq, dtype=torch.bool)
         if top_fraction is not None:
-            if isinstance(top_fraction, bool) or not isinstance(top_fraction, (int, float)) or not 0 <= top_fraction <= 1:
-                raise ValueError(f"top_fraction must be a number in [0, 1], got {top_fraction!r}")
+            check_number("top_fraction", top_fraction, 0, 1)
             k = 0 if top_fraction == 0 else max(1, int(round(top_fraction * total)))
             order = _stable_order(s.flatten(), descending=True)
             train.view(-1)[order[:k]] = True
         else:
-            if isinstance(top_k_per_layer, bool) or not isinstance(top_k_per_layer, int) or not 0 <= top_k_per_layer <= nq:
-                raise ValueError(f"top_k_per_layer must be an int in [0, {nq}], got {top_k_per_layer!r}")
+            check_int("top_k_per_layer", top_k_per_layer, 0, nq)
             for i in range(nl):
                 train[i, _stable_order(s[i], descending=True)[:top_k_per_layer]] = True
         pruned = torch.zeros_like(train)
         if prune_fraction is not None:
-            if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, (int, float)) or not 0 <= prune_fraction <= 1:
-                raise ValueError(f"prune_fraction must be a number in [0, 1], got {prune_fraction!r}")
+            check_number("prune_fraction", prune_fraction, 0, 1)
             k = int(round(prune_fraction * total))
             cand = [int(i) for i in _stable_order(s.flatten(), descending=False) if not train.view(-1)[i]]
             pruned.view(-1)[torch.tensor(cand[:k], dtype=torch.long)] = True
         if prune_threshold is not None:
-            if isinstance(prune_threshold, bool) or not isinstance(prune_threshold, (int, float)) or not math.isfinite(prune_threshold):
-                raise ValueError(f"prune_threshold must be a finite number, got {prune_threshold!r}")
+            check_number("prune_threshold", prune_threshold)
             pruned |= (s < prune_threshold) & ~train
         modes = [[HeadMode.TRAIN if train[i, h] else HeadMode.PRUNED if pruned[i, h] else HeadMode.FROZEN
                   for h in range(nq)] for i in range(nl)]

@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._checks import check_number
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OUT_LAYOUTS = ("bhsd", "bshd")
 
@@ -207,9 +209,8 @@ def make_problem(
         raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        # Like SDPA, any finite scale is accepted: 0 gives uniform attention, a negative one inverts the scores.
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    else:  # like SDPA, any finite scale: 0 gives uniform attention, a negative one inverts the scores
+        scale = check_number("scale", scale)
     device = q.device
 
     if kv_head_index is None:
