@@ -101,33 +101,8 @@ class AttentionProblem:
         return self.q.dtype
 
     @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def num_q_heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def seq_q(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def seq_kv(self) -> int:
-        return self.k.shape[2]
-
-    @property
     def head_dim(self) -> int:
         return self.q.shape[3]
-
-    @property
-    def causal_offset(self) -> int:
-        """Causal masks are aligned bottom-right: query i sees keys j <= i + offset."""
-        return self.seq_kv - self.seq_q
 
 
 def _head_mask(arg: Optional[torch.Tensor], name: str, num_heads: int, default: bool) -> Tuple[bool, ...]:

@@ -16,8 +16,6 @@ from .backend import Backend, BackendInfo, BackendUnavailableError
 __all__ = ["Backend", "BackendInfo", "BackendUnavailableError", "backends", "get", "names", "register_backend",
            "resolve"]
 
-OPS = ("attention", "head_stats")
-
 _BACKENDS: Dict[str, Backend] = {
     b.name: b for b in (torch_backend.BACKEND, triton_backend.BACKEND,
                         # compiled extension (csrc/, docs/extension.md); not in the auto orders, see that page
