@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from .._checks import check_int
 
 IGNORE = -100
 
@@ -126,9 +127,7 @@ def model_device(model) -> torch.device:
 
 def pad_id_of(model, pad_id: Optional[int]) -> int:
     if pad_id is not None:
-        if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
-            raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
-        return pad_id
+        return check_int("pad_id", pad_id, 0)
     cfg = getattr(model, "config", None)
     for name in ("pad_token_id", "eos_token_id"):
         v = getattr(cfg, name, None)

@@ -25,17 +25,15 @@ quality ratio near 1 at almost no cost). It is still reported, as
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Dict
 
 from .stats import gain_recovered
+from .._checks import check_number
 
 
 def _time(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {v!r}")
-    return float(v)
+    return check_number(name, v, 0, hint="seconds")
 
 
 @dataclass(frozen=True)
@@ -84,8 +82,7 @@ def aer(t_select: float, t_train: float, t_full: float, q: float, q_full: float,
     if tf <= 0:
         raise ValueError(f"t_full must be > 0 (the full fine-tuning wall time), got {t_full!r}")
     for name, v in (("q", q), ("q_full", q_full), ("q_base", q_base)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite quality >= 0 (higher is better), got {v!r}")
+        check_number(name, v, 0, hint="a quality, higher is better")
     cost = (ts + tt) / tf
     g = gain_recovered(q, q_base, q_full)
     value = math.nan if math.isnan(g) else (math.inf if g <= 0 else cost / g)

@@ -258,9 +258,7 @@ class RunConfig:
                 _check_lr(name, v)
             if len(set(grid)) != len(grid):
                 raise ValueError(f"{name} repeats a learning rate: {list(grid)!r}")
-        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
-                or not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        check_number("warmup_ratio", self.warmup_ratio, 0, 1, hi_open=True)
         if self.lr_table is not None:
             if self.lr_grid_full or self.lr_grid_heads:
                 raise ValueError("give either lr_table (reuse a search) or lr_grid_full/lr_grid_heads (search now), "

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Sequence
 
 import numpy as np
-from .._checks import check_int
+from .._checks import check_int, check_number
 
 
 def _scores(name: str, values: Sequence[float]) -> np.ndarray:
@@ -41,8 +41,7 @@ def _scores(name: str, values: Sequence[float]) -> np.ndarray:
 
 
 def _check_common(n_boot: int, confidence: float, seed: int = 0) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    check_int("seed", seed, 0)
     check_int("n_boot", n_boot, 1)
     if not isinstance(confidence, float) or not 0 < confidence < 1:
         raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
@@ -125,8 +124,7 @@ def gain_recovered(q: float, q_base: float, q_full: float) -> float:
     a negative value that it got worse than the untuned model.
     """
     for name, v in (("q", q), ("q_base", q_base), ("q_full", q_full)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
+        check_number(name, v)
     gain_full = float(q_full) - float(q_base)
     if gain_full <= 0:
         return math.nan

@@ -51,8 +51,7 @@ def score_heads(model, data, method: str = "gradient", *, tokenizer=None, batch_
 
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_int("seed", seed)
     opts = resolve_options(method, options)
     check_int("batch_size", batch_size, 1)
     info = model_info(model)

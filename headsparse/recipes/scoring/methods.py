@@ -16,6 +16,7 @@ import torch
 from ...ops.head_stats import cross_head_inner, gram, head_gram_blocks, head_stats
 from ...ops.gate_grads import record_gate_grads
 from ._model import ModelInfo, activation_grads_only, compute_loss, eval_mode, model_info
+from ..._checks import check_int
 
 # -------------------------------------------------------------------- options
 DEFAULTS: Dict[str, Dict] = {
@@ -50,8 +51,8 @@ def resolve_options(method: str, options: Dict) -> Dict:
         if k in opts and not (isinstance(opts[k], (int, float)) and 0 <= opts[k] < 1):
             raise ValueError(f"option {k!r} must be a number in [0, 1), got {opts[k]!r}")
     for k in ("max_iter", "proxy_samples"):
-        if k in opts and (isinstance(opts[k], bool) or not isinstance(opts[k], int) or opts[k] <= 0):
-            raise ValueError(f"option {k!r} must be a positive int, got {opts[k]!r}")
+        if k in opts:
+            check_int(f"option {k!r}", opts[k], 1)
     if method == "alps":
         if opts["steps"] is not None and (not isinstance(opts["steps"], int) or opts["steps"] <= 0):
             raise ValueError(f"option 'steps' must be a positive int or None, got {opts['steps']!r}")

@@ -25,7 +25,7 @@ from ..data import (as_examples, batches as make_batches, collate, model_device,
                            vocab_size_of)
 from ...patch import is_patched, patch, patch_info
 from ...plan import HeadPlan
-from ..._checks import check_int
+from ..._checks import check_int, check_number
 
 
 @dataclass
@@ -89,18 +89,13 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
     check_int("batch_size", batch_size, 1)
     if max_steps is not None:
         check_int("max_steps", max_steps, 1)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_number("lr", lr, 0, lo_open=True)
     if schedule not in ("linear", "constant"):
         raise ValueError(f"schedule must be 'linear' or 'constant', got {schedule!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0 \
-            or not math.isfinite(weight_decay):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
-                                      or not max_grad_norm >= 0):
-        raise ValueError(f"max_grad_norm must be a number >= 0 (0 or None: no clipping), got {max_grad_norm!r}")
+    check_number("weight_decay", weight_decay, 0)
+    check_int("warmup_steps", warmup_steps, 0)
+    if max_grad_norm is not None:
+        check_number("max_grad_norm", max_grad_norm, 0, hint="0 or None: no clipping")
     if isinstance(plan, HeadPlan) and not plan.count("train") and not train_modules:
         raise ValueError("plan: nothing to train, the plan has no TRAIN heads and no train_modules are given")
     selector, first_batches = None, None
