@@ -5,7 +5,7 @@
 MODE "accelerate": an accelerate loop on FSDP2 (from the config file): 2 steps, ``save_state``, 2 more steps; then a
 fresh patched model and optimizer, ``load_state`` and the same 2 steps; both end states are saved for the test.
 MODE "trainer": ``transformers.Trainer`` with its own FSDP2 options: 4 steps with a checkpoint at step 2, then a
-fresh Trainer resumed from that checkpoint. MODE "deepspeed" (under torchrun): the same with DeepSpeed ZeRO-2. All end with ``headsparse.save_final`` (standard checkpoint and
+fresh Trainer resumed from that checkpoint. MODE "deepspeed" / "deepspeed3" (under torchrun): the same with DeepSpeed ZeRO-2 / ZeRO-3. All end with ``headsparse.save_final`` (standard checkpoint and
 delta, rank 0 only) and a per-rank JSON of what the test checks.
 """
 import json
@@ -123,11 +123,11 @@ def run_trainer(out):
     return {"losses": losses, "resumed_losses": resumed_losses, "counts": counts}, straight, resumed
 
 
-def run_deepspeed(out):
-    """Trainer with DeepSpeed ZeRO-2 (CPU accelerator, gloo): checkpoint at step 2, resume, final outputs."""
+def run_deepspeed(out, stage=2):
+    """Trainer with DeepSpeed ZeRO-``stage`` (CPU accelerator, gloo): checkpoint at step 2, resume, final outputs."""
     from transformers import Trainer, TrainingArguments
 
-    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+    ds = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
           "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
 
     def args(steps):
@@ -153,7 +153,7 @@ def main():
     mode, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     report, straight, resumed = {"accelerate": run_accelerate, "trainer": run_trainer,
-                                 "deepspeed": run_deepspeed}[mode](out)
+                                 "deepspeed": run_deepspeed, "deepspeed3": lambda o: run_deepspeed(o, 3)}[mode](out)
     rank = torch.distributed.get_rank()
     torch.save({"straight": straight, "resumed": resumed}, os.path.join(out, f"params-rank{rank}.pt"))
     with open(os.path.join(out, f"report-rank{rank}.json"), "w") as f:

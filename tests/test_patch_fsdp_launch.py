@@ -1,6 +1,6 @@
 """A patched model through the launchers users run: ``accelerate launch`` with an FSDP2 config file, and
-``transformers.Trainer`` with its FSDP2 options under torchrun, and Trainer with DeepSpeed ZeRO-2 (skipped without
-deepspeed); 2 CPU processes (gloo), each with a hard deadline.
+``transformers.Trainer`` with its FSDP2 options under torchrun, and Trainer with DeepSpeed ZeRO-2 and ZeRO-3 (skipped
+without deepspeed); 2 CPU processes (gloo), each with a hard deadline.
 
 Both save a checkpoint (DCP, sharded), resume from it, and end with ``save_final`` (standard checkpoint + delta from
 rank 0 only). The worker script is tests/_hs_launch_fsdp.py. accelerate 1.15 turns FSDP off on the CPU, so the
@@ -67,11 +67,21 @@ def trainer_run(tmp_path_factory):
     return _launch("trainer", tmp_path_factory.mktemp("trainer"))
 
 
-@pytest.fixture(scope="module")
-def deepspeed_run(tmp_path_factory):
+def _need_deepspeed():
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed; it runs on the CPU "
                                             "with its CPU accelerator and gloo)")
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tmp_path_factory):
+    _need_deepspeed()
     return _launch("deepspeed", tmp_path_factory.mktemp("ds"))
+
+
+@pytest.fixture(scope="module")
+def deepspeed3_run(tmp_path_factory):
+    _need_deepspeed()
+    return _launch("deepspeed3", tmp_path_factory.mktemp("ds3"))
 
 
 def _make():
@@ -182,3 +192,23 @@ def test_trainer_deepspeed_zero2_checkpoint_resume_and_final_outputs(deepspeed_r
     assert (out / "run" / "checkpoint-2" / PLAN_FILE).exists()
     assert any((out / "run" / "checkpoint-2").glob("global_step2/*optim_states.pt"))
     _check_trainer_run(deepspeed_run, tmp_path)
+
+
+def test_trainer_deepspeed_zero3_checkpoint_resume_and_final_outputs(deepspeed3_run, tmp_path):
+    """DeepSpeed ZeRO-3 through Trainer: every parameter is partitioned (the module holds empty placeholders). The
+    checkpoint is DeepSpeed's (per-rank model states with placeholders under the stock keys, ZeRO partitions of the
+    trainable slices in the optimizer states, the frozen blocks' fragments in the model states); resuming from it
+    gives the uninterrupted run; losses and slices equal one process; save_final gathers one layer at a time and
+    writes the stock checkpoint and the delta from rank 0 only."""
+    out = deepspeed3_run[0]
+    ckpt = out / "run" / "checkpoint-2"
+    assert (ckpt / PLAN_FILE).exists()
+    assert not (ckpt / "model.safetensors").exists()  # stage3_gather_16bit_weights_on_model_save is off
+    for r in range(2):
+        assert (ckpt / "global_step2" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").exists()
+    states = torch.load(ckpt / "global_step2" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
+    module = states["module"]
+    assert "model.layers.1.self_attn.q_proj.weight" in module and module["model.layers.1.self_attn.q_proj.weight"
+                                                                        ].numel() == 0
+    assert not any(k.endswith(("weight_train", "weight_frozen")) for k in module)
+    _check_trainer_run(deepspeed3_run, tmp_path)

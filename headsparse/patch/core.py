@@ -39,7 +39,7 @@ from torch import nn
 from ..ops import attention as hs_attention
 from ..plan import HeadMode, HeadPlan
 from .families import Family, find_family
-from .linear import HeadSlicedOutput, HeadSlicedProjection, is_sharded
+from .linear import HeadSlicedOutput, HeadSlicedProjection, is_sharded, is_zero3, is_zero3_partitioned
 
 ATTN_NAME = "headsparse"
 GRAD_MODES = ("exact", "sparse")
@@ -502,9 +502,18 @@ class _MergedStateHook:
     def __call__(self, layer, state_dict, prefix, local_metadata):
         info = self.info
         st = getattr(info.family.attention(layer), _STATE_ATTR)
-        keys = _slot_keys(layer, prefix, info.family.slots(layer))
+        slots = info.family.slots(layer)
+        keys = _slot_keys(layer, prefix, slots)
         standard = {}
-        for key, (w, b) in merged_layer_weights(info, layer, st).items():
+        if _zero3_hidden(slots):
+            # DeepSpeed ZeRO-3, parameters partitioned (its save_checkpoint): like every other ZeRO-3 parameter in
+            # this state dict, the stock entries are empty placeholders; the values are in the ZeRO partitions
+            for key, slot in slots.items():
+                ref = next(p for p in _get(slot).parameters())
+                empty = ref.new_empty((0,))
+                standard[keys[key]] = [(keys[key] + ".weight", empty)]
+                standard[keys[key]] += [(keys[key] + ".bias", empty)] if _has_bias(_get(slot)) else []
+        for key, (w, b) in (merged_layer_weights(info, layer, st).items() if not standard else ()):
             standard[keys[key]] = [(keys[key] + ".weight", w.t().contiguous() if info.family.conv1d else w)]
             standard[keys[key]] += [(keys[key] + ".bias", b)] if b is not None else []
         # this layer's entries are the last ones so far: rebuild them in order, each sliced module's patched
@@ -517,6 +526,17 @@ class _MergedStateHook:
             elif standard[base]:
                 state_dict.update(standard[base])
                 standard[base] = []
+
+
+def _zero3_hidden(slots) -> bool:
+    """True when the sliced modules' parameters are ZeRO-3 partitioned (not gathered) on this rank."""
+    return any(is_zero3_partitioned(p) for slot in slots.values() for p in _get(slot).parameters())
+
+
+def _has_bias(module: nn.Module) -> bool:
+    if isinstance(module, HeadSlicedOutput):
+        return module.bias is not None
+    return module.bias_train is not None or module.bias_frozen is not None
 
 
 def _split_rows(proj: HeadSlicedProjection, w: torch.Tensor, b: Optional[torch.Tensor], out: Dict, base: str):
@@ -557,6 +577,9 @@ class _StandardToPatchedHook:
         keys = _slot_keys(layer, prefix, slots)
         present = {k for k in slots if keys[k] + ".weight" in state_dict}  # each slot on its own: a sharded
         # checkpoint may hold one layer's projections in different shards, loaded one after the other
+        if present and _zero3_hidden(slots):
+            state_dict.update(_zero3_placeholders(layer, prefix, slots, keys, present, state_dict))
+            return
 
         def take(key):
             w = state_dict.pop(keys[key] + ".weight")
@@ -588,6 +611,27 @@ class _StandardToPatchedHook:
             if b is not None:
                 out[keys["o"] + ".bias"] = b
         state_dict.update(_sharded_like(layer, prefix, out))
+
+
+def _zero3_placeholders(layer, prefix, slots, keys, present, state_dict) -> Dict[str, torch.Tensor]:
+    """DeepSpeed ZeRO-3 with partitioned parameters: the checkpoint's module entries are empty placeholders (what
+    the state-dict hook writes there; DeepSpeed restores the values from its ZeRO partitions), so each patched
+    parameter gets an empty placeholder of its own. Whole weights cannot be copied into a partition here."""
+    rel = {id(m): n for n, m in layer.named_modules()}
+    out: Dict[str, torch.Tensor] = {}
+    for key in present:
+        w = state_dict.pop(keys[key] + ".weight")
+        state_dict.pop(keys[key] + ".bias", None)
+        if w.numel():
+            raise RuntimeError(
+                f"headsparse: {keys[key]}.weight holds whole weights but the layer's parameters are DeepSpeed ZeRO-3 "
+                "partitioned; load them inside deepspeed.zero.GatheredParameters(model.parameters(), "
+                "modifier_rank=0) (as transformers does for ZeRO-3), or use the DeepSpeed checkpoint")
+        module = _get(slots[key])
+        mod_prefix = prefix + (rel[id(module)] + "." if rel[id(module)] else "")
+        for name, p in module.named_parameters(recurse=False):
+            out[mod_prefix + name] = p.detach().new_empty(p.shape)
+    return out
 
 
 def _sharded_like(layer: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

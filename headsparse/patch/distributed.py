@@ -1,4 +1,5 @@
-"""Final outputs of a patched model trained on several processes (DDP, FSDP2 ``fully_shard``, accelerate, Trainer).
+"""Final outputs of a patched model trained on several processes (DDP, FSDP2 ``fully_shard``, DeepSpeed ZeRO-2/3,
+accelerate, Trainer).
 
 :func:`save_final` is called on every rank after training. It gathers the
 sharded parameters (a collective: every rank must call it), and rank 0 alone
@@ -22,7 +23,7 @@ from torch import nn
 from .._atomic import atomic_path
 from .core import patch_info
 from .delta import _FORMAT, _VERSION, _trainable_names
-from .linear import is_sharded
+from .linear import is_sharded, is_zero3
 
 
 def _dist():
@@ -38,7 +39,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _gathered_parameters(params):
+    """``deepspeed.zero.GatheredParameters`` over ``params`` (read only: every rank gets the whole tensors, and they
+    are partitioned again on exit). Imported only here, for ZeRO-3 parameters: deepspeed stays optional."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
 def _gathered(t: torch.Tensor) -> torch.Tensor:
+    if is_zero3(t):
+        with _gathered_parameters([t]):  # a collective: every rank gathers the same parameters in the same order
+            return t.detach().to("cpu", copy=True)
     return (t.full_tensor() if is_sharded(t) else t).detach().to("cpu")
 
 
@@ -51,11 +63,45 @@ def _keep(items, keep: bool) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _zero3_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``model.state_dict()`` of a DeepSpeed ZeRO-3 model with whole tensors: the parameters outside the decoder
+    layers are gathered around the call, each decoder layer's only while its own entries (and the state-dict hook
+    that merges its slices) are written, then copied, so at most one layer is whole at a time. A collective."""
+    info = patch_info(model)
+    layers = list(info.family.layers(model.base_model))
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    open_ctx, copied = {}, set()
+
+    def enter(layer, prefix, keep_vars):
+        open_ctx[id(layer)] = ctx = _gathered_parameters(layer.parameters())
+        ctx.__enter__()
+
+    def leave(layer, state_dict, prefix, local_metadata):  # registered after the merging hook: runs after it
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            state_dict[k] = state_dict[k].detach().to("cpu", copy=True)
+            copied.add(k)
+        open_ctx.pop(id(layer)).__exit__(None, None, None)
+
+    handles = []
+    try:
+        for layer in layers:
+            handles.append(layer.register_state_dict_pre_hook(enter))
+            handles.append(layer._register_state_dict_hook(leave))
+        with _gathered_parameters(p for p in model.parameters() if id(p) not in in_layers):
+            state = model.state_dict()
+            return {k: v if k in copied else v.detach().to("cpu", copy=True) for k, v in state.items()}
+    finally:
+        for h in handles:
+            h.remove()
+        for ctx in open_ctx.values():  # only after an error inside state_dict()
+            ctx.__exit__(None, None, None)
+
+
 def gather_trainable(model: nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
     """The trainable slices (and ``train_modules``) of a patched model under their patched names, whole, on the CPU.
 
-    Sharded parameters are gathered: under FSDP2 every rank must call this (``keep=False``: take part, keep
-    nothing, return an empty dict).
+    Sharded parameters are gathered: under FSDP2 and DeepSpeed ZeRO-3 every rank must call this (``keep=False``:
+    take part, keep nothing, return an empty dict).
     """
     model = _unwrap(model)
     info = patch_info(model)
@@ -66,10 +112,13 @@ def gather_trainable(model: nn.Module, keep: bool = True) -> Dict[str, torch.Ten
 def gather_standard_state_dict(model: nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
     """The model's state dict as a stock checkpoint (standard keys, merged weights), whole, on the CPU.
 
-    Under FSDP2 every rank must call this (the shards are gathered, in the same order on every rank;
-    ``keep=False``: take part, keep nothing).
+    Under FSDP2 and DeepSpeed ZeRO-3 every rank must call this (the shards are gathered, in the same order on every
+    rank; ``keep=False``: take part, keep nothing). Under ZeRO-3 one decoder layer at a time is gathered whole.
     """
     model = _unwrap(model)
+    if any(is_zero3(p) for p in model.parameters()):
+        state = _zero3_state_dict(model)
+        return state if keep else {}
     return _keep(model.state_dict().items(), keep)
 
 
@@ -120,8 +169,8 @@ def save_final(model: nn.Module, directory=None, *, delta=None, safe_serializati
     """Write a trained patched model's final outputs from one rank, atomically; call it on every rank.
 
     Args:
-        model: the patched model, as trained: plain, FSDP2-sharded in place (``fully_shard``), or inside a
-            DDP / accelerate wrapper.
+        model: the patched model, as trained: plain, FSDP2-sharded in place (``fully_shard``), DeepSpeed ZeRO-3
+            partitioned (gathered one decoder layer at a time), or inside a DDP / accelerate / DeepSpeed wrapper.
         directory: if given, the standard checkpoint is written there (``save_pretrained``: stock keys, tuned
             slices merged, pruned heads zeroed, ``headsparse_plan.json`` beside it); it loads with plain
             ``from_pretrained``. It is built in a temporary folder beside ``directory`` and renamed into place

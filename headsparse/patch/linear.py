@@ -42,6 +42,18 @@ def is_sharded(t: Optional[torch.Tensor]) -> bool:
     return isinstance(t, DTensor)
 
 
+def is_zero3(t: Optional[torch.Tensor]) -> bool:
+    """True for a parameter managed by DeepSpeed ZeRO-3 (it carries ``ds_id``; read without importing deepspeed)."""
+    return t is not None and hasattr(t, "ds_id")
+
+
+def is_zero3_partitioned(t: Optional[torch.Tensor]) -> bool:
+    """True for a DeepSpeed ZeRO-3 parameter that is partitioned right now: its ``data`` is an empty placeholder
+    (``ds_status`` NOT_AVAILABLE), the values live in per-rank partitions (``ds_tensor``) until gathered."""
+    status = getattr(t, "ds_status", None) if is_zero3(t) else None
+    return status is not None and getattr(status, "name", str(status)) == "NOT_AVAILABLE"
+
+
 def _stock_view(parts, dim: int) -> torch.Tensor:
     """The blocks concatenated along ``dim``, detached; a meta tensor of that shape when any block is sharded
     (reading it must not start a collective on one rank)."""
