@@ -129,6 +129,8 @@ def run_deepspeed(out, stage=2):
 
     ds = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
           "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    if stage == 3:  # Trainer then also writes model.safetensors, from DeepSpeed's consolidated state dict
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
 
     def args(steps):
         return TrainingArguments(
@@ -142,11 +144,12 @@ def run_deepspeed(out, stage=2):
     straight = gather_trainable(trainer.model)
     trainer2 = Trainer(model=make(), args=args(4), train_dataset=data())
     trainer2.train(resume_from_checkpoint=os.path.join(out, "run", "checkpoint-2"))
+    resumed_losses = [h["loss"] for h in trainer2.state.log_history if "loss" in h and h["step"] > 2]
     resumed = gather_trainable(trainer2.model)
     rank = torch.distributed.get_rank()
     save_final(trainer.model, os.path.join(out, f"final-rank{rank}"),
                delta=os.path.join(out, f"delta-rank{rank}.safetensors"))
-    return {"losses": losses}, straight, resumed
+    return {"losses": losses, "resumed_losses": resumed_losses}, straight, resumed
 
 
 def main():

@@ -200,10 +200,17 @@ def test_trainer_deepspeed_zero3_checkpoint_resume_and_final_outputs(deepspeed3_
     trainable slices in the optimizer states, the frozen blocks' fragments in the model states); resuming from it
     gives the uninterrupted run; losses and slices equal one process; save_final gathers one layer at a time and
     writes the stock checkpoint and the delta from rank 0 only."""
-    out = deepspeed3_run[0]
+    out, reports, _ = deepspeed3_run
     ckpt = out / "run" / "checkpoint-2"
     assert (ckpt / PLAN_FILE).exists()
-    assert not (ckpt / "model.safetensors").exists()  # stage3_gather_16bit_weights_on_model_save is off
+    # stage3_gather_16bit_weights_on_model_save: Trainer writes DeepSpeed's consolidated state dict (read from the
+    # parameters: patched names), which save_pretrained merges into the stock checkpoint
+    stock = type(tiny_model("llama", dtype=torch.float32)).from_pretrained(ckpt, dtype=torch.float32)
+    from safetensors import safe_open
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(stock.state_dict()) and "model.layers.1.self_attn.o_proj.weight" in f.keys()
+    for rep in reports:  # the resumed Trainer ran steps 3-4 only, as the uninterrupted one did
+        torch.testing.assert_close(rep["resumed_losses"], rep["losses"][2:], rtol=1e-6, atol=1e-6)
     for r in range(2):
         assert (ckpt / "global_step2" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").exists()
     states = torch.load(ckpt / "global_step2" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)

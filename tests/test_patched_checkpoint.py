@@ -62,6 +62,27 @@ def test_save_pretrained_of_a_patched_model_loads_with_plain_from_pretrained(fam
     assert core.is_patched(model)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_given_patched_names_writes_the_stock_checkpoint(family, tmp_path):
+    """A state dict read from the parameters directly (DeepSpeed's consolidated ZeRO-3 one, which Trainer passes to
+    save_pretrained) has the patched names; save_pretrained merges it into the stock checkpoint all the same."""
+    ref, plan, model, ids = _tuned(family)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(n.endswith(".weight_train") for n in params)
+    converted = core._standard_from_patched(model, params)
+    sd = model.state_dict()
+    assert set(converted) <= set(sd) and set(sd) - set(converted) <= {"lm_head.weight"}  # tied: one name
+    assert list(converted) == [k for k in sd if k in converted]
+    for k, v in converted.items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="save_final"):  # frozen blocks left out: nothing to merge them from
+        core._standard_from_patched(model, {n: p for n, p in params.items() if not n.endswith("_frozen")})
+    model.save_pretrained(tmp_path / "m", state_dict=params)
+    reloaded = type(ref).from_pretrained(tmp_path / "m", dtype=torch.float64).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loss_of(reloaded, ids)[1], loss_of(model, ids)[1], **TOL)
+
+
 def test_unpatch_removes_the_hooks_also_on_a_deep_copy():
     ref, plan, model, ids = _tuned("llama")
     twin = copy.deepcopy(model)

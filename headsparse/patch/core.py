@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,7 +40,7 @@ from torch import nn
 from ..ops import attention as hs_attention
 from ..plan import HeadMode, HeadPlan
 from .families import Family, find_family
-from .linear import HeadSlicedOutput, HeadSlicedProjection, is_sharded, is_zero3, is_zero3_partitioned
+from .linear import HeadSlicedOutput, HeadSlicedProjection, is_sharded, is_zero3_partitioned
 
 ATTN_NAME = "headsparse"
 GRAD_MODES = ("exact", "sparse")
@@ -666,7 +667,56 @@ def _save_pretrained_with_plan(model, save_directory, *args, **kwargs):
     if kwargs.get("is_main_process", True):  # written first, so that a push_to_hub upload includes it
         os.makedirs(str(save_directory), exist_ok=True)
         patch_info(model).plan.save(os.path.join(str(save_directory), PLAN_FILE))
+    given = kwargs.get("state_dict")
+    if given and any(k.endswith((".weight_train", ".weight_frozen")) for k in given):
+        kwargs["state_dict"] = _standard_from_patched(model, given)
     type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+_SLICED_PARAMS = ("weight_train", "bias_train", "weight_frozen", "bias_frozen", "bias")
+
+
+def _standard_from_patched(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A whole state dict under the patched parameter names (``...q_proj.weight_train`` etc.) as the stock one
+    (merged weights, pruned heads zeroed). Such dicts come from code that reads the parameters directly instead of
+    calling ``state_dict()``, such as DeepSpeed's consolidated ZeRO-3 state dict, which Trainer passes to
+    ``save_pretrained`` when ``stage3_gather_16bit_weights_on_model_save`` is on."""
+    info = patch_info(model)
+    family = info.family
+    names = {id(m): n for n, m in model.named_modules()}
+    standard: Dict[str, List] = {}
+    for layer in family.layers(model.base_model):
+        slots = family.slots(layer)
+        keys = _slot_keys(layer, names[id(layer)] + "." if names[id(layer)] else "", slots)
+        if not any(keys[k] + suffix in state_dict for k in slots for suffix in (".weight_train", ".weight_frozen")):
+            continue
+        stand_ins = {}
+        for key, slot in slots.items():
+            module, held = _get(slot), {"segments": getattr(_get(slot), "segments", None)}
+            for name in _SLICED_PARAMS:
+                held[name] = None
+                if module._parameters.get(name) is not None:
+                    if keys[key] + "." + name not in state_dict:
+                        raise ValueError(f"headsparse: save_pretrained got a state dict with patched names but "
+                                         f"without {keys[key]}.{name} (frozen parameters excluded?); it cannot be "
+                                         "merged into a stock checkpoint: use headsparse.save_final")
+                    held[name] = state_dict[keys[key] + "." + name]
+            stand_ins[key] = SimpleNamespace(**held)
+        holder = SimpleNamespace(**stand_ins)
+        merged = merged_layer_weights(info, layer, getattr(family.attention(layer), _STATE_ATTR),
+                                      slots={k: (holder, k) for k in slots})
+        for key, (w, b) in merged.items():
+            standard[keys[key]] = [(keys[key] + ".weight", w.t().contiguous() if family.conv1d else w)]
+            standard[keys[key]] += [(keys[key] + ".bias", b)] if b is not None else []
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        base, _, name = k.rpartition(".")
+        if base in standard and name in _SLICED_PARAMS:
+            out.update(standard[base])  # the module's stock entries where its first patched entry stood
+            standard[base] = []
+        else:
+            out[k] = v
+    return out
 
 
 def _pretrained_models(model: nn.Module) -> List[nn.Module]:
@@ -724,10 +774,12 @@ def _full_rows(proj: HeadSlicedProjection):
     return torch.cat(ws), (torch.cat(bs) if bs[0] is not None else None)
 
 
-def merged_layer_weights(info: PatchInfo, layer: nn.Module, st: LayerState):
-    """Full-size (out, in) weights of q/k/v (or qkv) and o, with pruned heads zeroed."""
+def merged_layer_weights(info: PatchInfo, layer: nn.Module, st: LayerState, slots=None):
+    """Full-size (out, in) weights of q/k/v (or qkv) and o, with pruned heads zeroed.
+
+    ``slots`` (default: the layer's) may map each slot to stand-ins holding other tensors under the same names."""
     family, d, nq, nkv = info.family, info.head_dim, info.num_q_heads, info.num_kv_heads
-    slots = family.slots(layer)
+    slots = family.slots(layer) if slots is None else slots
     modes = info.plan.modes[st.layer]
     pruned_q = [h for h in range(nq) if modes[h] == HeadMode.PRUNED]
     out = {}
