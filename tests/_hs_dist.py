@@ -92,3 +92,39 @@ def worker_exit(fn):
         os._exit(1)
     sys.stdout.flush()
     os._exit(0)
+
+
+def train_steps(model, batches, lr: float):
+    """AdamW over ``model``'s trainable parameters, one step per batch of token ids (labels = ids); returns the
+    optimizer and the per-step losses (this process's, not reduced)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for ids in batches:
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().clone())
+    return opt, losses
+
+
+def check_final_outputs(out, single):
+    """save_final's outputs under ``out`` (each rank named its own final-rank{r} / delta-rank{r}): only rank 0's
+    exist, no temporary is left, and the stock checkpoint (plain from_pretrained) and the delta both reproduce
+    ``single``'s logits."""
+    import headsparse as hs
+    from headsparse.patch import is_patched
+    from headsparse.patch.core import PLAN_FILE
+    from _hs_models import batch, tiny_model
+
+    assert not (out / "final-rank1").exists() and not (out / "delta-rank1.safetensors").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    assert (out / "final-rank0" / PLAN_FILE).exists()
+    ids = batch(single, b=2, s=9, seed=5)
+    want = single(input_ids=ids).logits
+    stock = type(single).from_pretrained(out / "final-rank0", dtype=torch.float32)
+    assert not is_patched(stock)
+    torch.testing.assert_close(stock(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    base = tiny_model("llama", dtype=torch.float32)
+    hs.load_delta(base, out / "delta-rank0.safetensors")
+    torch.testing.assert_close(base(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)

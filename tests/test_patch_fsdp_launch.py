@@ -13,10 +13,8 @@ import sys
 import pytest
 import torch
 
-import headsparse as hs
-from _hs_dist import ROOT, free_port, need_gloo, run_with_deadline
+from _hs_dist import ROOT, check_final_outputs, free_port, need_gloo, run_with_deadline, train_steps
 from _hs_models import batch, tiny_model
-from headsparse.patch import is_patched
 from headsparse.patch.core import PLAN_FILE
 
 SCRIPT = os.path.join(ROOT, "tests", "_hs_launch_fsdp.py")
@@ -97,33 +95,12 @@ def _single_loop():
 
     model = _make()
     rows = torch.stack([d["input_ids"] for d in data()])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    losses = []
-    for ids in (rows[:4], rows[4:], rows[:4], rows[4:]):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model, losses
+    _, losses = train_steps(model, (rows[:4], rows[4:], rows[:4], rows[4:]), LR)
+    return model, [x.item() for x in losses]
 
 
 def _trained(model):
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _check_final(out, single):
-    assert not (out / "final-rank1").exists() and not (out / "delta-rank1.safetensors").exists()
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary left
-    assert (out / "final-rank0" / PLAN_FILE).exists()
-    ids = batch(single, b=2, s=9, seed=5)
-    want = single(input_ids=ids).logits
-    stock = type(single).from_pretrained(out / "final-rank0", dtype=torch.float32)
-    assert not is_patched(stock)
-    torch.testing.assert_close(stock(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
-    base = tiny_model("llama", dtype=torch.float32)
-    hs.load_delta(base, out / "delta-rank0.safetensors")
-    torch.testing.assert_close(base(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
 def test_accelerate_fsdp2_matches_single_and_resumes(accelerate_run):
@@ -144,7 +121,7 @@ def test_accelerate_fsdp2_matches_single_and_resumes(accelerate_run):
     total = sum(p.numel() * p.element_size() for p in _trained(single).values())
     assert sum(r["counts"]["trainable"] for r in reports) == total
     assert (out / "state" / "pytorch_model_fsdp_0" / ".metadata").exists()  # accelerate's sharded (DCP) save
-    _check_final(out, single)
+    check_final_outputs(out, single)
 
 
 def _single_trainer(tmp_path):
@@ -172,7 +149,7 @@ def _check_trainer_run(run, tmp_path):
         for n, p in want.items():
             torch.testing.assert_close(par["straight"][n], p, rtol=1e-5, atol=1e-5, msg=n)
             torch.testing.assert_close(par["resumed"][n], par["straight"][n], rtol=1e-6, atol=1e-6, msg=n)
-    _check_final(out, single)
+    check_final_outputs(out, single)
 
 
 def test_trainer_fsdp2_checkpoint_resume_and_final_outputs(trainer_run, tmp_path):
