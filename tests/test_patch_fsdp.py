@@ -183,3 +183,21 @@ def test_weight_properties_read_like_stock_projections():
     sd = ref.state_dict()
     for k, v in model.state_dict().items():
         assert sd[k].shape == v.shape
+
+
+@pytest.mark.parametrize("wrapper", ["fsdp2", "zero3"])
+def test_patch_refuses_an_already_sharded_model(wrapper, monkeypatch):
+    """Wrapping before patching is the mistake the docs warn about: patch says so instead of slicing shards."""
+    import headsparse.patch.core as core
+
+    model = tiny_model("llama", dtype=torch.float32)
+    target = model.model.layers[1].self_attn.q_proj.weight
+    if wrapper == "fsdp2":
+        monkeypatch.setattr(core, "is_sharded", lambda t: t is target)
+    else:
+        target.ds_id = 7  # what DeepSpeed ZeRO-3 puts on every parameter it manages
+    plan = hs.HeadPlan(MODES, num_kv_heads=2)
+    with pytest.raises(ValueError, match="patch the model first, then wrap"):
+        hs.patch(model, plan)
+    assert not hs.patch.core.is_patched(model)  # nothing was changed
+    assert all(p.requires_grad for p in model.parameters())

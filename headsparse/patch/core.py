@@ -40,7 +40,7 @@ from torch import nn
 from ..ops import attention as hs_attention
 from ..plan import HeadMode, HeadPlan
 from .families import Family, find_family
-from .linear import HeadSlicedOutput, HeadSlicedProjection, is_sharded, is_zero3_partitioned
+from .linear import HeadSlicedOutput, HeadSlicedProjection, is_sharded, is_zero3, is_zero3_partitioned
 
 ATTN_NAME = "headsparse"
 GRAD_MODES = ("exact", "sparse")
@@ -429,6 +429,12 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
     for name in train_modules:
         if name not in modules:
             raise ValueError(f"train_modules: model has no module named {name!r}")
+    wrapped = [n for n, p in model.named_parameters() if is_sharded(p) or is_zero3(p)]
+    if wrapped:  # patching splits and reorders whole weights: a sharding wrapper must come after it
+        raise ValueError(f"patch needs the model's whole weights, but {len(wrapped)} parameters are already sharded "
+                         f"(first: {wrapped[0]!r}, by FSDP2 or DeepSpeed ZeRO-3): patch the model first, then wrap "
+                         f"it; under transformers' Trainer with ZeRO-3, load and patch the model before creating "
+                         f"the TrainingArguments")
     register()
     nq, nkv, head_dim, _ = attention_dims(family, model.config)
     layers = family.layers(base)
