@@ -32,10 +32,16 @@ def _dist():
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The patched model inside DDP / accelerate wrappers (FSDP2 shards in place: nothing to unwrap)."""
+    """The patched model inside DDP / accelerate / DeepSpeed / torch.compile wrappers (FSDP2 shards in place:
+    nothing to unwrap). Read from the instance's own dicts: DeepSpeedEngine and OptimizedModule forward unknown
+    attributes to the model, so ``hasattr(wrapper, "_headsparse_patch")`` is true on the wrapper itself."""
     seen = 0
-    while not hasattr(model, "_headsparse_patch") and hasattr(model, "module") and seen < 8:
-        model, seen = model.module, seen + 1
+    while "_headsparse_patch" not in vars(model) and seen < 8:
+        children = vars(model).get("_modules", {})
+        inner = children.get("module", children.get("_orig_mod"))
+        if inner is None:
+            break
+        model, seen = inner, seen + 1
     return model
 
 
