@@ -44,3 +44,17 @@ def test_save_final_through_a_forwarding_wrapper(wrap, tmp_path):
     base = tiny_model("llama", dtype=torch.float32)
     hs.load_delta(base, tmp_path / "delta.safetensors")
     torch.testing.assert_close(base(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_save_delta_refuses_zero3_partitioned_parameters(tmp_path):
+    """Under ZeRO-3 a parameter's data is an empty placeholder between forwards: save_delta would write empty
+    tensors. It refuses and names save_final, as it does for FSDP2 DTensors."""
+    from types import SimpleNamespace
+
+    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2))
+    for i, p in enumerate(model.parameters()):  # what deepspeed.zero.Init leaves on every parameter it partitions
+        p.ds_id, p.ds_status, p.ds_shape = i, SimpleNamespace(name="NOT_AVAILABLE"), p.shape
+        p.data = torch.empty(0, dtype=p.dtype)
+    with pytest.raises(ValueError, match="save_final"):
+        hs.save_delta(model, tmp_path / "d.safetensors")
+    assert list(tmp_path.iterdir()) == []

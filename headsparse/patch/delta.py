@@ -36,13 +36,14 @@ def save_delta(model: nn.Module, path) -> None:
     """Write the tuned slices of a patched model to ``path`` (safetensors; temp file + rename)."""
     from safetensors.torch import save_file
 
-    from .linear import is_sharded
+    from .linear import is_sharded, is_zero3_partitioned
 
     info = patch_info(model)
     params = dict(model.named_parameters())
     names = _trainable_names(model, info)
-    if any(is_sharded(params[n]) for n in names):
-        raise ValueError("save_delta: the model's parameters are sharded (FSDP2 / DTensor); call "
+    if any(is_sharded(params[n]) or is_zero3_partitioned(params[n]) for n in names):
+        raise ValueError("save_delta: the model's parameters are sharded (FSDP2 / DTensor, or DeepSpeed ZeRO-3 "
+                         "partitioned: empty placeholders); call "
                          "headsparse.save_final(model, delta=path) on every rank instead (it gathers the slices "
                          "and writes from rank 0)")
     tensors = {n: params[n].detach().to("cpu").contiguous() for n in names}
