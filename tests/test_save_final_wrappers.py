@@ -58,3 +58,29 @@ def test_save_delta_refuses_zero3_partitioned_parameters(tmp_path):
     with pytest.raises(ValueError, match="save_final"):
         hs.save_delta(model, tmp_path / "d.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zero3_placeholder_load_keeps_the_whole_persistent_parameters():
+    """ZeRO-3 keeps small parameters whole ("persistent", ds_status AVAILABLE) while the others are partitioned. A
+    placeholder state dict loaded then must not write uninitialised memory into the whole ones."""
+    from types import SimpleNamespace
+
+    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2))
+    attn = model.model.layers[1].self_attn
+    loaded_layer = []
+    for i, (n, p) in enumerate(model.named_parameters()):
+        p.ds_id, p.ds_shape = i, p.shape
+        if p is attn.q_proj.weight_frozen:  # the one partitioned parameter of the layer's projections
+            p.ds_status = SimpleNamespace(name="NOT_AVAILABLE")
+            p.data = torch.empty(0, dtype=p.dtype)
+        else:
+            p.ds_status = SimpleNamespace(name="AVAILABLE")
+            loaded_layer += [p] if ".layers.1.self_attn." in n else []
+    sd = model.state_dict()
+    assert sd["model.layers.1.self_attn.q_proj.weight"].numel() == 0  # placeholders under the stock keys
+    with torch.no_grad():
+        for p in loaded_layer:
+            p.fill_(0.5)
+    model.load_state_dict(sd)
+    for p in loaded_layer:  # the whole ones keep their values (before: uninitialised memory was copied in)
+        assert (p == 0.5).all()

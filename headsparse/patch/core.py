@@ -637,7 +637,10 @@ def _zero3_placeholders(layer, prefix, slots, keys, present, state_dict) -> Dict
         module = _get(slots[key])
         mod_prefix = prefix + (rel[id(module)] + "." if rel[id(module)] else "")
         for name, p in module.named_parameters(recurse=False):
-            out[mod_prefix + name] = p.detach().new_empty(p.shape)
+            # a partitioned parameter gets an empty placeholder; one ZeRO-3 keeps whole ("persistent": small)
+            # keeps its own values (the save hook wrote no values for it either)
+            out[mod_prefix + name] = (p.detach().new_empty(p.shape) if is_zero3_partitioned(p)
+                                      else p.detach().clone())
     return out
 
 
