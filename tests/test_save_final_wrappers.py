@@ -84,3 +84,38 @@ def test_zero3_placeholder_load_keeps_the_whole_persistent_parameters():
     model.load_state_dict(sd)
     for p in loaded_layer:  # the whole ones keep their values (before: uninitialised memory was copied in)
         assert (p == 0.5).all()
+
+
+def _failing_writer_worker(rank, port, out_dir):
+    import os
+
+    from _hs_dist import worker_exit
+
+    def body():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+        model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2))
+        blocker = os.path.join(out_dir, "a-file")  # rank 0 cannot make a folder under a file: its write fails
+        try:
+            save_final(model, os.path.join(blocker, "final"))
+            seen = "returned"
+        except Exception as exc:  # noqa: BLE001 - the test reads which error each rank got
+            seen = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(seen)
+
+    worker_exit(body)
+
+
+def test_save_final_failure_on_the_writer_reaches_every_rank(tmp_path):
+    """The writing rank fails: it raises its own error, the other ranks raise RuntimeError naming it, none hangs."""
+    from _hs_dist import free_port, need_gloo, spawn_with_deadline
+
+    need_gloo()
+    (tmp_path / "a-file").write_text("not a folder")
+    spawn_with_deadline(_failing_writer_worker, (free_port(), str(tmp_path)), deadline_s=120, what="workers")
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    assert rank0.startswith(("NotADirectoryError", "FileExistsError")), rank0
+    assert rank1.startswith("RuntimeError: headsparse.save_final: rank 0 failed"), rank1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "rank0.txt", "rank1.txt"]
