@@ -213,6 +213,25 @@ def test_loader_respects_skip_env(fresh_loader, monkeypatch):
     torch.testing.assert_close(hs.gram(x), gram(x, backend="torch"))  # auto still works
 
 
+
+def test_unvalidated_cuda_switch_counts_when_set_after_the_first_probe(fresh_loader, monkeypatch):
+    """HEADSPARSE_ENABLE_UNVALIDATED_CUDA set (or unset) after the cuda backend's status was first probed takes
+    effect, as head_stats' own check did before statuses were cached; the cached probe must not keep telling the
+    user to set a variable that is set. (A CUDA build and a GPU are faked: only the switch is under test.)"""
+    monkeypatch.setattr(extension, "with_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("HEADSPARSE_ENABLE_UNVALIDATED_CUDA", raising=False)
+    cuda = registry.get("cuda")
+    usable, reason = cuda.status()
+    assert not usable and "HEADSPARSE_ENABLE_UNVALIDATED_CUDA=1" in reason
+    monkeypatch.setenv("HEADSPARSE_ENABLE_UNVALIDATED_CUDA", "1")
+    assert cuda.status()[0], cuda.status()[1]
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(hs.BackendUnavailableError, match="runs on cuda tensors, got cpu"):  # past the switch
+        hs.gram(x, backend="cuda")
+    monkeypatch.setenv("HEADSPARSE_ENABLE_UNVALIDATED_CUDA", "0")
+    assert not cuda.status()[0]
+
 @pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_cpu_backend_additive_mask_dtypes(mask_dtype):
     """Additive masks in other float dtypes than q (read as float32 in the kernel), broadcast over heads and rows."""

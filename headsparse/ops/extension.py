@@ -110,6 +110,10 @@ def cpu_status() -> Tuple[bool, str]:
     return True, "compiled C++ kernels; " + why
 
 
+def _unvalidated_switch() -> str:
+    return os.environ.get("HEADSPARSE_ENABLE_UNVALIDATED_CUDA", "0")
+
+
 def cuda_status() -> Tuple[bool, str]:
     ok, why = status()
     if not ok:
@@ -118,7 +122,7 @@ def cuda_status() -> Tuple[bool, str]:
         return False, "extension built without CUDA (CPU-only torch or no nvcc at build time)"
     if not torch.cuda.is_available():
         return False, "extension has CUDA kernels but no CUDA GPU is available"
-    if os.environ.get("HEADSPARSE_ENABLE_UNVALIDATED_CUDA", "0") in ("", "0"):
+    if _unvalidated_switch() in ("", "0"):
         return False, ("CUDA kernels compiled and checked under the CPU emulator, but not yet validated on a GPU; set "
                        "HEADSPARSE_ENABLE_UNVALIDATED_CUDA=1 to use them (tests/test_extension_gpu.py checks them)")
     return True, "compiled CUDA kernels (tensor cores for fp16/bf16 on sm_80+, fp32 accumulation); " + why
@@ -140,9 +144,17 @@ class CompiledBackend(Backend):
         super().__init__()
         self.device = device
         self.name = device
+        self._switch_seen: Optional[str] = None
 
     def devices(self) -> Tuple[str, ...]:
         return (self.device,)
+
+    def status(self) -> Tuple[bool, str]:
+        # The cuda probe reads HEADSPARSE_ENABLE_UNVALIDATED_CUDA, a switch rather than a property of the machine:
+        # probe again when it has changed since, so setting it after the first call takes effect.
+        if self.device == "cuda" and _unvalidated_switch() != self._switch_seen:
+            self._status, self._switch_seen = None, _unvalidated_switch()
+        return super().status()
 
     def probe(self) -> Tuple[bool, str]:
         return cpu_status() if self.device == "cpu" else cuda_status()
