@@ -84,7 +84,7 @@ class HeadPlan:
                 raise ValueError(f"modes: layer {i} has {len(layer)} heads but layer 0 has {nq}; every layer needs the same count")
         if num_kv_heads is None:
             num_kv_heads = nq
-        if nq % check_int("num_kv_heads", num_kv_heads, lo=1):
+        if nq % check_int("num_kv_heads", num_kv_heads, lo=1, hint=f"a divisor of the {nq} query heads"):
             raise ValueError(f"num_kv_heads must be a positive divisor of the {nq} query heads, got {num_kv_heads!r}")
         if kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")

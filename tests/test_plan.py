@@ -40,6 +40,14 @@ def test_bad_kv_and_policy():
         HeadPlan([["t", "f"]], kv_policy="some")
 
 
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True])
+def test_bad_num_kv_heads_message_names_the_query_heads(bad):
+    """Every bad num_kv_heads is told what it must divide, not only a non-divisor (the type check alone said
+    'a positive int' and dropped the head count)."""
+    with pytest.raises(ValueError, match=r"num_kv_heads must be .*divisor of the 4 query heads.*, got " + repr(bad)):
+        HeadPlan([["t", "f", "f", "f"]], num_kv_heads=bad)
+
+
 def test_kv_policies_and_pruned_groups():
     modes = [["t", "f", "f", "f", "p", "p"], ["t", "t", "p", "f", "f", "f"]]
     any_ = HeadPlan(modes, num_kv_heads=3, kv_policy="any")
