@@ -119,3 +119,27 @@ def test_save_final_failure_on_the_writer_reaches_every_rank(tmp_path):
     assert rank0.startswith(("NotADirectoryError", "FileExistsError")), rank0
     assert rank1.startswith("RuntimeError: headsparse.save_final: rank 0 failed"), rank1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "rank0.txt", "rank1.txt"]
+
+
+def test_zero3_state_dict_on_a_non_writing_rank_keeps_no_layer_copies(monkeypatch):
+    """gather_standard_state_dict(keep=False) under ZeRO-3 (every rank takes part, one writes): the non-writing ranks
+    must not hold a CPU copy of every decoder layer until the end (a whole model per rank)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import headsparse.patch.distributed as hs_dist
+    from headsparse.patch import gather_standard_state_dict
+
+    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2))
+    for i, p in enumerate(model.parameters()):  # ZeRO-3 parameters, gathered (the gather itself is faked below)
+        p.ds_id, p.ds_status = i, SimpleNamespace(name="AVAILABLE")
+    monkeypatch.setattr(hs_dist, "_gathered_parameters", lambda params: contextlib.nullcontext())
+    built = []
+    state_dict = type(model).state_dict
+    monkeypatch.setattr(type(model), "state_dict", lambda self, *a, **k: built.append(state_dict(self, *a, **k))
+                        or built[-1])
+    full = gather_standard_state_dict(model)
+    assert set(full) == set(model.state_dict()) and any(".layers." in k for k in full)
+    built.clear()
+    assert gather_standard_state_dict(model, keep=False) == {}
+    assert [k for k in built[0] if ".layers." in k] == []

@@ -69,10 +69,11 @@ def _keep(items, keep: bool) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _zero3_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def _zero3_state_dict(model: nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
     """``model.state_dict()`` of a DeepSpeed ZeRO-3 model with whole tensors: the parameters outside the decoder
     layers are gathered around the call, each decoder layer's only while its own entries (and the state-dict hook
-    that merges its slices) are written, then copied, so at most one layer is whole at a time. A collective."""
+    that merges its slices) are written, then copied, so at most one layer is whole at a time. A collective.
+    ``keep=False`` (a rank that only takes part): each layer's entries are dropped instead of copied."""
     info = patch_info(model)
     layers = list(info.family.layers(model.base_model))
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
@@ -84,8 +85,11 @@ def _zero3_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
     def leave(layer, state_dict, prefix, local_metadata):  # registered after the merging hook: runs after it
         for k in [k for k in state_dict if k.startswith(prefix)]:
-            state_dict[k] = state_dict[k].detach().to("cpu", copy=True)
-            copied.add(k)
+            if keep:
+                state_dict[k] = state_dict[k].detach().to("cpu", copy=True)
+                copied.add(k)
+            else:
+                del state_dict[k]
         open_ctx.pop(id(layer)).__exit__(None, None, None)
 
     handles = []
@@ -95,6 +99,8 @@ def _zero3_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
             handles.append(layer._register_state_dict_hook(leave))
         with _gathered_parameters(p for p in model.parameters() if id(p) not in in_layers):
             state = model.state_dict()
+            if not keep:
+                return {}
             return {k: v if k in copied else v.detach().to("cpu", copy=True) for k, v in state.items()}
     finally:
         for h in handles:
@@ -123,8 +129,7 @@ def gather_standard_state_dict(model: nn.Module, keep: bool = True) -> Dict[str,
     """
     model = _unwrap(model)
     if any(is_zero3(p) for p in model.parameters()):
-        state = _zero3_state_dict(model)
-        return state if keep else {}
+        return _zero3_state_dict(model, keep)
     return _keep(model.state_dict().items(), keep)
 
 
