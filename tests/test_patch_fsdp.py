@@ -148,7 +148,8 @@ def test_save_delta_refuses_sharded_parameters(monkeypatch):
 
 
 def test_save_final_is_atomic_on_failure(tmp_path, monkeypatch):
-    """A failing write leaves the previous outputs as they were and no temporary file or folder behind."""
+    """A failing write leaves the previous outputs as they were (checkpoint and delta, as a consistent pair) and no
+    temporary file or folder behind."""
     model, _ = _make()
     final = tmp_path / "final"
     save_final(model, final, delta=tmp_path / "d.safetensors")
@@ -164,8 +165,8 @@ def test_save_final_is_atomic_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(model), "save_pretrained", broken)
     model.__dict__.pop("save_pretrained", None)
-    with pytest.raises(OSError, match="disk full"):
-        save_final(model, final)
+    with pytest.raises(OSError, match="disk full"):  # the checkpoint fails: the (changed) delta is not written
+        save_final(model, final, delta=tmp_path / "d.safetensors")
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert (tmp_path / "d.safetensors").read_bytes() == delta_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors", "final"]

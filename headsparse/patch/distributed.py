@@ -207,10 +207,12 @@ def save_final(model: nn.Module, directory=None, *, delta=None, safe_serializati
     error: Optional[str] = None
     if mine:
         try:
-            if delta is not None:
-                _write_delta(inner, tensors, delta)
+            # the checkpoint (the larger write, the likelier to fail) first: if it fails, the old delta stays
+            # beside the old checkpoint instead of a new delta beside an old checkpoint
             if directory is not None:
                 _write_checkpoint_dir(inner, state, directory, safe_serialization)
+            if delta is not None:
+                _write_delta(inner, tensors, delta)
         except Exception as exc:  # reported to every rank below, then raised here
             if dist is None:
                 raise
