@@ -128,3 +128,25 @@ def check_final_outputs(out, single):
     base = tiny_model("llama", dtype=torch.float32)
     hs.load_delta(base, out / "delta-rank0.safetensors")
     torch.testing.assert_close(base(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def init_gloo(rank: int, world: int, port: int):
+    """In a spawned worker: one thread, a gloo process group on localhost; returns ``torch.distributed``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    return torch.distributed
+
+
+def save_rank_record(out_dir, rank: int, record: dict) -> None:
+    """A worker's results to ``out_dir/rank{rank}.pt``, then a barrier so no rank exits before the others wrote."""
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+
+
+def run_rank_workers(worker, tmp_path_factory, name: str, what: str, nprocs: int = 2, deadline_s: float = 300.0):
+    """Spawn ``worker(rank, nprocs, port, out_dir)`` under a deadline; returns (out_dir, each rank's record)."""
+    need_gloo()
+    out = tmp_path_factory.mktemp(name)
+    spawn_with_deadline(worker, (nprocs, free_port(), str(out)), nprocs=nprocs, deadline_s=deadline_s, what=what)
+    return out, [torch.load(out / f"rank{r}.pt") for r in range(nprocs)]

@@ -9,7 +9,7 @@ import torch
 import headsparse as hs
 import headsparse.patch.linear as hs_linear
 from headsparse.patch import gather_standard_state_dict, gather_trainable, save_final
-from _hs_dist import (check_final_outputs, free_port, local_bytes, need_gloo, rank_bytes, spawn_with_deadline,
+from _hs_dist import (check_final_outputs, init_gloo, local_bytes, rank_bytes, run_rank_workers, save_rank_record,
                       train_steps, worker_exit)
 from _hs_models import batch, tiny_model
 
@@ -34,10 +34,7 @@ def _single_run():
 
 def _worker(rank, world, port, out_dir):
     def body():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist = torch.distributed
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist = init_gloo(rank, world, port)
         from torch.distributed.fsdp import fully_shard
 
         model, _ = _make()
@@ -65,19 +62,15 @@ def _worker(rank, world, port, out_dir):
         # rank-0-only final outputs: each rank names its own folder; only rank 0's may appear
         save_final(model, os.path.join(out_dir, f"final-rank{rank}"),
                       delta=os.path.join(out_dir, f"delta-rank{rank}.safetensors"))
-        torch.save({"losses": losses, "counts": counts, "state_dict": sd, "trained": trained,
-                    "reloaded": reloaded}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
+        save_rank_record(out_dir, rank, {"losses": losses, "counts": counts, "state_dict": sd, "trained": trained,
+                                         "reloaded": reloaded})
 
     worker_exit(body)
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    need_gloo()
-    out = tmp_path_factory.mktemp("fsdp")
-    spawn_with_deadline(_worker, (2, free_port(), str(out)), deadline_s=300, what="FSDP2 workers")
-    return out, [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_rank_workers(_worker, tmp_path_factory, "fsdp", "FSDP2 workers")
 
 
 def test_fsdp2_matches_single_process(fsdp_run):

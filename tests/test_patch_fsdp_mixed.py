@@ -3,14 +3,13 @@ sliced and frozen blocks compute in bf16, gradients are reduced in fp32 into fp3
 none, and the result equals one process that runs each rank's half batch with bf16 copies of the parameters and
 averages the fp32-cast gradients (the same arithmetic, done by hand)."""
 import copy
-import os
 
 import pytest
 import torch
 
 import headsparse as hs
 from headsparse.patch import gather_trainable
-from _hs_dist import free_port, need_gloo, spawn_with_deadline, worker_exit
+from _hs_dist import init_gloo, run_rank_workers, save_rank_record, worker_exit
 from _hs_models import batch, tiny_model
 
 MODES = [["f"] * 4, ["f", "t", "f", "p"], ["t", "f", "f", "t"]]
@@ -56,10 +55,7 @@ def _by_hand():
 
 def _worker(rank, world, port, out_dir):
     def body():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist = torch.distributed
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist = init_gloo(rank, world, port)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model = _make()
@@ -84,20 +80,16 @@ def _worker(rank, world, port, out_dir):
         grad_dtypes = {p.grad.dtype for p in model.parameters() if p.grad is not None}
         shard_dtypes = {p.dtype for p in model.parameters()}
         trained = gather_trainable(model)
-        torch.save({"losses": losses, "trained": trained, "frozen_grads": frozen_grads, "grad_dtypes": grad_dtypes,
-                    "shard_dtypes": shard_dtypes, "compute_dtypes": compute_dtypes},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
+        save_rank_record(out_dir, rank, {"losses": losses, "trained": trained, "frozen_grads": frozen_grads,
+                                         "grad_dtypes": grad_dtypes, "shard_dtypes": shard_dtypes,
+                                         "compute_dtypes": compute_dtypes})
 
     worker_exit(body)
 
 
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory):
-    need_gloo()
-    out = tmp_path_factory.mktemp("fsdp-bf16")
-    spawn_with_deadline(_worker, (2, free_port(), str(out)), deadline_s=300, what="FSDP2 bf16 workers")
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_rank_workers(_worker, tmp_path_factory, "fsdp-bf16", "FSDP2 bf16 workers")[1]
 
 
 def test_fsdp2_bf16_policy_computes_in_bf16_and_keeps_fp32_shards(mixed_run):
