@@ -523,16 +523,22 @@ class _MergedStateHook:
         for key, (w, b) in (merged_layer_weights(info, layer, st).items() if not standard else ()):
             standard[keys[key]] = [(keys[key] + ".weight", w.t().contiguous() if info.family.conv1d else w)]
             standard[keys[key]] += [(keys[key] + ".bias", b)] if b is not None else []
-        # this layer's entries are the last ones so far: rebuild them in order, each sliced module's patched
-        # entries replaced by its standard ones where the first of them stood
+        # this layer's entries are the last ones so far: rebuild them in order, with the stock entries
         items = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
-        for k, v in items:
-            base = next((b for b in standard if k.startswith(b + ".")), None)
-            if base is None:
-                state_dict[k] = v
-            elif standard[base]:
-                state_dict.update(standard[base])
-                standard[base] = []
+        state_dict.update(_with_stock_entries(items, standard))
+
+
+def _with_stock_entries(entries, standard: Dict[str, List]):
+    """``entries`` ((key, tensor) pairs, in order) with each sliced module's patched entries replaced by its stock
+    ones (``standard``: module key -> its stock (key, tensor) pairs), placed where the first of them stood."""
+    placed = set()
+    for k, v in entries:
+        base = k.rpartition(".")[0]
+        if base not in standard:
+            yield k, v
+        elif base not in placed:
+            placed.add(base)
+            yield from standard[base]
 
 
 def _zero3_hidden(slots) -> bool:
@@ -717,15 +723,7 @@ def _standard_from_patched(model: nn.Module, state_dict: Dict[str, torch.Tensor]
         for key, (w, b) in merged.items():
             standard[keys[key]] = [(keys[key] + ".weight", w.t().contiguous() if family.conv1d else w)]
             standard[keys[key]] += [(keys[key] + ".bias", b)] if b is not None else []
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in state_dict.items():
-        base, _, name = k.rpartition(".")
-        if base in standard and name in _SLICED_PARAMS:
-            out.update(standard[base])  # the module's stock entries where its first patched entry stood
-            standard[base] = []
-        else:
-            out[k] = v
-    return out
+    return dict(_with_stock_entries(state_dict.items(), standard))
 
 
 def _pretrained_models(model: nn.Module) -> List[nn.Module]:

@@ -34,8 +34,6 @@ def _trainable_names(model: nn.Module, info):
 
 def save_delta(model: nn.Module, path) -> None:
     """Write the tuned slices of a patched model to ``path`` (safetensors; temp file + rename)."""
-    from safetensors.torch import save_file
-
     from .linear import is_sharded, is_zero3_partitioned
 
     info = patch_info(model)
@@ -46,13 +44,20 @@ def save_delta(model: nn.Module, path) -> None:
                          "partitioned: empty placeholders); call "
                          "headsparse.save_final(model, delta=path) on every rank instead (it gathers the slices "
                          "and writes from rank 0)")
-    tensors = {n: params[n].detach().to("cpu").contiguous() for n in names}
+    write_delta_file(info, {n: params[n].detach().to("cpu") for n in names}, path)
+
+
+def write_delta_file(info, tensors, path) -> None:
+    """The delta file: ``tensors`` (patched names -> whole CPU tensors) with the plan, grad mode, train_modules and
+    family of ``info`` (a PatchInfo) as metadata; through a temporary file and a rename."""
+    from safetensors.torch import save_file
+
     meta = {
         "format": _FORMAT, "version": _VERSION, "plan": info.plan.to_json(), "grad": info.grad,
         "train_modules": json.dumps(list(info.train_modules)), "model_family": info.family.name,
     }
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
 
 
 def _open_delta(path: str):

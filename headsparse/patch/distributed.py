@@ -11,7 +11,6 @@ if it failed.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ from torch import nn
 
 from .._atomic import atomic_path
 from .core import patch_info
-from .delta import _FORMAT, _VERSION, _trainable_names
+from .delta import _trainable_names, write_delta_file
 from .linear import is_sharded, is_zero3
 
 
@@ -133,18 +132,6 @@ def gather_standard_state_dict(model: nn.Module, keep: bool = True) -> Dict[str,
     return _keep(model.state_dict().items(), keep)
 
 
-def _write_delta(model: nn.Module, tensors: Dict[str, torch.Tensor], path) -> None:
-    from safetensors.torch import save_file
-
-    info = patch_info(model)
-    meta = {
-        "format": _FORMAT, "version": _VERSION, "plan": info.plan.to_json(), "grad": info.grad,
-        "train_modules": json.dumps(list(info.train_modules)), "model_family": info.family.name,
-    }
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-
-
 def _write_checkpoint_dir(model: nn.Module, state_dict: Dict[str, torch.Tensor], directory: str,
                           safe_serialization: bool) -> None:
     """save_pretrained into a temporary folder beside ``directory``, then swap it in by renames."""
@@ -212,7 +199,7 @@ def save_final(model: nn.Module, directory=None, *, delta=None, safe_serializati
             if directory is not None:
                 _write_checkpoint_dir(inner, state, directory, safe_serialization)
             if delta is not None:
-                _write_delta(inner, tensors, delta)
+                write_delta_file(patch_info(inner), tensors, delta)
         except Exception as exc:  # reported to every rank below, then raised here
             if dist is None:
                 raise
