@@ -185,7 +185,7 @@ def make_problem(
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     else:  # like SDPA, any finite scale: 0 gives uniform attention, a negative one inverts the scores
-        scale = check_number("scale", scale)
+        scale = check_number("scale", scale, hint="or None for 1/sqrt(head_dim)")
     device = q.device
 
     if kv_head_index is None:
