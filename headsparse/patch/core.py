@@ -189,12 +189,55 @@ def _set_attn_impl(model: nn.Module, name: Optional[str]) -> None:
     if name is None:
         return
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
+        type(model).set_attn_implementation(model, name)  # the class's: a patched model refuses other names
     else:  # pragma: no cover - older transformers
         for m in model.modules():
             cfg = getattr(m, "config", None)
             if cfg is not None and hasattr(cfg, "_attn_implementation"):
                 cfg._attn_implementation = name
+
+
+# ------------------------------------------------- no silent attention switch
+# A patched layer's heads are reordered (TRAIN first), sliced and partly removed; only the headsparse attention
+# function reads its query-to-KV map and plan. Stock attention ("eager", "sdpa", ...) would run without error and
+# compute another model, so a patched model refuses to switch and checks its config before every forward.
+def _impl_names(impl) -> List[object]:
+    """Every implementation name in a ``set_attn_implementation`` argument (a str or a nested dict of them)."""
+    if isinstance(impl, dict):
+        return [n for v in impl.values() for n in _impl_names(v)]
+    return [impl]
+
+
+def _set_attn_impl_patched(model, attn_implementation, *args, **kwargs):
+    """``set_attn_implementation`` of a patched model: "headsparse" only."""
+    other = [n for n in _impl_names(attn_implementation) if n != ATTN_NAME]
+    if other:
+        raise ValueError(
+            f"set_attn_implementation({attn_implementation!r}): this model is patched by headsparse.patch, and its "
+            f"layers (heads reordered TRAIN first, sliced, pruned heads removed) compute the right model only with "
+            f"the {ATTN_NAME!r} attention; {other[0]!r} would silently compute a different one. Call "
+            f"headsparse.unpatch(model) first (it merges the tuned weights into the stock layout), then switch")
+    return type(model).set_attn_implementation(model, attn_implementation, *args, **kwargs)
+
+
+def _check_attn_impl_hook(module, args, kwargs=None):
+    """Forward pre-hook of a patched model and of its attention modules: refuse to run when the config no longer
+    selects headsparse attention. One attribute read and a string comparison (a constant under torch.compile)."""
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", ATTN_NAME)
+    if impl != ATTN_NAME:
+        raise RuntimeError(
+            f"headsparse: this model is patched by headsparse.patch, but {type(module).__name__}'s config now selects "
+            f"attention implementation {impl!r} instead of {ATTN_NAME!r}; the patched layers (heads reordered, "
+            f"sliced, pruned heads removed) would silently compute a different model. Set it back "
+            f"(model.config._attn_implementation = {ATTN_NAME!r}), or call headsparse.unpatch(model) first to get "
+            f"the stock model, then switch")
+    return None
+
+
+def _remove_hook(module: nn.Module, fn) -> None:
+    for key in [k for k, h in module._forward_pre_hooks.items() if h is fn]:
+        del module._forward_pre_hooks[key]
+        getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
 
 
 # ------------------------------------------------------------- weights access
@@ -457,14 +500,19 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
         for key, module in new.items():
             parent, attr = slots[key]
             old = getattr(parent, attr)
+            initialised = _hf_initialized(old)
             info.originals[_slot_path(names, parent, attr)] = {
                 "cls": type(old), "bias": getattr(old, "bias", None) is not None,
                 "in": old.weight.shape[0] if family.conv1d else old.weight.shape[1],
                 "out": old.weight.shape[1] if family.conv1d else old.weight.shape[0],
+                "hf_initialized": initialised,
             }
+            if initialised:  # post_init()/init_weights() skip it, as they skipped the module it replaces
+                module._is_hf_initialized = True
             setattr(parent, attr, module)
         attn = family.attention(layer)
         setattr(attn, _STATE_ATTR, st)
+        attn.register_forward_pre_hook(_check_attn_impl_hook)
         if family.fused_qkv:
             info.restore_attrs.append((attn, "split_size", attn.split_size))
             attn.split_size = len(st.q_order) * head_dim
@@ -476,6 +524,9 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
         model.save_pretrained = _BoundOverride(_save_pretrained_with_plan, model)
     for m in _pretrained_models(model):  # init_weights() reaches _init_weights through the base model too
         m._init_weights = _BoundOverride(_init_weights_patched, m)
+        if callable(getattr(type(m), "set_attn_implementation", None)):
+            m.set_attn_implementation = _BoundOverride(_set_attn_impl_patched, m)
+        m.register_forward_pre_hook(_check_attn_impl_hook)  # before the embeddings, when called from the top
     setattr(model, _PATCH_ATTR, info)
     _set_attn_impl(model, ATTN_NAME)
     return model
@@ -731,6 +782,14 @@ def _pretrained_models(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if callable(getattr(type(m), "_init_weights", None))]
 
 
+def _hf_initialized(module: nn.Module) -> bool:
+    """Hugging Face's "already initialised" mark: on the module, or on every one of its own parameters."""
+    if getattr(module, "_is_hf_initialized", False):
+        return True
+    params = list(module.parameters(recurse=False))
+    return bool(params) and all(getattr(p, "_is_hf_initialized", False) for p in params)
+
+
 def _init_weights_patched(model, module):
     """The model class's _init_weights, except on a head-sliced projection, which it cannot initialise."""
     if isinstance(module, (HeadSlicedProjection, HeadSlicedOutput)):
@@ -852,8 +911,12 @@ def unpatch(model: nn.Module) -> nn.Module:
         for key, (w, b) in merged.items():
             parent, attr = slots[key]
             orig = info.originals[_slot_path(names, parent, attr)]
-            setattr(parent, attr, _new_module(orig, w, b, family.conv1d))
+            restored = _new_module(orig, w, b, family.conv1d)
+            if orig.get("hf_initialized") or _hf_initialized(_get(slots[key])):
+                restored._is_hf_initialized = True  # holds the tuned weights: init_weights() must not touch them
+            setattr(parent, attr, restored)
         delattr(attn, _STATE_ATTR)
+        _remove_hook(attn, _check_attn_impl_hook)
         _unwrap_no_grad(layer)
         _remove_state_hooks(layer)
     for obj, attr, val in info.restore_attrs:
@@ -861,6 +924,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     model.__dict__.pop("save_pretrained", None)
     for m in _pretrained_models(model):
         m.__dict__.pop("_init_weights", None)
+        m.__dict__.pop("set_attn_implementation", None)
+        _remove_hook(m, _check_attn_impl_hook)
     for n, p in model.named_parameters():
         p.requires_grad_(info.requires_grad_before.get(n, True))
     delattr(model, _PATCH_ATTR)
