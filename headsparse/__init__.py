@@ -23,14 +23,17 @@ from .ops import (
 from ._lazy import lazy_attributes
 from .plan import HeadMode, HeadPlan
 from .patch import load_delta, save_delta, save_final, unpatch
+from .patch import PrefixCache  # noqa: E402
 from .patch import patch  # noqa: E402  (the function; the subpackage stays importable as headsparse.patch.core etc.)
 from .patch import core as _patch_core, delta as _patch_delta, families as _patch_families, linear as _patch_linear  # noqa: E402
 from .patch import distributed as _patch_distributed  # noqa: E402
+from .patch import prefix_cache as _patch_prefix_cache  # noqa: E402
 
 # ``import headsparse.patch.core as core`` resolves ``headsparse.patch`` by attribute, which is the function
 # above; giving the function the subpackage's submodules as attributes keeps that import working.
 for _name, _mod in (("core", _patch_core), ("delta", _patch_delta), ("families", _patch_families),
-                    ("linear", _patch_linear), ("distributed", _patch_distributed)):
+                    ("linear", _patch_linear), ("distributed", _patch_distributed),
+                    ("prefix_cache", _patch_prefix_cache)):
     setattr(patch, _name, _mod)
 del _name, _mod
 __version__ = "0.1.0"
@@ -65,6 +68,7 @@ __all__ = [
     "save_delta",
     "load_delta",
     "save_final",
+    "PrefixCache",
     "head_stats",
     "gram",
     "head_gram_blocks",

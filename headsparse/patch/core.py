@@ -900,6 +900,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     ``save_pretrained`` / ``from_pretrained`` reproduce them.
     """
     info = patch_info(model)
+    from .prefix_cache import drop_prefix_cache  # its entries hold the patched prefix's states: drop them
+
+    drop_prefix_cache(model)
     family = info.family
     base = model.base_model
     names = {id(m): n for n, m in model.named_modules()}

@@ -24,6 +24,7 @@ from ..mining.core import MineResult
 from ..data import (as_examples, batches as make_batches, collate, model_device, pad_id_of, per_sample_loss,
                            vocab_size_of)
 from ...patch import is_patched, patch, patch_info
+from ...patch.prefix_cache import PrefixCache, prefix_cache_of
 from ...plan import HeadPlan
 from ..._checks import check_int, check_number
 
@@ -56,7 +57,8 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
          schedule: str = "linear", train_modules: Sequence[str] = (), pad_id: Optional[int] = None, seed: int = 0,
          shuffle: bool = True, max_grad_norm: Optional[float] = 1.0, progress: bool = True,
          on_step: Optional[Callable[[int, float], None]] = None, mode: str = "sparse",
-         apt_options: Optional[Dict] = None, keep_requires_grad: bool = False) -> TuneResult:
+         apt_options: Optional[Dict] = None, keep_requires_grad: bool = False,
+         prefix_cache=False) -> TuneResult:
     """Fine-tune ``model`` on ``data`` (see the module docstring); returns a :class:`TuneResult`.
 
     Args:
@@ -74,9 +76,20 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
         mode: "sparse" (train the plan's heads as they are) or "apt" (APT-style
             adaptive head pruning during training, :func:`headsparse.recipes.tuning.tune_apt`,
             with ``apt_options``; needs a plan and an unpatched model).
+        prefix_cache: False (default), True, or a :class:`headsparse.PrefixCache` (e.g. one that mining
+            filled): the frozen-prefix cache. Each example's hidden state at the input of the plan's lowest
+            trainable layer is kept the first time it is computed, and later epochs start from it instead of
+            running the layers below (same losses and gradients; the layers below run in eval mode, cached or
+            not). True makes a cache for this call and drops it on return; a given cache stays the caller's.
+            Its statistics are in ``result.info["prefix_cache"]``.
     """
     if mode not in ("sparse", "apt"):
         raise ValueError(f"mode must be 'sparse' or 'apt', got {mode!r}")
+    if not isinstance(prefix_cache, (bool, PrefixCache)):
+        raise ValueError(f"prefix_cache must be True, False or a headsparse.PrefixCache, got {type(prefix_cache).__name__}")
+    if prefix_cache is not False and (plan is None or mode == "apt"):
+        raise ValueError("prefix_cache needs a fixed head plan: plan=None trains every layer and mode='apt' changes "
+                         "the plan while training, so there is no frozen prefix to cache")
     if mode == "apt":
         from .apt import tune_apt
 
@@ -123,6 +136,14 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the plan has no TRAIN heads and no train_modules")
+    cache, own_cache = None, False
+    if prefix_cache is not False:
+        cache = prefix_cache_of(model) if prefix_cache is True else prefix_cache
+        if cache is None:
+            cache = PrefixCache()
+        own_cache = cache.attached is None
+        cache.attach(model)  # refuses (naming the reason) when the model's prefix cannot be cached
+        own_entries = prefix_cache is True and own_cache
     n_params = sum(p.numel() for p in params)
     pad = pad_id_of(model, pad_id)
     dev = model_device(model)
@@ -143,9 +164,13 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
     step, reselect = 0, 0.0
     model.train()
     t0, c0 = time.perf_counter(), time.process_time()
+    epoch_s: List[float] = []
     for epoch in range(epochs):
         if step >= total:
             break
+        e0 = time.perf_counter()
+        if cache is not None and epoch > 0:
+            cache.verify()  # a stale entry is never used: the prefix weights are re-hashed before a replay
         if selector is not None:
             if epoch == 0:
                 epoch_batches = first_batches
@@ -178,9 +203,15 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
                 bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
             if on_step is not None:
                 on_step(step, lv)
+        epoch_s.append(time.perf_counter() - e0)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    info: Dict = {"epoch_s": epoch_s}
+    if cache is not None:
+        info["prefix_cache"] = cache.stats()
+        if own_cache:
+            cache.detach(clear=own_entries)
     if bar is not None:
         bar.close()
     model.eval()
     del opt
-    return TuneResult(model, step, epochs, losses, elapsed, n_params, reselect, cpu_s=cpu)
+    return TuneResult(model, step, epochs, losses, elapsed, n_params, reselect, info=info, cpu_s=cpu)
