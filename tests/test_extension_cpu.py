@@ -169,7 +169,7 @@ def test_stats_bad_input():
 def fresh_loader(monkeypatch):
     """Reset the loader's cache (and every backend's cached status) so that a test can load again under new
     conditions; monkeypatch puts both back afterwards."""
-    for name, val in (("_loaded", False), ("_module", None), ("_error", None)):
+    for name, val in (("_loaded", False), ("_module", None), ("_error", None), ("_pending", None), ("_aot_note", "")):
         monkeypatch.setattr(extension, name, val)
     for backend in registry._BACKENDS.values():
         monkeypatch.setattr(backend, "_status", None)
@@ -188,19 +188,91 @@ def test_loader_reports_stale_build(fresh_loader, monkeypatch):
     assert torch.isfinite(hs.attention(q, q, q)).all()  # auto / torch still work
 
 
-def test_loader_reports_missing_build(fresh_loader, monkeypatch):
-    real_import = extension.importlib.import_module
-
-    def fake_import(name, *a, **kw):
-        if name == "headsparse._C":
-            raise ModuleNotFoundError("No module named 'headsparse._C'")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(extension.importlib, "import_module", fake_import)
+def test_loader_compiles_on_first_use_when_this_torch_has_no_build(fresh_loader, monkeypatch, tmp_path, capsys):
+    """No build for this torch in the cache: usable, compiled by the first get() (the compile itself is faked with
+    the module already loaded; tests/test_packaging.py compiles from an installed sdist)."""
+    built = extension.get()
+    _forget(monkeypatch)
+    monkeypatch.setenv("HEADSPARSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(extension, "_PKG_DIR", str(tmp_path))  # no ahead-of-time build either
+    calls = []
+    monkeypatch.setattr(extension._build, "jit_load", lambda torch_, cuda, verbose=False: calls.append(cuda) or built)
     ok, why = extension.status()
-    assert not ok and "not built" in why
-    with pytest.raises(RuntimeError, match="not built"):
+    assert ok and "compiled on first use" in why and "build-ext" in why and str(tmp_path) in why, why
+    assert not calls  # probing never compiles
+    assert extension.get() is built and calls == [False]
+    assert "compiling the C++ extension for torch" in capsys.readouterr().err
+
+
+def test_loader_reports_missing_compiler_in_one_line(fresh_loader, monkeypatch, tmp_path):
+    monkeypatch.setenv("HEADSPARSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(extension, "_PKG_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-hs")
+    ok, why = extension.status()
+    assert not ok and "no C++ compiler ('no-such-compiler-hs' is not on PATH" in why and "\n" not in why, why
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         extension.get()
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(hs.BackendUnavailableError, match="no C\\+\\+ compiler"):
+        hs.attention(q, q, q, backend="cpu")
+
+
+def _forget(monkeypatch):
+    for name, val in (("_loaded", False), ("_module", None), ("_error", None), ("_pending", None), ("_aot_note", "")):
+        monkeypatch.setattr(extension, name, val)
+
+
+def _fake_aot(tmp_path, record):
+    (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"not a library")
+    if record is not None:
+        (tmp_path / "_C.build.json").write_text(__import__("json").dumps(record))
+
+
+def test_loader_refuses_an_ahead_of_time_build_for_another_torch(fresh_loader, monkeypatch, tmp_path, capsys):
+    """A headsparse._C built (HEADSPARSE_BUILD_EXT=1) against torch 2.14.1+cu130 is never imported by another torch:
+    the reason names both versions and how to rebuild, and the JIT build for the running torch is used instead."""
+    _fake_aot(tmp_path, {"torch": "2.14.1+cu130", "torch_cuda": "13.0", "with_cuda": True, "python": "3.11"})
+    monkeypatch.setattr(extension, "_PKG_DIR", str(tmp_path))
+    imported = []
+    real_import = extension.importlib.import_module
+    monkeypatch.setattr(extension.importlib, "import_module", lambda n, *a: imported.append(n) or real_import(n, *a))
+    ok, why = extension.status()
+    print(why)
+    assert f"built for torch 2.14.1+cu130, running torch {torch.__version__}" in why, why
+    assert "HEADSPARSE_BUILD_EXT=1" in why and "headsparse build-ext" in why
+    assert "headsparse._C" not in imported
+    assert ok == (extension._module is not None or extension._pending is not None)
+
+
+def test_loader_ignores_an_ahead_of_time_build_without_record(fresh_loader, monkeypatch, tmp_path):
+    _fake_aot(tmp_path, None)
+    monkeypatch.setattr(extension, "_PKG_DIR", str(tmp_path))
+    ok, why = extension.status()
+    assert "has no build record" in why, why
+
+
+def test_loader_uses_an_ahead_of_time_build_for_this_torch(fresh_loader, monkeypatch, tmp_path):
+    from headsparse.ops import _build
+
+    built = extension.get()
+    _forget(monkeypatch)
+    _fake_aot(tmp_path, _build.build_record(torch, False))
+    monkeypatch.setattr(extension, "_PKG_DIR", str(tmp_path))
+    real_import = extension.importlib.import_module
+    monkeypatch.setattr(extension.importlib, "import_module",
+                        lambda n, *a: built if n == "headsparse._C" else real_import(n, *a))
+    assert extension.get() is built
+    assert extension.status()[0]
+
+
+def test_forcing_cuda_with_a_cpu_torch_fails_in_one_sentence(fresh_loader, monkeypatch):
+    if torch.version.cuda is not None:
+        pytest.skip("needs a CPU-only torch")
+    monkeypatch.setenv("HEADSPARSE_FORCE_CUDA", "1")
+    monkeypatch.setattr(extension, "_PKG_DIR", "/nonexistent")
+    ok, why = extension.status()
+    assert not ok and why.startswith("HEADSPARSE_FORCE_CUDA=1 cannot work with torch") and "CPU-only" in why, why
+    assert why.count(". ") == 0 and "\n" not in why
 
 
 def test_loader_respects_skip_env(fresh_loader, monkeypatch):

@@ -25,6 +25,18 @@ def _cmd_backends(args) -> int:
     return 0
 
 
+def _cmd_build_ext(args) -> int:
+    from ..ops import extension
+
+    try:
+        mod = extension.build(verbose=args.verbose)
+    except RuntimeError as e:
+        raise SystemExit(f"headsparse build-ext: {e}") from None
+    ok, why = extension.status()
+    print(f"headsparse._C ready ({'C++ and CUDA' if mod.with_cuda() else 'C++ only'}): {why}")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from .run_cli import cmd_run
 
@@ -45,10 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     bk = sub.add_parser("backends", help="which attention backends are usable here, and why not")
     bk.set_defaults(func=_cmd_backends)
+    be = sub.add_parser("build-ext", help="compile the C++/CUDA extension for the running torch now (otherwise it "
+                                          "is compiled on first use of the cpu/cuda backends)")
+    be.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    be.set_defaults(func=_cmd_build_ext)
     from .run_cli import add_run_arguments
 
     run = sub.add_parser("run", help="score heads, mine data, tune heads, evaluate vs full fine-tuning; AER report "
-                                     "(no arguments: SmolLM2-135M on a bundled sentiment-in-news pool)")
+                                     "(no arguments: SmolLM2-135M on analogy-in-a-mix, word analogies mixed with three other tasks and news text)")
     add_run_arguments(run)
     run.set_defaults(func=_cmd_run)
     from .scoring.cli import add_parser as _add_score_parser
