@@ -20,3 +20,8 @@ if [ ! -f "$STAMP" ] || [ "$REQS" != "$(cat "$STAMP")" ]; then
 fi
 echo "[headsparse] installing headsparse (editable)"
 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
+# The C++ extension compiles just in time for the venv's torch; compile it now, so the tests and the pipeline find
+# it (ninja: about a minute the first time, a no-op while csrc/ and torch are unchanged).
+if [ "${HEADSPARSE_SKIP_EXT:-0}" = "0" ]; then
+  "$VENV/bin/headsparse" build-ext
+fi
