@@ -22,6 +22,7 @@ import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,8 +54,16 @@ class BuildPyWithSources(build_py):
             shutil.copyfile(os.path.join(src, rel), os.path.join(dst, rel))
 
 
+class SdistWithoutEggInfo(sdist):
+    """The sdist without setuptools' headsparse.egg-info/ (PKG-INFO at the top is the metadata; a wheel build
+    writes its own egg-info)."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, [f for f in files if not f.split("/")[0].endswith(".egg-info")])
+
+
 os.chdir(ROOT)
-cmdclass = {"build_py": BuildPyWithSources}
+cmdclass = {"build_py": BuildPyWithSources, "sdist": SdistWithoutEggInfo}
 ext_modules = []
 if _B.truthy("HEADSPARSE_BUILD_EXT") and not _B.truthy("HEADSPARSE_SKIP_EXT"):
     try:

@@ -61,6 +61,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--smoke", action="store_true", help="a random tiny Llama on the synthetic task (seconds)")
     args = ap.parse_args(argv)
+    from headsparse._optional import MissingPackageError, require
+
+    try:  # before any work: the grid's LoRA r16 column
+        require("peft", "the LoRA r16 baseline")
+    except MissingPackageError as e:
+        raise SystemExit(f"bench_grid: {e}") from None
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     env = environment()

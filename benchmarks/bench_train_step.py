@@ -337,6 +337,13 @@ def main(argv=None):
     bad = [m for m in methods if m not in METHODS]
     if bad:
         ap.error(f"unknown methods {bad}; choose from {METHODS}")
+    if "lora16" in methods and not args.worker:
+        from headsparse._optional import MissingPackageError, require
+
+        try:
+            require("peft", "the lora16 baseline (--methods without lora16 skips it)")
+        except MissingPackageError as e:
+            raise SystemExit(f"bench_train_step: {e}") from None
     results = []
     for model in args.model.split(","):
         if model not in MODELS:

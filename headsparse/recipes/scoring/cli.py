@@ -15,6 +15,7 @@ import os
 from typing import List
 
 from ..._atomic import atomic_path
+from ..._optional import load, require
 
 
 def read_texts(path: str) -> List[str]:
@@ -72,8 +73,7 @@ def parse_options(items) -> dict:
 
 def write_heatmap(scores, plan, path: str, title: str) -> None:
     """A PNG heat map of the (layers x heads) scores; TRAIN heads of ``plan`` marked with a dot."""
-    import matplotlib
-
+    matplotlib = load("matplotlib", "the heat map (--heatmap none skips it)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -150,6 +150,8 @@ def _run(args) -> int:
         raise ValueError(f"--fraction must be in [0, 1], got {fraction}")
     texts = read_texts(args.data)
     opts = parse_options(args.option)
+    if (args.heatmap or "").lower() != "none":  # before any work, not after the scores are written
+        require("matplotlib", "the heat map (--heatmap none skips it)")
     model, tok = load_model(args.model, args.dtype)
     t0 = time.perf_counter()
     scores = score_heads(model, texts, args.method, tokenizer=tok, batch_size=args.batch_size,
