@@ -329,3 +329,32 @@ def test_retain_keeps_the_given_examples():
     cache.retain(data[1:3])
     assert [cache.has_example(e) for e in data] == [False, True, True, False]
     assert example_key(data[1]["input_ids"]) in cache
+
+
+# ------------------------------------------------------------------ mining fills it
+def test_p2d_forward_signature_fills_the_cache_that_tune_starts_from():
+    pool, target = _examples(10, seed=4), _examples(3, seed=5)
+    plan = _plan("llama")
+    ref = tiny_model("llama", layers=4)
+    # on an unpatched model the cache is filled on a patched copy, whose signatures (pruned heads removed) are
+    # those of mining on the patched model
+    plain = hs.mine(hs.patch(copy.deepcopy(ref), plan), pool, plan, "p2d", fraction=0.4, target=target,
+                    signature="fwd")
+    cache = PrefixCache()
+    mined = hs.mine(ref, pool, plan, "p2d", fraction=0.4, target=target, signature="fwd", prefix_cache=cache)
+    assert mined.indices == plain.indices and len(mined.indices) == 4
+    _close(mined.scores, plain.scores, 1e-12)
+    subset = mined.subset(pool)
+    assert len(cache) == 4 and all(cache.has_example(e) for e in subset)  # the pool's other entries dropped
+    assert mined.info["prefix_cache"]["fill_s"] > 0  # filled inside the selection's time
+    (m0, r0, _), = [_tune_pair(lambda: tiny_model("llama", layers=4), plan, "exact", subset, epochs=2,
+                               batch_size=2, lr=5e-2)[0]]
+    model = tiny_model("llama", layers=4)
+    calls = _Calls(_layer0(model))
+    r1 = hs.tune(model, plan, subset, epochs=2, batch_size=2, lr=5e-2, progress=False, prefix_cache=cache)
+    st = r1.info["prefix_cache"]
+    assert calls.n == 0 and st["misses"] == 0 and st["hits"] == 4 and st["fill_s"] == 0  # no prefix in training
+    _close(torch.tensor(r1.losses), torch.tensor(r0.losses), 1e-10)
+    assert cache.attached is None and len(cache) == 4  # a given cache stays the caller's
+    with pytest.raises(ValueError, match="signature='fwd'"):
+        hs.mine(ref, pool, plan, "p2d", fraction=0.4, target=target, prefix_cache=cache)

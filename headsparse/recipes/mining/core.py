@@ -110,7 +110,7 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
          batch_size: int = 8, pad_id: Optional[int] = None, seed: int = 0, center: bool = True,
          signature: str = "gate",
          sketch_k: int = 8, slap_options: Optional[Dict] = None, progress: bool = False,
-         cache_dir=None) -> MineResult:
+         cache_dir=None, prefix_cache=None) -> MineResult:
     """Select ``fraction`` of ``pool`` for training ``plan``'s heads of ``model`` (see the module docstring).
 
     Args:
@@ -128,8 +128,22 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
             (:func:`headsparse.recipes.mining.features.cached_forward_signature`): a later call on the same model and
             pool, with any plan, skips the pool's forward. ``info`` gets "cache" (hit/miss) and
             "signature_s" (seconds spent computing the pool signature, 0 on a hit).
+        prefix_cache: with ``signature="fwd"``, a :class:`headsparse.PrefixCache` that the pool's forward fills
+            with each example's hidden state at the plan's gradient horizon (on ``model`` if it is patched with
+            ``plan``, else on a patched copy, which also gives the signatures: the plan's pruned heads are
+            removed there, as in training); only the selected examples' entries are kept. Pass it to
+            :func:`headsparse.tune` (``prefix_cache=``) with the selected examples and the model patched with the
+            same plan: their first epoch starts from it. Its time is part of this selection's ``time_s``.
     """
     _check(fraction, method, target, pool)
+    if prefix_cache is not None:
+        from ...patch.prefix_cache import PrefixCache
+
+        if not isinstance(prefix_cache, PrefixCache):
+            raise ValueError(f"prefix_cache must be a headsparse.PrefixCache or None, got {type(prefix_cache).__name__}")
+        if method != "p2d" or signature != "fwd" or cache_dir is not None:
+            raise ValueError("prefix_cache is filled by P2D's forward signature: it needs method='p2d', "
+                             "signature='fwd' and no cache_dir")
     if signature not in SIGNATURES:
         raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
     vocab = vocab_size_of(model)
@@ -162,10 +176,23 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
         if cache_dir is not None:
             sp, info["cache"], info["signature_s"] = cached_forward_signature(
                 model, examples, plan, cache_dir, batch_size=batch_size, pad_id=pad, progress=progress)
+        elif prefix_cache is not None:
+            with patched_for(model, plan) as m:
+                here = prefix_cache.attached is None
+                prefix_cache.attach(m)
+                try:
+                    sp = forward_signature(m, examples, plan, batch_size=batch_size, pad_id=pad, progress=progress,
+                                           desc="p2d pool (fwd, filling the prefix cache)")
+                finally:
+                    if here:
+                        prefix_cache.detach()
+                # the target's signature from the same (patched) model as the pool's
+                st = forward_signature(m, tgt, plan, batch_size=batch_size, pad_id=pad, desc="p2d target (fwd)")
         else:
             sp = forward_signature(model, examples, plan, batch_size=batch_size, pad_id=pad, progress=progress,
                                    desc="p2d pool (fwd)")
-        st = forward_signature(model, tgt, plan, batch_size=batch_size, pad_id=pad, desc="p2d target (fwd)")
+        if prefix_cache is None:
+            st = forward_signature(model, tgt, plan, batch_size=batch_size, pad_id=pad, desc="p2d target (fwd)")
         scores = p2d_scores(sp, st, center, signature)
         info["signature_dim"] = int(sp.shape[1])
     elif method == "p2d":
@@ -195,8 +222,12 @@ def mine(model, pool, plan: HeadPlan, method: str = "p2d", fraction: float = 0.1
         elapsed = time.perf_counter() - t0
         return MineResult(method, chosen, scores, float(fraction), elapsed, batches, selector,
                           {"batch_scores": selector.last["batch_scores"]}, time.process_time() - c0)
+    chosen = _top(scores, k)
+    if prefix_cache is not None:
+        prefix_cache.retain([examples[i] for i in chosen])  # the pool's other entries are not trained on
+        info["prefix_cache"] = prefix_cache.stats()
     elapsed = time.perf_counter() - t0
     if method == "p2d":
         info["signature"] = signature
-    return MineResult(method, _top(scores, k), scores.double(), float(fraction), elapsed, None, None, info,
+    return MineResult(method, chosen, scores.double(), float(fraction), elapsed, None, None, info,
                       time.process_time() - c0)

@@ -144,6 +144,7 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
         own_cache = cache.attached is None
         cache.attach(model)  # refuses (naming the reason) when the model's prefix cannot be cached
         own_entries = prefix_cache is True and own_cache
+        cache_before = cache.stats()  # a cache filled by mining: report this call's use of it only
     n_params = sum(p.numel() for p in params)
     pad = pad_id_of(model, pad_id)
     dev = model_device(model)
@@ -207,7 +208,9 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     info: Dict = {"epoch_s": epoch_s}
     if cache is not None:
-        info["prefix_cache"] = cache.stats()
+        now = cache.stats()
+        info["prefix_cache"] = dict(now, **{k: now[k] - cache_before[k] for k in ("hits", "misses", "bypassed",
+                                                                                 "fill_s")})
         if own_cache:
             cache.detach(clear=own_entries)
     if bar is not None:
