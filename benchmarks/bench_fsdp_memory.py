@@ -34,7 +34,7 @@ def _load(model_dir, fraction, seed=0):
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(cfg.num_hidden_layers, cfg.num_attention_heads, generator=g)
-    plan = hs.HeadPlan.from_scores(scores, top_fraction=fraction, num_kv_heads=cfg.num_key_value_heads,
+    plan = hs.HeadPlan.from_scores(scores, fraction=fraction, num_kv_heads=cfg.num_key_value_heads,
                                    model_family=cfg.model_type)
     hs.patch(model, plan, grad="exact")
     return model, plan

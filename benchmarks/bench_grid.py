@@ -95,10 +95,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     scores, scorer = score_heads_for_pipeline(model, task.target)
     t_score = time.perf_counter() - t0
-    plans = {"scored heads": HeadPlan.from_scores(scores, top_fraction=0.1, num_kv_heads=ref.num_kv_heads,
+    plans = {"scored heads": HeadPlan.from_scores(scores, fraction=0.1, num_kv_heads=ref.num_kv_heads,
                                                   model_family=ref.model_family),
              "random heads": HeadPlan.from_scores(torch.rand(scores.shape, generator=torch.Generator().manual_seed(0)),
-                                                  top_fraction=0.1, num_kv_heads=ref.num_kv_heads,
+                                                  fraction=0.1, num_kv_heads=ref.num_kv_heads,
                                                   model_family=ref.model_family)}
     method_of = {"p2d": "p2d", "random": "random", "loss": "loss", "gradient-similarity": "less"}
     cells = []

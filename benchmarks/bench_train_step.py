@@ -82,7 +82,7 @@ def _plan(model, where: str):
     scores = torch.rand(nl, nq, generator=g)
     if where == "top":  # only heads in the top half of the layers can be chosen
         scores[: nl // 2] -= 10.0
-    return hs.HeadPlan.from_scores(scores, top_fraction=TRAIN_FRACTION, num_kv_heads=c.num_key_value_heads,
+    return hs.HeadPlan.from_scores(scores, fraction=TRAIN_FRACTION, num_kv_heads=c.num_key_value_heads,
                                    model_family="llama")
 
 

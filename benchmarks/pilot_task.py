@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
     scores, scorer = score_heads_for_pipeline(model, target)
     ref = HeadPlan.for_model(model, "train")
-    plan = HeadPlan.from_scores(scores, top_fraction=0.1, num_kv_heads=ref.num_kv_heads, model_family=ref.model_family)
+    plan = HeadPlan.from_scores(scores, fraction=0.1, num_kv_heads=ref.num_kv_heads, model_family=ref.model_family)
     g = random.Random(0)
     subset = g.sample(pool, len(pool) // 10)
     heads = {}

@@ -157,6 +157,24 @@ class HeadPlan:
                 return i
         return None
 
+    @property
+    def gradient_horizon(self) -> int:
+        """How many layers, from the bottom, run without an autograd graph once patched (no graph, no saved
+        activations): the lowest trainable layer's index, or every layer when nothing trains. (A module named in
+        ``patch``'s ``train_modules`` can lower it.)"""
+        lowest = self.lowest_trainable_layer
+        return self.num_layers if lowest is None else lowest
+
+    def horizon_text(self) -> str:
+        """The gradient horizon in words (a line of :meth:`summary`)."""
+        h = self.gradient_horizon
+        if h == 0:
+            return "gradient horizon: none (layer 0 trains: every layer keeps its autograd graph)"
+        if h == self.num_layers:
+            return "gradient horizon: every layer (nothing trains)"
+        return (f"gradient horizon: layer {h} (layers 0-{h - 1}, {h} of {self.num_layers}, run without an autograd "
+                f"graph: no activations saved, no backward)")
+
     def count(self, mode) -> int:
         mode = HeadMode.parse(mode)
         return sum(m == mode for layer in self.modes for m in layer)
@@ -193,49 +211,75 @@ class HeadPlan:
         cls,
         scores,
         *,
-        top_fraction: Optional[float] = None,
-        top_k_per_layer: Optional[int] = None,
+        fraction: Optional[float] = None,
+        per_layer_k: Optional[int] = None,
         prune_fraction: Optional[float] = None,
         prune_threshold: Optional[float] = None,
+        layers: Optional[Iterable[int]] = None,
         num_kv_heads: Optional[int] = None,
         kv_policy: str = "any",
         model_family: Optional[str] = None,
+        **deprecated,
     ) -> "HeadPlan":
         """Build a plan from per-head importance scores (higher = more important).
 
         Args:
-            scores: (num_layers, num_q_heads) array-like of finite numbers.
-            top_fraction: TRAIN the globally highest-scoring fraction of heads
-                (at least one head when > 0), or
-            top_k_per_layer: TRAIN the k highest-scoring heads of every layer.
+            scores: the :class:`headsparse.HeadScores` that :func:`headsparse.score_heads` returns (its
+                ``num_kv_heads`` and ``model_family`` are taken from it), or a (num_layers, num_q_heads)
+                array-like of finite numbers (then pass ``num_kv_heads`` and ``model_family`` yourself).
+            fraction: TRAIN the highest-scoring heads, as many as this fraction of all the model's heads
+                (at least one when > 0), or
+            per_layer_k: TRAIN the k highest-scoring heads of every (allowed) layer.
                 Exactly one of the two must be given.
+            layers: placement: the layers that may hold TRAIN heads (default: all), for example
+                ``range(num_layers // 2, num_layers)`` for the top half. The lowest of them is the lowest layer
+                that can train, so everything below it runs without an autograd graph (the gradient horizon).
+                With ``fraction`` the same number of heads is chosen, among these layers only.
             prune_fraction: PRUNE the globally lowest-scoring fraction of heads
                 (never a TRAIN head), and/or
             prune_threshold: PRUNE every non-TRAIN head scoring below it.
             Everything else is FROZEN. Ties break towards the lower layer/head index.
+
+        ``top_fraction`` and ``top_k_per_layer`` are deprecated names of ``fraction`` and ``per_layer_k``.
         """
+        fraction, per_layer_k = _renamed(deprecated, fraction, per_layer_k)
+        if _is_head_scores(scores):
+            for name, given, own in (("num_kv_heads", num_kv_heads, scores.num_kv_heads),
+                                     ("model_family", model_family, scores.model_family)):
+                if given is not None and own is not None and given != own:
+                    raise ValueError(f"{name}={given!r} disagrees with the HeadScores, which were computed on a "
+                                     f"model with {name}={own!r}; leave {name} out to take it from the scores")
+            num_kv_heads = scores.num_kv_heads if num_kv_heads is None else num_kv_heads
+            model_family = scores.model_family if model_family is None else model_family
+            scores = scores.scores
         try:
             s = torch.as_tensor(scores, dtype=torch.float64)
         except Exception as exc:
-            raise ValueError(f"scores must be a (num_layers, num_q_heads) array of numbers: {exc}") from None
+            raise ValueError(f"scores must be the HeadScores that headsparse.score_heads returns, or a "
+                             f"(num_layers, num_q_heads) array of numbers: {exc}") from None
         if s.dim() != 2 or s.shape[0] == 0 or s.shape[1] == 0:
             raise ValueError(f"scores must have shape (num_layers, num_q_heads), got {tuple(s.shape)}")
         if not torch.isfinite(s).all():
             raise ValueError("scores must be finite (no NaN or inf)")
-        if (top_fraction is None) == (top_k_per_layer is None):
-            raise ValueError("give exactly one of top_fraction and top_k_per_layer")
+        if (fraction is None) == (per_layer_k is None):
+            raise ValueError("give exactly one of fraction and per_layer_k")
         nl, nq = s.shape
         total = nl * nq
+        allowed = _layer_set("layers", layers, nl)
         train = torch.zeros(nl, nq, dtype=torch.bool)
-        if top_fraction is not None:
-            check_number("top_fraction", top_fraction, 0, 1)
-            k = 0 if top_fraction == 0 else max(1, int(round(top_fraction * total)))
-            order = _stable_order(s.flatten(), descending=True)
+        if fraction is not None:
+            check_number("fraction", fraction, 0, 1)
+            k = 0 if fraction == 0 else max(1, int(round(fraction * total)))
+            room = len(allowed) * nq
+            if k > room:
+                raise ValueError(f"fraction={fraction} asks for {k} TRAIN heads but layers={_show(layers)} hold only "
+                                 f"{room} heads; lower the fraction or allow more layers")
+            order = [i for i in _stable_order(s.flatten(), descending=True) if i // nq in allowed]
             train.view(-1)[order[:k]] = True
         else:
-            check_int("top_k_per_layer", top_k_per_layer, 0, nq)
-            for i in range(nl):
-                train[i, _stable_order(s[i], descending=True)[:top_k_per_layer]] = True
+            check_int("per_layer_k", per_layer_k, 0, nq)
+            for i in sorted(allowed):
+                train[i, _stable_order(s[i], descending=True)[:per_layer_k]] = True
         pruned = torch.zeros_like(train)
         if prune_fraction is not None:
             check_number("prune_fraction", prune_fraction, 0, 1)
@@ -338,6 +382,7 @@ class HeadPlan:
             f"train {self.count('train')} ({100 * self.trainable_fraction:.1f}%), "
             f"frozen {self.count('frozen')}, pruned {self.count('pruned')}; "
             f"lowest trainable layer: {self.lowest_trainable_layer}",
+            self.horizon_text(),
         ]
         width = len(str(self.num_layers - 1))
         for i, layer in enumerate(self.modes):
@@ -356,6 +401,50 @@ class HeadPlan:
                 and self.kv_policy == other.kv_policy and self.model_family == other.model_family)
 
     __hash__ = None
+
+
+_RENAMED = {"top_fraction": "fraction", "top_k_per_layer": "per_layer_k"}
+
+
+def _renamed(deprecated: Dict, fraction, per_layer_k):
+    """(fraction, per_layer_k) with the deprecated names folded in (a FutureWarning each); any other keyword is an
+    error naming the accepted ones."""
+    import warnings
+
+    values = {"fraction": fraction, "per_layer_k": per_layer_k}
+    for old, value in deprecated.items():
+        new = _RENAMED.get(old)
+        if new is None:
+            raise TypeError(f"HeadPlan.from_scores got an unexpected keyword argument {old!r}; it takes fraction, "
+                            "per_layer_k, prune_fraction, prune_threshold, layers, num_kv_heads, kv_policy, model_family")
+        if values[new] is not None:
+            raise ValueError(f"give {new} only ({old} is its deprecated name), not both")
+        warnings.warn(f"HeadPlan.from_scores: {old}= is deprecated, use {new}= (the name HeadScores.to_plan and "
+                      f"`headsparse score` use)", FutureWarning, stacklevel=3)
+        values[new] = value
+    return values["fraction"], values["per_layer_k"]
+
+
+def _is_head_scores(x) -> bool:
+    """A HeadScores (recipes layer; recognised by its fields, so the plan does not import the recipes)."""
+    return isinstance(getattr(x, "scores", None), torch.Tensor) and hasattr(x, "model_family") and hasattr(x, "method")
+
+
+def _show(layers) -> str:
+    return f"range({layers.start}, {layers.stop})" if isinstance(layers, range) and layers.step == 1 else repr(layers)
+
+
+def _layer_set(name: str, layers, num_layers: int) -> set:
+    """The layer indices in ``layers`` (None = all) as a set, each checked to be in [0, num_layers)."""
+    if layers is None:
+        return set(range(num_layers))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise ValueError(f"{name} must be an iterable of layer indices such as range({num_layers // 2}, "
+                         f"{num_layers}), got {layers!r}")
+    out = {check_int(name, i, 0, num_layers - 1) for i in layers}
+    if not out:
+        raise ValueError(f"{name} must name at least one layer, got {_show(layers)}")
+    return out
 
 
 def _stable_order(x: torch.Tensor, descending: bool) -> List[int]:

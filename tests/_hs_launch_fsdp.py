@@ -25,7 +25,7 @@ LR = 1e-2
 
 def make():
     torch.manual_seed(0)
-    return hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2))
+    return hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama"))
 
 
 def data():

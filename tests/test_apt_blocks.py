@@ -120,7 +120,7 @@ def test_tune_apt_prunes_heads_and_neurons_jointly_under_the_budget():
 
     model = tiny_llama(seed=0, heads=4, kv_heads=2)
     task = synthetic_task(n_pool=48, n_targets=12, n_eval=4, seed=0)
-    plan = HeadPlan([["t", "f", "f", "f"], ["f", "t", "f", "f"], ["f", "f", "f", "t"]], num_kv_heads=2)
+    plan = HeadPlan([["t", "f", "f", "f"], ["f", "t", "f", "f"], ["f", "f", "f", "t"]], num_kv_heads=2, model_family="llama")
     params_before = sum(p.numel() for p in model.parameters())
     res = tune_apt(model, plan, task.pool, keep_final=0.5, n_prunings=3, epochs=3, batch_size=8, lr=1e-3,
                    progress=False, ffn=True, mask_step=0.05, distill_max=0.0)
@@ -155,7 +155,7 @@ def test_teacher_is_refreshed_only_on_a_dev_improvement_and_mu_follows_its_sched
     scores = iter([0.55, 0.5, 0.4, 0.6])  # the starting model first: 0.55 is the bar
     model = tiny_llama(seed=0)
     task = synthetic_task(n_pool=48, n_targets=12, n_eval=4, seed=0)
-    plan = HeadPlan([["t", "f", "f", "f"], ["f", "t", "f", "f"], ["f", "f", "f", "t"]], num_kv_heads=2)
+    plan = HeadPlan([["t", "f", "f", "f"], ["f", "t", "f", "f"], ["f", "f", "f", "t"]], num_kv_heads=2, model_family="llama")
     res = apt.tune_apt(model, plan, task.pool, keep_final=0.5, n_prunings=3, epochs=3, batch_size=8, lr=1e-2,
                        prune_start=0.1, prune_end=0.6, progress=False, distill_max=0.8,
                        dev_fn=lambda m: next(scores))

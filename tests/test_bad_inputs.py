@@ -42,7 +42,7 @@ def base():
     return tiny_model("llama", layers=2, dtype=torch.float32)
 
 
-PLAN = HeadPlan([["t", "f", "p", "f"], ["f", "t", "f", "p"]], num_kv_heads=2)
+PLAN = HeadPlan([["t", "f", "p", "f"], ["f", "t", "f", "p"]], num_kv_heads=2, model_family="llama")
 
 
 def _snap(model):
@@ -187,21 +187,21 @@ def test_headplan_constructor(name, match, call):
 
 SCORES = [[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]
 FROM_SCORES = [
-    ("scores 1-D", "scores", lambda s: HeadPlan.from_scores(s[0], top_fraction=0.5)),
-    ("scores with NaN", "scores", lambda s: HeadPlan.from_scores(s.clone().fill_(math.nan), top_fraction=0.5)),
-    ("scores empty", "scores", lambda s: HeadPlan.from_scores(s[:0], top_fraction=0.5)),
-    ("scores strings", "scores", lambda s: HeadPlan.from_scores([["a", "b"]], top_fraction=0.5)),
-    ("both selectors", "top_fraction and top_k_per_layer",
-     lambda s: HeadPlan.from_scores(s, top_fraction=0.5, top_k_per_layer=1)),
-    ("no selector", "top_fraction and top_k_per_layer", lambda s: HeadPlan.from_scores(s)),
-    ("top_fraction 1.5", "top_fraction", lambda s: HeadPlan.from_scores(s, top_fraction=1.5)),
-    ("top_fraction string", "top_fraction", lambda s: HeadPlan.from_scores(s, top_fraction="0.5")),
-    ("top_k_per_layer above heads", "top_k_per_layer", lambda s: HeadPlan.from_scores(s, top_k_per_layer=5)),
-    ("top_k_per_layer float", "top_k_per_layer", lambda s: HeadPlan.from_scores(s, top_k_per_layer=1.0)),
-    ("prune_fraction 2", "prune_fraction", lambda s: HeadPlan.from_scores(s, top_fraction=0.25, prune_fraction=2)),
+    ("scores 1-D", "scores", lambda s: HeadPlan.from_scores(s[0], fraction=0.5)),
+    ("scores with NaN", "scores", lambda s: HeadPlan.from_scores(s.clone().fill_(math.nan), fraction=0.5)),
+    ("scores empty", "scores", lambda s: HeadPlan.from_scores(s[:0], fraction=0.5)),
+    ("scores strings", "scores", lambda s: HeadPlan.from_scores([["a", "b"]], fraction=0.5)),
+    ("both selectors", "fraction and per_layer_k",
+     lambda s: HeadPlan.from_scores(s, fraction=0.5, per_layer_k=1)),
+    ("no selector", "fraction and per_layer_k", lambda s: HeadPlan.from_scores(s)),
+    ("fraction 1.5", "fraction", lambda s: HeadPlan.from_scores(s, fraction=1.5)),
+    ("fraction string", "fraction", lambda s: HeadPlan.from_scores(s, fraction="0.5")),
+    ("per_layer_k above heads", "per_layer_k", lambda s: HeadPlan.from_scores(s, per_layer_k=5)),
+    ("per_layer_k float", "per_layer_k", lambda s: HeadPlan.from_scores(s, per_layer_k=1.0)),
+    ("prune_fraction 2", "prune_fraction", lambda s: HeadPlan.from_scores(s, fraction=0.25, prune_fraction=2)),
     ("prune_threshold NaN", "prune_threshold",
-     lambda s: HeadPlan.from_scores(s, top_fraction=0.25, prune_threshold=math.nan)),
-    ("num_kv_heads 3", "num_kv_heads", lambda s: HeadPlan.from_scores(s, top_fraction=0.25, num_kv_heads=3)),
+     lambda s: HeadPlan.from_scores(s, fraction=0.25, prune_threshold=math.nan)),
+    ("num_kv_heads 3", "num_kv_heads", lambda s: HeadPlan.from_scores(s, fraction=0.25, num_kv_heads=3)),
 ]
 
 

@@ -56,7 +56,7 @@ def test_compiled_patched_llama_forward_and_backward_match_eager(backend):
     if backend == "inductor" and shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("inductor needs a C++ compiler on CPU")
     ref = tiny_model("llama", dtype=torch.float32)
-    plan = HeadPlan([["t", "f", "f", "p"], ["f", "t", "f", "f"], ["f", "f", "t", "t"]], num_kv_heads=2)
+    plan = HeadPlan([["t", "f", "f", "p"], ["f", "t", "f", "f"], ["f", "f", "t", "t"]], num_kv_heads=2, model_family="llama")
     eager, comp = hs.patch(copy.deepcopy(ref), plan), hs.patch(copy.deepcopy(ref), plan)
     ids = batch(ref)
     torch._dynamo.reset()

@@ -18,7 +18,7 @@ from _hs_models import tiny_model
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("files")
     ref = tiny_model("llama", layers=2)
-    plan = HeadPlan([["t", "f", "p", "f"], ["f", "t", "f", "p"]], num_kv_heads=2)
+    plan = HeadPlan([["t", "f", "p", "f"], ["f", "t", "f", "p"]], num_kv_heads=2, model_family="llama")
     hs.save_delta(hs.patch(copy.deepcopy(ref), plan), d / "good.safetensors")
     plan.save(d / "plan.json")
     good = (d / "good.safetensors").read_bytes()
@@ -93,7 +93,7 @@ def _llama(hidden, layers=2, seed=1):
 @pytest.mark.parametrize("modes", [[["t", "f", "p", "f"], ["f", "t", "f", "p"]],   # pruning: weights restored
                                    [["t", "f", "f", "f"], ["f", "t", "f", "f"]]])  # no pruning: unpatch is exact
 def test_load_delta_of_another_model_leaves_the_model_untouched(tmp_path, modes):
-    plan = HeadPlan(modes, num_kv_heads=2)
+    plan = HeadPlan(modes, num_kv_heads=2, model_family="llama")
     hs.save_delta(hs.patch(_llama(64), plan), tmp_path / "d.safetensors")
     for other, match in ((_llama(32), "shape"), (_llama(64, layers=3), "another model")):
         before = _state(other)

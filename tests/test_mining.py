@@ -24,7 +24,7 @@ def _one_thread():
 
 def _plan_top_heads(model, task, frac=0.25):
     scores = hs.score_heads(model, [collate(task.target, 0)], method="gradient").scores
-    return HeadPlan.from_scores(scores, top_fraction=frac, num_kv_heads=model.config.num_key_value_heads,
+    return HeadPlan.from_scores(scores, fraction=frac, num_kv_heads=model.config.num_key_value_heads,
                                 model_family="llama")
 
 
@@ -61,7 +61,7 @@ def test_less_recall_above_random(setup):
 def test_gate_signature_is_the_per_sample_gate_gradient():
     """probe()'s P2D signature equals sum_t <X_h, dL_b/dX_h> at the o_proj input of an unpatched float64 model."""
     ref = tiny_model("llama", layers=3, heads=4, kv_heads=2)
-    plan = HeadPlan([["f", "t", "f", "t"], ["t", "f", "f", "f"], ["f", "f", "t", "f"]], num_kv_heads=2)
+    plan = HeadPlan([["f", "t", "f", "t"], ["t", "f", "f", "f"], ["f", "f", "t", "f"]], num_kv_heads=2, model_family="llama")
     g = torch.Generator().manual_seed(3)
     ex = [{"input_ids": torch.randint(3, 1000, (n,), generator=g).tolist()} for n in (9, 12, 7)]
     ex[1]["labels"] = [-100] * 8 + ex[1]["input_ids"][8:]

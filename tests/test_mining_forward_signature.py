@@ -104,7 +104,7 @@ def test_p2d_fwd_mining_finds_planted_targets():
     model = tiny_llama(seed=0, layers=3, heads=8, kv_heads=4)
     task = synthetic_task(n_pool=100, n_targets=10, n_target_set=8, n_eval=8, seed=1)
     scores = hs.score_heads(model, [collate(task.target, 0)], method="gradient").scores
-    plan = HeadPlan.from_scores(scores, top_fraction=0.25, num_kv_heads=4, model_family="llama")
+    plan = HeadPlan.from_scores(scores, fraction=0.25, num_kv_heads=4, model_family="llama")
     res = hs.mine(model, task.pool, plan, method="p2d", fraction=0.1, target=task.target, signature="fwd")
     assert res.info["signature"] == "fwd" and res.info["signature_dim"] == plan.count("train") * 8
     # random selection of 10 from 100 with 10 targets: expected recall 0.10 (the gate signature gets >= 0.6)

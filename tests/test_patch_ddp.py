@@ -24,7 +24,7 @@ def _make(grad):
     import headsparse as hs
 
     model = tiny_model("llama", dtype=torch.float64)
-    hs.patch(model, hs.HeadPlan(MODES, num_kv_heads=2), grad=grad)
+    hs.patch(model, hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama"), grad=grad)
     return model
 
 

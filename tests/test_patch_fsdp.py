@@ -21,7 +21,7 @@ STEPS = 3
 
 def _make():
     model = tiny_model("llama", dtype=torch.float32)
-    plan = hs.HeadPlan(MODES, num_kv_heads=2)
+    plan = hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama")
     return hs.patch(model, plan), plan
 
 
@@ -190,7 +190,7 @@ def test_patch_refuses_an_already_sharded_model(wrapper, monkeypatch):
         monkeypatch.setattr(core, "is_sharded", lambda t: t is target)
     else:
         target.ds_id = 7  # what DeepSpeed ZeRO-3 puts on every parameter it manages
-    plan = hs.HeadPlan(MODES, num_kv_heads=2)
+    plan = hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama")
     with pytest.raises(ValueError, match="patch the model first, then wrap"):
         hs.patch(model, plan)
     assert not hs.patch.core.is_patched(model)  # nothing was changed

@@ -18,7 +18,7 @@ STEPS, LR = 3, 5.0
 
 def _make():
     model = tiny_model("llama", dtype=torch.float32)
-    return hs.patch(model, hs.HeadPlan(MODES, num_kv_heads=2))
+    return hs.patch(model, hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama"))
 
 
 def _halves(model):

@@ -29,7 +29,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_patched_model_on_gpu_matches_float64_cpu(family, dtype):
     ref = tiny_model(family, heads=4, kv_heads=2)
     nkv = getattr(ref.config, "num_key_value_heads", None) or ref.config.num_attention_heads
-    plan = HeadPlan([["f", "t", "f", "p"], ["t", "f", "f", "t"], ["f", "t", "p", "f"]], num_kv_heads=nkv)
+    plan = HeadPlan([["f", "t", "f", "p"], ["t", "f", "f", "t"], ["f", "t", "p", "f"]], num_kv_heads=nkv, model_family=family)
     zero_pruned_o(ref, plan)
     model = copy.deepcopy(ref).to(device="cuda", dtype=dtype)
     hs.patch(model, plan, grad="exact")

@@ -69,7 +69,7 @@ def test_all_train_matches_unpatched(family):
 def test_sparse_plan_exact_gradients(family, kv_policy):
     ref = tiny_model(family)
     model = copy.deepcopy(ref)
-    plan = HeadPlan(_sparse_modes(family), num_kv_heads=_kv(model), kv_policy=kv_policy)
+    plan = HeadPlan(_sparse_modes(family), num_kv_heads=_kv(model), kv_policy=kv_policy, model_family=family)
     zero_pruned_o(ref, plan)
     hs.patch(model, plan, grad="exact")
     _same_outputs_and_grads(model, ref, plan)
@@ -85,7 +85,7 @@ def test_pruned_heads_match_zeroed_o_columns(family):
     nkv = _kv(model)
     # layer 1 loses a whole KV group when GQA, layer 2 is fully pruned
     modes = [["p", "f", "t", "f"], ["p", "p", "f", "f"], ["p", "p", "p", "p"]]
-    plan = HeadPlan(modes, num_kv_heads=nkv)
+    plan = HeadPlan(modes, num_kv_heads=nkv, model_family=family)
     zero_pruned_o(ref, plan)
     hs.patch(model, plan)
     ids = batch(model)
@@ -103,8 +103,8 @@ def test_sparse_mode_matches_exact_on_top_layer_only(family):
     are treated as constants), and the backward skips frozen heads in every layer."""
     ref = tiny_model(family)
     ids = batch(ref)
-    top_only = HeadPlan([["f"] * 4, ["f"] * 4, ["t", "f", "f", "f"]], num_kv_heads=_kv(ref))
-    two = HeadPlan([["f"] * 4, ["t", "f", "f", "f"], ["t", "f", "f", "f"]], num_kv_heads=_kv(ref))
+    top_only = HeadPlan([["f"] * 4, ["f"] * 4, ["t", "f", "f", "f"]], num_kv_heads=_kv(ref), model_family=family)
+    two = HeadPlan([["f"] * 4, ["t", "f", "f", "f"], ["t", "f", "f", "f"]], num_kv_heads=_kv(ref), model_family=family)
     grads = {}
     for name, plan in (("top", top_only), ("two", two)):
         for grad in ("exact", "sparse"):
@@ -158,7 +158,7 @@ def test_padding_matches_sdpa(family):
 def test_seq_classification_with_train_modules():
     ref = tiny_model("bert", seq_cls=True)
     model = copy.deepcopy(ref)
-    plan = HeadPlan([["f"] * 4, ["f"] * 4, ["t", "f", "f", "t"]])
+    plan = HeadPlan([["f"] * 4, ["f"] * 4, ["t", "f", "f", "t"]], model_family="bert")
     hs.patch(model, plan, train_modules=("classifier",))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"classifier.weight", "classifier.bias"} <= names
@@ -204,7 +204,7 @@ def test_bad_plans_and_models_raise():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_generate_matches(family):
     ref = tiny_model(family, dtype=torch.float32)
-    plan = HeadPlan([["f", "t", "f", "p"], ["p", "f", "f", "f"], ["t", "f", "p", "p"]], num_kv_heads=_kv(ref))
+    plan = HeadPlan([["f", "t", "f", "p"], ["p", "f", "f", "f"], ["t", "f", "p", "p"]], num_kv_heads=_kv(ref), model_family=family)
     model = hs.patch(copy.deepcopy(ref), plan)
     zero_pruned_o(ref, plan)
     ids = batch(ref, b=2, s=5)
@@ -222,5 +222,5 @@ def test_generate_matches(family):
 def test_head_layout_reports_the_patched_order():
     from headsparse.patch import head_layout
 
-    m = hs.patch(tiny_model("llama"), HeadPlan([["f", "p", "t", "f"], ["p"] * 4, ["t", "f", "f", "t"]], num_kv_heads=2))
+    m = hs.patch(tiny_model("llama"), HeadPlan([["f", "p", "t", "f"], ["p"] * 4, ["t", "f", "f", "t"]], num_kv_heads=2, model_family="llama"))
     assert head_layout(m) == [[2, 3, 0], [0], [0, 3, 1, 2]]  # TRAIN, frozen readers of trainable KV, rest

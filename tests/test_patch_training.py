@@ -14,7 +14,7 @@ TOL = dict(rtol=1e-9, atol=1e-11)
 
 def _plan(model, modes):
     kv = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
-    return HeadPlan(modes, num_kv_heads=kv)
+    return HeadPlan(modes, num_kv_heads=kv, model_family=model.config.model_type)
 
 
 def _step(model, ids, lr=1e-2):
@@ -34,7 +34,7 @@ def test_grad_and_optimizer_bytes_scale_with_trainable_heads(family):
     sizes = {}
     for k in (1, 2, 4):  # TRAIN heads per layer, in every layer
         m = tiny_model(family, layers=4, heads=4, kv_heads=4)
-        hs.patch(m, HeadPlan([["t"] * k + ["f"] * (4 - k)] * 4))
+        hs.patch(m, HeadPlan([["t"] * k + ["f"] * (4 - k)] * 4, model_family=family))
         opt = _step(m, ids)
         grads = _bytes(p.grad for p in m.parameters() if p.grad is not None)
         states = _bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
@@ -101,7 +101,7 @@ def test_no_saved_activations_below_the_horizon(family):
 
 
 def test_horizon_layers_run_without_grad():
-    m = hs.patch(tiny_model("llama", layers=3), HeadPlan([["f"] * 4, ["t"] + ["f"] * 3, ["f"] * 4], num_kv_heads=2))
+    m = hs.patch(tiny_model("llama", layers=3), HeadPlan([["f"] * 4, ["t"] + ["f"] * 3, ["f"] * 4], num_kv_heads=2, model_family="llama"))
     seen = []
     for layer in m.model.layers:
         layer.mlp.register_forward_hook(lambda mod, a, o: seen.append(torch.is_grad_enabled()))
@@ -234,7 +234,7 @@ def test_transformers_trainer(tmp_path):
 def test_train_modules_below_the_heads_get_exact_gradients(train):
     """A trainable module below the lowest TRAIN head moves the gradient horizon down with it."""
     ref = tiny_model("llama")
-    plan = HeadPlan([["f"] * 4, ["f"] * 4, ["t", "f", "f", "f"]], num_kv_heads=2)
+    plan = HeadPlan([["f"] * 4, ["f"] * 4, ["t", "f", "f", "f"]], num_kv_heads=2, model_family="llama")
     model = hs.patch(copy.deepcopy(ref), plan, train_modules=(train,))
     ids = batch(ref)
     loss_of(model, ids)[0].backward()

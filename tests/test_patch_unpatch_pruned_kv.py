@@ -20,7 +20,7 @@ def test_import_patch_core_submodule():
 
 def test_unpatch_zeroes_fully_pruned_kv_group():
     ref = tiny_model("llama", layers=2, heads=4, kv_heads=2)
-    plan = HeadPlan([["t", "f", "p", "p"], ["p", "t", "f", "f"]], num_kv_heads=2)  # layer 0: KV group 1 pruned
+    plan = HeadPlan([["t", "f", "p", "p"], ["p", "t", "f", "f"]], num_kv_heads=2, model_family="llama")  # layer 0: KV group 1 pruned
     model = hs.patch(copy.deepcopy(ref), plan)
     ids = torch.randint(0, 1000, (2, 9))
     with torch.no_grad():

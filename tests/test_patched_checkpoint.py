@@ -19,7 +19,7 @@ MODES = [["p", "t", "f", "f"], ["t", "t", "p", "p"], ["f", "f", "t", "p"]]
 def _tuned(family):
     ref = tiny_model(family)
     kv = getattr(ref.config, "num_key_value_heads", None) or ref.config.num_attention_heads
-    plan = HeadPlan(MODES, num_kv_heads=kv)
+    plan = HeadPlan(MODES, num_kv_heads=kv, model_family=family)
     model = copy.deepcopy(ref)
     hs.patch(model, plan)
     ids = batch(model)
@@ -113,7 +113,7 @@ def test_trainer_checkpoint_loads_stock_and_resumes_patched(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     ref = tiny_model("llama", dtype=torch.float32)
-    plan = HeadPlan([["f"] * 4, ["f", "t", "p", "f"], ["t", "f", "f", "f"]], num_kv_heads=2)
+    plan = HeadPlan([["f"] * 4, ["f", "t", "p", "f"], ["t", "f", "f", "f"]], num_kv_heads=2, model_family="llama")
     data = [{"input_ids": x, "labels": x} for x in batch(ref, b=8, s=12)]
 
     def args(out, steps):

@@ -27,7 +27,7 @@ class EngineLike(nn.Module):
 
 @pytest.mark.parametrize("wrap", ["engine", "compile"])
 def test_save_final_through_a_forwarding_wrapper(wrap, tmp_path):
-    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2),
+    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama"),
                      train_modules=("lm_head",))
     with torch.no_grad():
         for p in model.parameters():
@@ -51,7 +51,7 @@ def test_save_delta_refuses_zero3_partitioned_parameters(tmp_path):
     tensors. It refuses and names save_final, as it does for FSDP2 DTensors."""
     from types import SimpleNamespace
 
-    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2))
+    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama"))
     for i, p in enumerate(model.parameters()):  # what deepspeed.zero.Init leaves on every parameter it partitions
         p.ds_id, p.ds_status, p.ds_shape = i, SimpleNamespace(name="NOT_AVAILABLE"), p.shape
         p.data = torch.empty(0, dtype=p.dtype)
@@ -65,7 +65,7 @@ def test_zero3_placeholder_load_keeps_the_whole_persistent_parameters():
     placeholder state dict loaded then must not write uninitialised memory into the whole ones."""
     from types import SimpleNamespace
 
-    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2))
+    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama"))
     attn = model.model.layers[1].self_attn
     loaded_layer = []
     for i, (n, p) in enumerate(model.named_parameters()):
@@ -95,7 +95,7 @@ def _failing_writer_worker(rank, port, out_dir):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-        model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2))
+        model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama"))
         blocker = os.path.join(out_dir, "a-file")  # rank 0 cannot make a folder under a file: its write fails
         try:
             save_final(model, os.path.join(blocker, "final"))
@@ -130,7 +130,7 @@ def test_zero3_state_dict_on_a_non_writing_rank_keeps_no_layer_copies(monkeypatc
     import headsparse.patch.distributed as hs_dist
     from headsparse.patch import gather_standard_state_dict
 
-    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2))
+    model = hs.patch(tiny_model("llama", dtype=torch.float32), hs.HeadPlan(MODES, num_kv_heads=2, model_family="llama"))
     for i, p in enumerate(model.parameters()):  # ZeRO-3 parameters, gathered (the gather itself is faked below)
         p.ds_id, p.ds_status = i, SimpleNamespace(name="AVAILABLE")
     monkeypatch.setattr(hs_dist, "_gathered_parameters", lambda params: contextlib.nullcontext())

@@ -50,6 +50,22 @@ def test_score_command_jsonl_per_layer(tmp_path, model_path):
     assert not (tmp_path / "p.heatmap.png").exists()
 
 
+def test_score_command_places_heads_with_layers(tmp_path, model_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(TEXTS))
+    out = tmp_path / "top.json"
+    rc = main(["score", "--model", model_path, "--data", str(data), "--method", "gradient", "--fraction", "0.1",
+               "--layers", "3:", "--out", str(out), "--heatmap", "none", "--no-progress"])
+    assert rc == 0
+    plan = HeadPlan.load(out)
+    scores = HeadScores.load(tmp_path / "top.scores.json")
+    assert plan == scores.to_plan(fraction=0.1, layers=range(3, 6)) and plan.count("train") == 7
+    assert plan.gradient_horizon == 3 and all(not plan.heads(i, "train") for i in range(3))
+    assert "gradient horizon: layer 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--layers must be START:STOP"):
+        main(["score", "--model", model_path, "--data", str(data), "--layers", "top", "--out", str(out)])
+
+
 def test_read_texts_and_options(tmp_path):
     f = tmp_path / "a.jsonl"
     f.write_text('{"text": "x"}\n{"nope": 1}\n')

@@ -67,7 +67,7 @@ def test_apt_prunes_the_least_salient_heads():
 
 def test_apt_rejects_bad_arguments():
     task = synthetic_task(n_pool=16, n_targets=4, n_target_set=2, n_eval=2)
-    plan = HeadPlan.uniform(3, 4, 2, "train")
+    plan = HeadPlan.uniform(3, 4, 2, "train", model_family="llama")
     for kw, match in [(dict(keep_final=0), "keep_final"), (dict(n_prunings=0), "n_prunings"),
                       (dict(prune_start=0.5, prune_end=0.5), "prune_start"), (dict(distill_max=2), "distill_max")]:
         with pytest.raises(ValueError, match=match):

@@ -468,6 +468,13 @@ def patch(model: nn.Module, plan: HeadPlan, grad: str = "exact", train_modules: 
     if is_patched(model):
         raise ValueError("model is already patched by headsparse; call headsparse.unpatch(model) first")
     plan.check_model(model)
+    if plan.model_family is None:
+        raise ValueError(
+            "plan has no model_family, so patch cannot check that it was made for this kind of model: build it with "
+            "HeadPlan.from_scores(score_heads(model, ...), ...) or HeadPlan.for_model(model), which take the family "
+            "from the model, or pass model_family=model.config.model_type"
+            + f" (here {family.name!r})"
+            + " to HeadPlan(...), HeadPlan.uniform or HeadPlan.from_scores")
     modules = dict(model.named_modules())
     for name in train_modules:
         if name not in modules:

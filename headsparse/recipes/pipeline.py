@@ -461,7 +461,7 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
             scores, scorer = score_heads_for_pipeline(model, tgt, cfg.probe_batch_size, cfg.head_scorer, seed=seed)
             t, c = time.perf_counter() - t0, time.process_time() - c0
             stages["score" if seed == cfg.seed else f"score (seed {seed})"] = t
-            p = HeadPlan.from_scores(scores, top_fraction=cfg.head_fraction, num_kv_heads=nl_plan.num_kv_heads,
+            p = HeadPlan.from_scores(scores, fraction=cfg.head_fraction, num_kv_heads=nl_plan.num_kv_heads,
                                      model_family=nl_plan.model_family)
             plans[seed] = (p, tgt, t, c, scorer)
             _log(f"head scoring ({scorer}, seed {seed}): {t:.1f} s; training {p.count('train')} of "

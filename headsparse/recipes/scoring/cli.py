@@ -1,6 +1,6 @@
 """``headsparse score``: score the heads of a model on a text file and write a HeadPlan.
 
-    headsparse score --model PATH --data FILE --method hifi --fraction 0.1 --out plan.json
+    headsparse score --model PATH --data FILE --method hifi --fraction 0.1 [--layers 15:] --out plan.json
 
 Writes ``plan.json`` (the HeadPlan), ``plan.scores.json`` (the HeadScores) and
 ``plan.heatmap.png`` (scores per layer and head, TRAIN heads marked), prints a
@@ -109,6 +109,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--fraction", type=float, default=None, help="TRAIN the global top fraction (default 0.1)")
     sel.add_argument("--per-layer-k", type=int, default=None, help="TRAIN the top k heads of every layer")
+    p.add_argument("--layers", default=None, metavar="START:STOP",
+                   help="placement: TRAIN heads only in these layers, START:STOP (STOP excluded; 'START:' runs to the "
+                        "last layer) or a comma list; the same number of heads as without it. Below the lowest one no "
+                        "autograd graph is kept (the gradient horizon)")
     p.add_argument("--prune-fraction", type=float, default=None, help="PRUNE the lowest-scoring fraction")
     p.add_argument("--kv-policy", default="any", choices=("any", "all", "none"))
     p.add_argument("--out", required=True, help="plan JSON to write")
@@ -124,6 +128,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
+
+
+def parse_layers(text):
+    """``--layers``: "START:STOP" (STOP excluded, empty = to the end), "START:", or "i,j,k"; None stays None."""
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            start = int(a) if a.strip() else 0
+            return ("range", start, int(b) if b.strip() else None)
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be START:STOP, START: or a comma list of layer indices, got {text!r}") from None
+
+
+def _layers_for(spec, num_layers: int):
+    if spec is None or isinstance(spec, list):
+        return spec
+    _, start, stop = spec
+    return range(start, num_layers if stop is None else stop)
 
 
 def _stem(out: str) -> str:
@@ -148,6 +173,7 @@ def _run(args) -> int:
     fraction = args.fraction if args.fraction is not None or args.per_layer_k is not None else 0.1
     if fraction is not None and not 0 <= fraction <= 1:
         raise ValueError(f"--fraction must be in [0, 1], got {fraction}")
+    layers = parse_layers(args.layers)
     texts = read_texts(args.data)
     opts = parse_options(args.option)
     if (args.heatmap or "").lower() != "none":  # before any work, not after the scores are written
@@ -159,7 +185,7 @@ def _run(args) -> int:
                          progress=not args.no_progress, **opts)
     elapsed = time.perf_counter() - t0
     plan = scores.to_plan(fraction=fraction, per_layer_k=args.per_layer_k, prune_fraction=args.prune_fraction,
-                          kv_policy=args.kv_policy)
+                          layers=_layers_for(layers, scores.num_layers), kv_policy=args.kv_policy)
     stem = _stem(args.out)
     scores_out = args.scores_out or stem + ".scores.json"
     heatmap = args.heatmap or stem + ".heatmap.png"
@@ -171,5 +197,6 @@ def _run(args) -> int:
     print(f"train {plan.count('train')} heads ({100 * plan.trainable_fraction:.1f}%), pruned {plan.count('pruned')}; "
           f"{scores.num_samples} samples, {scores.num_tokens} tokens, {elapsed:.1f} s "
           f"({scores.num_tokens / max(elapsed, 1e-9):.0f} tokens/s)")
+    print(plan.horizon_text())
     print(f"wrote {args.out}, {scores_out}" + ("" if heatmap.lower() == "none" else f", {heatmap}"))
     return 0

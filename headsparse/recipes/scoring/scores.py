@@ -84,17 +84,16 @@ class HeadScores:
     # ------------------------------------------------------------------ plans
     def to_plan(self, fraction: Optional[float] = None, per_layer_k: Optional[int] = None, *,
                 prune_fraction: Optional[float] = None, prune_threshold: Optional[float] = None,
-                kv_policy: str = "any"):
-        """A :class:`headsparse.HeadPlan`: TRAIN the global top ``fraction`` of heads or the top ``per_layer_k``
-        heads of every layer (exactly one), optionally PRUNE the lowest-scoring ones; the rest FROZEN."""
+                layers=None, kv_policy: str = "any", **deprecated):
+        """``HeadPlan.from_scores(self, ...)``: TRAIN the top ``fraction`` of heads or the top ``per_layer_k`` heads of
+        every layer (exactly one), only in ``layers`` if given (placement: for example the top half), optionally PRUNE
+        the lowest-scoring ones; the rest FROZEN. The plan takes its family and KV heads from these scores."""
         from ...plan import HeadPlan
 
         if not torch.isfinite(self.scores).all():
             raise ValueError("to_plan: scores hold NaN or inf")
-        return HeadPlan.from_scores(self.scores, top_fraction=fraction, top_k_per_layer=per_layer_k,
-                                    prune_fraction=prune_fraction, prune_threshold=prune_threshold,
-                                    num_kv_heads=self.num_kv_heads, kv_policy=kv_policy,
-                                    model_family=self.model_family)
+        return HeadPlan.from_scores(self, fraction=fraction, per_layer_k=per_layer_k, prune_fraction=prune_fraction,
+                                    prune_threshold=prune_threshold, layers=layers, kv_policy=kv_policy, **deprecated)
 
     # ------------------------------------------------------------ persistence
     def to_dict(self) -> Dict:
