@@ -1,6 +1,8 @@
 """Shared helpers for the attention tests: random problems and the float64 comparison."""
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -92,12 +94,38 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0, device="cpu"):
     return q, k, v, do, kw
 
 
+@contextlib.contextmanager
+def torch_path(path):
+    """Force the torch backend's path (``HEADSPARSE_TORCH_PATH``) inside the block; None leaves it alone."""
+    from headsparse.ops.torch_backend import PATH_ENV
+
+    before = os.environ.get(PATH_ENV)
+    if path is not None:
+        os.environ[PATH_ENV] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PATH_ENV, None)
+        else:
+            os.environ[PATH_ENV] = before
+
+
+def split_backend(name: str):
+    """("torch", "sdpa") for the test name "torch:sdpa" (the torch backend on one forced path); (name, None) else."""
+    backend, _, path = name.partition(":")
+    return backend, (path or None)
+
+
 def run_and_compare(case: Case, dtype: torch.dtype, backend: str, seed: int = 0, device="cpu"):
-    """Run ``backend`` and the float64 reference on the same inputs; assert outputs and gradients agree."""
+    """Run ``backend`` and the float64 reference on the same inputs; assert outputs and gradients agree.
+    ``backend`` may name a path of the torch backend, as "torch:sdpa"."""
+    backend, path = split_backend(backend)
     q, k, v, do, kw = make_inputs(case, dtype, seed, device)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = hs.attention(*leaves, backend=backend, **kw)
-    grads = torch.autograd.grad(out, leaves, do, allow_unused=True)
+    with torch_path(path):
+        out = hs.attention(*leaves, backend=backend, **kw)
+        grads = torch.autograd.grad(out, leaves, do, allow_unused=True)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref_kw = {key: (val.double() if key == "attention_mask" and val is not None and val.is_floating_point() else val)
               for key, val in kw.items()}

@@ -9,10 +9,12 @@ import os
 import pytest
 import torch
 
-from attention_cases import Case, run_and_compare
+from attention_cases import Case, run_and_compare, split_backend, torch_path
 
-# The compiled extension is required unless it was deliberately not built.
-CPU_BACKENDS = ["torch"] + ([] if os.environ.get("HEADSPARSE_SKIP_EXT", "0") not in ("", "0") else ["cpu"])
+# The compiled extension is required unless it was deliberately not built. "torch:sdpa" is the torch backend forced
+# onto its sdpa path (PyTorch's public scaled_dot_product_attention: the CUDA default), so CPU runs that code too.
+CPU_BACKENDS = ["torch", "torch:sdpa"] + ([] if os.environ.get("HEADSPARSE_SKIP_EXT", "0") not in ("", "0")
+                                          else ["cpu"])
 
 SHAPE_CASES = [
     Case(),  # GQA 2, Sq < Skv, odd lengths
@@ -99,7 +101,7 @@ def test_bshd_layout_matches_bhsd():
     from attention_cases import make_inputs
 
     q, k, v, do, kw = make_inputs(Case(b=2, hq=4, hkv=2, sq=20, skv=20), torch.float32)
-    for backend in CPU_BACKENDS + ["triton"]:
+    for backend in [b for b in CPU_BACKENDS if ":" not in b] + ["triton"]:
         out = hs.attention(q, k, v, backend=backend, out_layout="bshd", **kw)
         assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
         torch.testing.assert_close(out, hs.attention(q, k, v, backend=backend, **kw), atol=0, rtol=0)
@@ -116,10 +118,12 @@ def test_strided_inputs_as_hugging_face_passes_them():
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = hs.attention_reference(*ref_leaves, causal=True)
     ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
-    for backend in CPU_BACKENDS + ["triton"]:
+    for name in CPU_BACKENDS + ["triton"]:
+        backend, path = split_backend(name)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = hs.attention(*leaves, causal=True, backend=backend, out_layout="bshd")
-        grads = torch.autograd.grad(out, leaves, do)
+        with torch_path(path):
+            out = hs.attention(*leaves, causal=True, backend=backend, out_layout="bshd")
+            grads = torch.autograd.grad(out, leaves, do)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0, msg=lambda m: f"{backend}: {m}")
         for g, rg in zip(grads, ref_grads):
             torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=0, msg=lambda m: f"{backend}: {m}")
@@ -140,10 +144,12 @@ def test_k_and_v_in_different_layouts():
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = hs.attention_reference(*ref_leaves, causal=True)
     ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
-    for backend in CPU_BACKENDS + ["triton"]:
+    for name in CPU_BACKENDS + ["triton"]:
+        backend, path = split_backend(name)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = hs.attention(*leaves, causal=True, backend=backend)
-        grads = torch.autograd.grad(out, leaves, do)
+        with torch_path(path):
+            out = hs.attention(*leaves, causal=True, backend=backend)
+            grads = torch.autograd.grad(out, leaves, do)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0, msg=lambda m: f"{backend}: {m}")
         for g, rg in zip(grads, ref_grads):
             torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=0, msg=lambda m: f"{backend}: {m}")
@@ -154,7 +160,7 @@ def test_k_and_v_in_different_layouts():
 # The compiled cuda backend is gated behind HEADSPARSE_ENABLE_UNVALIDATED_CUDA=1 until it has
 # passed these tests on a GPU; the fixture sets it for them.
 
-GPU_BACKENDS = ["triton", "cuda"]
+GPU_BACKENDS = ["torch", "triton", "cuda"]
 GPU_CASES = TRITON_CASES + [
     Case(b=2, hq=8, hkv=2, sq=300, skv=517, d=128, causal=True),
     Case(b=3, hq=8, hkv=2, sq=17, skv=133, causal=True, mask="bool"),

@@ -8,6 +8,7 @@ cannot run the call raises :class:`BackendUnavailableError` with its reasons.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional
 
 from . import extension, torch_backend, triton_backend
@@ -23,11 +24,20 @@ _BACKENDS: Dict[str, Backend] = {
 }
 
 # Preference order of ``backend="auto"`` per op and device type, fastest first; devices not listed use torch.
-# Head statistics use torch everywhere (docs/extension.md has the measurement).
+# On CUDA the torch backend (PyTorch's own attention kernels) comes first: no headsparse kernel has passed on a GPU
+# yet, so the Triton kernels go first only behind TRITON_AUTO_SWITCH. Head statistics use torch everywhere
+# (docs/extension.md has the measurement).
 _AUTO_ORDER: Dict[str, Dict[str, tuple]] = {
-    "attention": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "attention": {"cuda": ("torch",), "cpu": ("torch",)},
     "head_stats": {},
 }
+
+TRITON_AUTO_SWITCH = "HEADSPARSE_ENABLE_UNVALIDATED_TRITON"
+
+
+def triton_auto_enabled() -> bool:
+    """Whether ``auto`` tries the Triton kernels first on CUDA (``HEADSPARSE_ENABLE_UNVALIDATED_TRITON=1``)."""
+    return os.environ.get(TRITON_AUTO_SWITCH, "0").strip().lower() not in ("", "0", "false", "no")
 
 
 def register_backend(backend: Backend, auto_rank: Optional[Dict[str, int]] = None, op: str = "attention") -> None:
@@ -57,7 +67,11 @@ def names(op: str) -> List[str]:
 
 
 def auto_order(op: str, device: str) -> tuple:
-    return _AUTO_ORDER[op].get(device, ("torch",))
+    """The backends ``auto`` tries for ``op`` on ``device``, in order."""
+    order = _AUTO_ORDER[op].get(device, ("torch",))
+    if op == "attention" and device == "cuda" and triton_auto_enabled() and "triton" in _BACKENDS:
+        order = ("triton",) + tuple(n for n in order if n != "triton")
+    return order
 
 
 def backends() -> Dict[str, BackendInfo]:

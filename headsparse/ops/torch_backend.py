@@ -1,26 +1,38 @@
 """The ``torch`` backend: head-sparse attention and head statistics in plain PyTorch, any device.
 
 :data:`BACKEND` follows the kernel contract of :mod:`headsparse.ops.backend`: the forward runs only the listed
-query heads; the backward receives compact tensors that hold only the heads that need a gradient, recomputes the
-probabilities from the saved log-sum-exp, and returns compact gradients. Arithmetic is float32 (float64 for
-float64 inputs). It is also the implementation of the head statistics that ``auto`` uses everywhere.
+query heads; the backward receives compact tensors that hold only the heads that need a gradient and returns
+compact gradients. It is also the implementation of the head statistics that ``auto`` uses everywhere.
 
-On CPU tensors of float32/float16/bfloat16 it runs PyTorch's fused CPU
-flash-attention kernels (the ones behind ``scaled_dot_product_attention``,
-which also return the log-sum-exp) on the gathered heads instead of
-materialising the score matrix: same contract, 2-3x less time per call. They
-accumulate in float32 but round the probabilities to the input dtype before
-the P @ V product, so float16/bfloat16 results differ from the float32 path
-by about one rounding of the input dtype. float64, an empty query or key
-sequence, an additive mask whose dtype would lose precision, and a dtype that
-the installed torch's kernels do not take (probed once) use the plain path.
+A call takes one of three paths (:func:`fused_path` says which one is tried; ``HEADSPARSE_TORCH_PATH`` forces one):
+
+* ``cpu-flash`` (CPU default): PyTorch's fused CPU flash-attention kernels (the ``aten`` ops behind
+  ``scaled_dot_product_attention`` on CPU, which also return the log-sum-exp) on the gathered heads; the backward
+  calls their backward op on the compact tensors. They accumulate in float32 but round the probabilities to the
+  input dtype before the P @ V product, so float16/bfloat16 results differ from the float32 path by about one
+  rounding of the input dtype.
+* ``sdpa`` (default on CUDA and every other device): the public ``torch.nn.functional.scaled_dot_product_attention``
+  (PyTorch's FlashAttention-2 / memory-efficient / cuDNN kernels, whichever PyTorch picks) under ``no_grad`` on the
+  computed heads. The forward keeps no log-sum-exp (the public API returns none), so the backward runs the same
+  public call once more under autograd on the compact grad-head tensors and differentiates it: an extra forward
+  of the grad heads only, in exchange for staying on an API that every supported torch release keeps stable. K/V
+  are gathered per query head (a copy the size of the computed heads' q) rather than passed with ``enable_gqa``,
+  which with a mask sends some releases to the math kernel (a materialised score matrix).
+* ``plain``: materialised scores, chunked over heads, arithmetic in float32 (float64 for float64 inputs). It
+  runs what the fused paths cannot take: float64, an empty query or key sequence, an additive mask whose dtype
+  would lose precision in the input dtype, a dtype the installed CPU kernels do not take (probed once), and
+  non-finite inputs (NaN/inf), whose propagation the fused kernels do not follow as the specification
+  (:func:`headsparse.attention_reference`) defines it.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
+from .autograd import _batched
 from .backend import Backend, StatsProblem
 from .problem import AttentionProblem
 
@@ -85,14 +97,39 @@ def _flash_supports(dtype: torch.dtype) -> bool:
     return _FLASH_DTYPE_OK[dtype]
 
 
-def _use_flash_cpu(q: torch.Tensor, skv: int, mask: Optional[torch.Tensor]) -> bool:
-    # The kernel crashes the process (SIGFPE) on an empty query or key sequence.
-    if _FLASH_CPU is None or q.device.type != "cpu" or skv == 0 or q.shape[2] == 0:
-        return False
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not _flash_supports(q.dtype):
-        return False
-    # The kernel adds the mask in q's dtype; the specification adds it in float32.
-    return mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype or q.dtype == torch.float32
+PATH_ENV = "HEADSPARSE_TORCH_PATH"
+PATH_CHOICES = ("auto", "cpu-flash", "sdpa", "plain")
+
+
+def fused_path(device_type: str) -> str:
+    """The fused path the torch backend tries for tensors on ``device_type``: ``"cpu-flash"``, ``"sdpa"`` or
+    ``"plain"``. ``HEADSPARSE_TORCH_PATH`` (one of :data:`PATH_CHOICES`) overrides ``auto``; a call the chosen
+    path cannot take runs on the plain path."""
+    choice = os.environ.get(PATH_ENV, "auto").strip().lower() or "auto"
+    if choice not in PATH_CHOICES:
+        raise ValueError(f"{PATH_ENV} must be one of {PATH_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if device_type == "cpu":
+        return "cpu-flash" if _FLASH_CPU is not None else "plain"
+    return "sdpa"
+
+
+def _path_for(q: torch.Tensor, skv: int, mask: Optional[torch.Tensor]) -> str:
+    """The path that runs this call: the fused path of q's device if it can take the call, else ``"plain"``."""
+    path = fused_path(q.device.type)
+    if path == "plain" or skv == 0 or q.shape[2] == 0:  # the CPU kernel crashes (SIGFPE) on an empty sequence
+        return "plain"
+    if path == "sdpa" and _under_transform(q):
+        return "plain"
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return "plain"
+    # The kernels add the mask in q's dtype; the specification adds it in float32.
+    if not (mask is None or mask.dtype == torch.bool or mask.dtype == q.dtype or q.dtype == torch.float32):
+        return "plain"
+    if path == "cpu-flash" and (_FLASH_CPU is None or q.device.type != "cpu" or not _flash_supports(q.dtype)):
+        return "plain"
+    return path
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -156,10 +193,115 @@ def _flash_backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, 
                          _unit_last(o), lse, 0.0, is_causal, attn_mask=add, scale=scale)
     if g == r and bool((kv_pos == torch.arange(r)).all()):
         return dq, dk_h, dv_h
-    # out of place: under batched gradients (vmap) dk_h is batched and a fresh buffer is not
-    dk = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add(1, kv_pos, dk_h.float())
-    dv = torch.zeros((b, r, skv, d), dtype=torch.float32).index_add(1, kv_pos, dv_h.float())
-    return dq, dk.to(q.dtype), dv.to(q.dtype)
+    return dq, *_sum_over_groups(dk_h, dv_h, kv_pos, r)
+
+
+def _sum_over_groups(dk_h, dv_h, kv_pos, r: int):
+    """dK, dV of the R KV heads from those of each query head (``kv_pos[g]``: the KV head of head g), summed in
+    float32 as the kernels accumulate. Out of place: under batched gradients (vmap) dk_h is batched and a fresh
+    buffer is not."""
+    b, _, skv, d = dk_h.shape
+    acc = dict(dtype=torch.float32, device=dk_h.device)
+    dk = torch.zeros((b, r, skv, d), **acc).index_add(1, kv_pos, dk_h.float())
+    dv = torch.zeros((b, r, skv, d), **acc).index_add(1, kv_pos, dv_h.float())
+    return dk.to(dk_h.dtype), dv.to(dv_h.dtype)
+
+
+# ---------------------------------------------------------------- the sdpa path (public API; CUDA's default)
+
+
+def _sdpa_mask(mask: Optional[torch.Tensor], causal: bool, sq: int, skv: int, dtype: torch.dtype,
+               device: torch.device):
+    """(attn_mask for SDPA or None, is_causal for SDPA, rows with nothing to attend or None).
+
+    SDPA's own causal mask is aligned top-left, the specification's bottom-right, so it is used only when
+    Sq == Skv. A row with nothing to attend would come back NaN from the kernels; it is given every key instead
+    (finite), and the callers zero its output and its incoming gradient, which is what the specification asks.
+    """
+    if mask is None and (not causal or sq == skv):  # every row sees at least one key
+        return None, causal, None
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    if causal:
+        rows = torch.arange(sq, device=device)[:, None]
+        keep = torch.arange(skv, device=device)[None, :] <= rows + (skv - sq)
+        if mask is None:
+            mask = keep[None, None]
+        elif mask.dtype == torch.bool:
+            mask = mask & keep
+        else:
+            mask = mask.masked_fill(~keep, float("-inf"))
+    if mask.dtype == torch.bool:
+        empty = ~mask.any(dim=-1)
+        return mask | empty[..., None], False, empty
+    empty = torch.isneginf(mask).all(dim=-1)
+    return mask.masked_fill(empty[..., None], 0.0), False, empty
+
+
+def _sdpa_forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> Optional[torch.Tensor]:
+    """The forward on PyTorch's public SDPA, or None (nothing written) when an input is not finite: the plain path
+    then follows the specification's NaN/inf rules. The returned "log-sum-exp" marks rows for this path's own
+    backward only: -inf everywhere (which no real log-sum-exp is), +inf where nothing is attended."""
+    sq, skv = q.shape[2], k.shape[2]
+    attn_mask, is_causal, empty = _sdpa_mask(_mask_for_heads(mask, mask_idx), causal, sq, skv, q.dtype, q.device)
+    qa = q if q_idx.numel() == q.shape[1] else q.index_select(1, q_idx)  # active heads are sorted: all = identity
+    ka, va = k.index_select(1, kv_idx), v.index_select(1, kv_idx)
+    o = F.scaled_dot_product_attention(qa, ka, va, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    checks = [torch.isfinite(t).all() for t in (qa, ka, va)] + [~torch.isnan(o).any()]
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        checks.append(~torch.isnan(attn_mask).any())
+    if not bool(torch.stack(checks).all()):  # one device synchronisation per call
+        return None
+    b, p = qa.shape[:2]
+    lse = torch.full((b, p, sq), float("-inf"), dtype=torch.float32, device=q.device)
+    if empty is not None:
+        o = o.masked_fill(empty[..., None], 0)
+        lse = lse.masked_fill(empty.expand(b, p, sq), float("inf"))
+    out.index_copy_(1, q_idx, o)
+    return lse
+
+
+def _is_sdpa_lse(lse: torch.Tensor) -> bool:
+    """Whether ``lse`` is the sdpa path's marker (looked at through any functorch wrapper, e.g. vmap's)."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(lse) or f.is_batchedtensor(lse):
+        lse = f.get_unwrapped(lse)
+    return bool(torch.isneginf(lse).any())
+
+
+def _under_transform(*tensors: torch.Tensor) -> bool:
+    """A torch.func transform (vmap, grad, jacrev) is active or wraps an input: the plain path, whose ops are all
+    out of place and without data-dependent branches, runs it."""
+    level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)()
+    return level is not None or any(_batched(t) for t in tensors)
+
+
+def _real_lse(q, k, v, kv_pos, mask_idx, mask, causal, scale) -> torch.Tensor:
+    """The log-sum-exp of the compact heads (+inf where nothing is attended), out of place, materialised: for the
+    rare backward of an sdpa forward under a functorch transform."""
+    m_sel = None if mask is None else mask.index_select(1, mask_idx)
+    s = _masked_scores(q.to(_compute_dtype(q.dtype)), k.index_select(1, kv_pos).to(_compute_dtype(q.dtype)), m_sel,
+                       causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+
+
+def _sdpa_backward(do, q, k, v, o, kv_pos, mask_idx, mask, causal, scale, stats):
+    """Differentiates the public SDPA call again on the compact grad-head tensors (the forward saved no
+    log-sum-exp): one more forward of the grad heads, then PyTorch's matching backward kernel."""
+    b, g, sq, d = q.shape
+    r, skv = k.shape[1], k.shape[2]
+    attn_mask, is_causal, empty = _sdpa_mask(_mask_for_heads(mask, mask_idx), causal, sq, skv, q.dtype, q.device)
+    if stats is not None:
+        stats += (o.float() * do.float()).sum(dim=(-1, -2))
+    if empty is not None:  # rows that attend nothing were computed over every key: their gradient must not flow
+        do = do.masked_fill(empty[..., None], 0)
+    with torch.enable_grad():
+        leaves = (q.detach().requires_grad_(), k.detach().index_select(1, kv_pos).requires_grad_(),
+                  v.detach().index_select(1, kv_pos).requires_grad_())
+        o2 = F.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        dq, dk_h, dv_h = torch.autograd.grad(o2, leaves, do)
+    return dq, *_sum_over_groups(dk_h, dv_h, kv_pos, r)
 
 
 def _head_range(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -180,10 +322,16 @@ def _forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> torc
     Writes ``out[:, q_idx[p]]`` and returns the log-sum-exp, shape (B, P, Sq),
     float32/64; rows with nothing to attend get output 0 and lse = +inf.
     """
-    if _use_flash_cpu(q, k.shape[2], mask):
-        lse = _flash_forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out)
+    path = _path_for(q, k.shape[2], mask)
+    if path != "plain":
+        fused = _flash_forward if path == "cpu-flash" else _sdpa_forward
+        lse = fused(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out)
         if lse is not None:
             return lse
+    return _plain_forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out)
+
+
+def _plain_forward(q, k, v, q_idx, kv_idx, mask_idx, mask, causal, scale, out) -> torch.Tensor:
     cdt = _compute_dtype(q.dtype)
     b, _, sq, _ = q.shape
     skv = k.shape[2]
@@ -218,9 +366,15 @@ def _backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats:
     dk, dv (B, R, Skv, D) in the input dtype. If ``stats`` (B, G) is given, the
     per-(batch, head) sum over tokens of <o, do> is added to it.
     """
-    # An lse that is NaN (non-finite inputs; see _flash_forward) came from the plain forward: differentiate
-    # it with the plain backward too. Finite lse costs one pass over (B, G, Sq).
-    if _use_flash_cpu(q, k.shape[2], mask) and not bool(torch.isnan(lse).any()):
+    # The lse says which forward ran (one pass over (B, G, Sq)): the sdpa path's marker, or a real one. A NaN lse
+    # (non-finite inputs; see _flash_forward) came from the plain forward: differentiate it with the plain backward.
+    if _is_sdpa_lse(lse):
+        if not _under_transform(do, q):
+            return _sdpa_backward(do, q, k, v, o, kv_pos, mask_idx, mask, causal, scale, stats)
+        # A torch.func transform or batched gradients: autograd cannot run inside them, so the plain backward
+        # (out-of-place torch ops) runs, on the real log-sum-exp, recomputed here.
+        lse = _real_lse(q, k, v, kv_pos, mask_idx, mask, causal, scale)
+    elif _path_for(q, k.shape[2], mask) == "cpu-flash" and not bool(torch.isnan(lse).any()):
         return _flash_backward(do, q, k, v, o, lse, kv_pos, mask_idx, mask, causal, scale, stats)
     cdt = _compute_dtype(q.dtype)
     b, g, sq, d = q.shape
@@ -294,7 +448,8 @@ class TorchBackend(Backend):
         return ("cpu", "cuda", "mps")
 
     def probe(self) -> Tuple[bool, str]:
-        return True, "plain PyTorch; any device"
+        return True, ("plain PyTorch, any device: PyTorch's fused CPU flash kernels on CPU, its own "
+                      "scaled_dot_product_attention kernels (flash / memory-efficient) on CUDA, on the needed heads")
 
     def supports(self, problem) -> List[str]:
         if isinstance(problem, StatsProblem):
