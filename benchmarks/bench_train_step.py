@@ -7,6 +7,10 @@ Methods:
   hs-sparse-spread   same plan, grad="sparse"
   hs-exact-top       headsparse, 10% of heads TRAIN, all in the top half of the layers, grad="exact"
   hs-sparse-top      same plan, grad="sparse"
+  hs-*-cached        the same four with the frozen-prefix cache (headsparse.PrefixCache): "epoch one" steps each
+                     take a new batch (the prefix runs and its output is stored), "later epochs" steps replay
+                     those batches from the cache (the layers below the horizon do not run). The main step
+                     columns are the later epochs; the epoch-one columns and the cache's bytes are beside them.
 
 Each method runs in its own subprocess (fresh memory). Memory:
   - CUDA: ``torch.cuda.max_memory_allocated()`` during the steps minus the allocation before the first step.
@@ -36,7 +40,8 @@ import sys
 import threading
 import time
 
-METHODS = ("full", "lora16", "hs-exact-spread", "hs-sparse-spread", "hs-exact-top", "hs-sparse-top")
+METHODS = ("full", "lora16", "hs-exact-spread", "hs-sparse-spread", "hs-exact-top", "hs-sparse-top",
+           "hs-exact-spread-cached", "hs-sparse-spread-cached", "hs-exact-top-cached", "hs-sparse-top-cached")
 MODELS = ("smollm2", "smollm2-random", "llama-1b", "tiny")
 TRAIN_FRACTION = 0.10
 
@@ -96,7 +101,7 @@ def _setup(method: str, model):
         return get_peft_model(model, cfg), None
     import headsparse as hs
 
-    _, grad, where = method.split("-")
+    _, grad, where = method.split("-")[:3]
     plan = _plan(model, where)
     hs.patch(model, plan, grad=grad)
     return model, plan
@@ -184,6 +189,10 @@ def worker(args) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    cached = args.method.endswith("-cached")
+    # cached methods: one new batch per step of "epoch one" (each a cache miss), replayed in the later epochs
+    epoch_ids = [ids] + [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+                         for _ in range(args.steps)] if cached else None
 
     # saved-for-backward bytes of one forward (exact, backend independent)
     saved = [0]
@@ -197,9 +206,10 @@ def worker(args) -> dict:
     del loss
     gc.collect()
 
-    def step():
+    def step(x=None):
+        x = ids if x is None else x
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         return float(loss)
@@ -215,15 +225,31 @@ def worker(args) -> dict:
     else:
         meter = _CpuPeak()
         meter.start()
-    times = []
+    times, epoch1_times, cache, cache_stats = [], [], None, None
+    if cached:
+        import headsparse as hs
+
+        cache = hs.PrefixCache().attach(model)
+        for i, x in enumerate(epoch_ids):  # epoch one: every batch new (the first is the warm-up)
+            sync()
+            t0 = time.perf_counter()
+            step(x)
+            sync()
+            if i > 0:
+                epoch1_times.append(time.perf_counter() - t0)
     for i in range(args.steps + 1):
         sync()
         t0 = time.perf_counter()
-        step()
+        step(epoch_ids[i] if cached else None)
         sync()
         if i > 0:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else meter.stop()
+    if cache is not None:
+        cache_stats = cache.stats()
+        if cache_stats["hits"] != args.steps + 1 or cache_stats["misses"] != args.steps + 1:
+            raise RuntimeError(f"prefix cache: expected {args.steps + 1} misses then as many hits, got {cache_stats}")
+        cache.detach(clear=True)
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     cosine = _sparse_vs_exact_cosine(args, model, plan, ids) if "sparse" in args.method else None
     state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
@@ -243,6 +269,10 @@ def worker(args) -> dict:
         "lowest_trainable_layer": None if plan is None else plan.lowest_trainable_layer,
         "threads": torch.get_num_threads(),
         "grad_cosine_vs_exact": cosine,
+        "epoch1_step_s_median": statistics.median(epoch1_times) if epoch1_times else None,
+        "epoch1_step_s_min": min(epoch1_times) if epoch1_times else None,
+        "cache_bytes": None if cache_stats is None else cache_stats["bytes"],
+        "cache_bytes_per_token": None if cache_stats is None else cache_stats["bytes"] // cache_stats["tokens"],
     }
 
 
@@ -261,7 +291,9 @@ def markdown(results, meta) -> str:
         "(CPU: process RSS, includes allocator caching); grad+Adam and saved activations are exact tensor bytes.",
         f"headsparse methods train {int(TRAIN_FRACTION * 100)}% of the query heads (spread = anywhere, top = top half "
         "of the layers); exact = true gradient, sparse = frozen heads treated as constants. full and lora16 use "
-        "sdpa attention, headsparse its own op.",
+        "sdpa attention, headsparse its own op. -cached: frozen-prefix cache; step time = later epochs (replayed "
+        "from the cache), epoch one (prefix run and stored, a new batch per step) beside it; peak memory includes "
+        "the cache, whose bytes are also given. vs full / vs lora16: minimum step time over theirs in this table.",
         f"torch threads per worker: {sorted({r.get('threads') for r in results if 'threads' in r})}; "
         f"1/5/15-minute load average at the end: {meta.get('load_average')} (other jobs shared this machine: "
         "times are noisy)." if meta.get("load_average") else "",
@@ -270,16 +302,26 @@ def markdown(results, meta) -> str:
     for (model, batch, seq, dtype), rows in _group(results).items():
         lines += [f"## {model}, batch {batch}, seq {seq}, {dtype}", "",
                   "| method | step time min / median (s) | peak mem (MB) | grad+Adam (MB) | saved activations (MB) | trainable params "
-                  "| grad cosine vs exact |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| grad cosine vs exact | epoch-one step min / median (s) | cache (MB) | vs full | vs lora16 |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        ref = {r["method"]: r["step_s_min"] for r in rows if "error" not in r and r["method"] in ("full", "lora16")}
+
+        def ratio(r, m):
+            return f"{r['step_s_min'] / ref[m]:.2f}" if m in ref and ref[m] > 0 else ""
+
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | |")
+                lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | | | | | |")
                 continue
+            e1 = ("" if r.get("epoch1_step_s_min") is None
+                  else f"{r['epoch1_step_s_min']:.2f} / {r['epoch1_step_s_median']:.2f}")
+            extra = (f" {e1} | {'' if r.get('cache_bytes') is None else _mb(r['cache_bytes'])} | "
+                     f"{ratio(r, 'full')} | {ratio(r, 'lora16')} |")
             lines.append(f"| {r['method']} | {r['step_s_min']:.2f} / {r['step_s_median']:.2f} | {_mb(r['peak_mem_bytes'])} | "
                          f"{_mb(r['grad_plus_adam_bytes'])} | {_mb(r['saved_activation_bytes'])} | "
                          f"{r['trainable_params']:,} | "
-                         f"{'' if r.get('grad_cosine_vs_exact') is None else format(r['grad_cosine_vs_exact'], '.4f')} |")
+                         f"{'' if r.get('grad_cosine_vs_exact') is None else format(r['grad_cosine_vs_exact'], '.4f')} |"
+                         + extra)
         lines.append("")
     return "\n".join(lines)
 
