@@ -105,14 +105,14 @@ def _load() -> None:
             _error = "extension disabled (HEADSPARSE_SKIP_EXT=1)"
             return
         try:
-            mod, _aot_note = _try_aot()
-            if mod is not None:
-                _accept(mod)
-                return
-            try:
+            try:  # first: HEADSPARSE_FORCE_CUDA=1 where it cannot work is an error whatever is built
                 plan = _build.cuda_plan(torch)
             except _build.BuildError as exc:
                 _error = str(exc)
+                return
+            mod, _aot_note = _try_aot()
+            if mod is not None:
+                _accept(mod)
                 return
             if _build.built_library(torch, plan[0]):  # built before: ninja rebuilds only what changed
                 try:
