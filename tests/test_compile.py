@@ -51,10 +51,23 @@ def test_compiled_bare_call_matches_eager(case):
         torch.testing.assert_close(gc, ge, rtol=1e-12, atol=1e-12)
 
 
+def test_opcheck_on_the_sdpa_path(monkeypatch):
+    """The custom op's checks (fake kernel, autograd registration, AOT dispatch) with the torch backend on its sdpa
+    path, the one a CUDA device takes by default."""
+    monkeypatch.setenv("HEADSPARSE_TORCH_PATH", "sdpa")
+    q, k, v = _qkv(torch.float32)
+    mask = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(1)) > 0.3
+    for grad, pruned, m, causal in (([1, 1, 1, 1], [0, 0, 0, 0], None, False), ([1, 0, 1, 0], [0, 0, 0, 1], mask, True)):
+        torch.library.opcheck(attention_op, (q, k, v, m, grad, pruned, [], causal, 0.35, "torch"))
+
+
+# "sdpa": the torch backend's path on PyTorch's public SDPA, which CUDA takes by default (forced here on CPU)
+@pytest.mark.parametrize("path", ["auto", "sdpa"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_patched_llama_forward_and_backward_match_eager(backend):
+def test_compiled_patched_llama_forward_and_backward_match_eager(backend, path, monkeypatch):
     if backend == "inductor" and shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("inductor needs a C++ compiler on CPU")
+    monkeypatch.setenv("HEADSPARSE_TORCH_PATH", path)
     ref = tiny_model("llama", dtype=torch.float32)
     plan = HeadPlan([["t", "f", "f", "p"], ["f", "t", "f", "f"], ["f", "f", "t", "t"]], num_kv_heads=2, model_family="llama")
     eager, comp = hs.patch(copy.deepcopy(ref), plan), hs.patch(copy.deepcopy(ref), plan)

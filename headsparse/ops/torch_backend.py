@@ -15,7 +15,9 @@ A call takes one of three paths (:func:`fused_path` says which one is tried; ``H
   (PyTorch's FlashAttention-2 / memory-efficient / cuDNN kernels, whichever PyTorch picks) under ``no_grad`` on the
   computed heads. The forward keeps no log-sum-exp (the public API returns none), so the backward runs the same
   public call once more under autograd on the compact grad-head tensors and differentiates it: an extra forward
-  of the grad heads only, in exchange for staying on an API that every supported torch release keeps stable. K/V
+  of the grad heads only, in exchange for staying on an API that every supported torch release keeps stable.
+  Under ``torch.compile`` that backward runs inside the custom op's kernel, where the dispatcher has switched
+  autograd off for the thread, so it is done on a worker thread (same CUDA device and stream, the caller waits). K/V
   are gathered per query head (a copy the size of the computed heads' q) rather than passed with ``enable_gqa``,
   which with a mask sends some releases to the math kernel (a materialised score matrix).
 * ``plain``: materialised scores, chunked over heads, arithmetic in float32 (float64 for float64 inputs). It
@@ -296,12 +298,45 @@ def _sdpa_backward(do, q, k, v, o, kv_pos, mask_idx, mask, causal, scale, stats)
         stats += (o.float() * do.float()).sum(dim=(-1, -2))
     if empty is not None:  # rows that attend nothing were computed over every key: their gradient must not flow
         do = do.masked_fill(empty[..., None], 0)
-    with torch.enable_grad():
-        leaves = (q.detach().requires_grad_(), k.detach().index_select(1, kv_pos).requires_grad_(),
-                  v.detach().index_select(1, kv_pos).requires_grad_())
-        o2 = F.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-        dq, dk_h, dv_h = torch.autograd.grad(o2, leaves, do)
+    args = (q, k.index_select(1, kv_pos), v.index_select(1, kv_pos), do, attn_mask, is_causal, scale)
+    dq, dk_h, dv_h = _sdpa_vjp(*args) if _autograd_records() else _in_autograd_thread(_sdpa_vjp, q.device, *args)
     return dq, *_sum_over_groups(dk_h, dv_h, kv_pos, r)
+
+
+def _sdpa_vjp(q, k, v, do, attn_mask, is_causal, scale):
+    with torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        o = F.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        return torch.autograd.grad(o, leaves, do)
+
+
+def _autograd_records() -> bool:
+    """Whether autograd records here. Inside a custom op's kernel (the op torch.compile runs) the dispatcher has
+    switched it off for this thread, whatever grad mode says."""
+    with torch.enable_grad():
+        return (torch.zeros((), requires_grad=True) * 1).requires_grad
+
+
+_AUTOGRAD_WORKER = None
+
+
+def _in_autograd_thread(fn, device: torch.device, *args):
+    """``fn(*args)`` on a worker thread, whose dispatcher state is fresh (autograd on), on the caller's CUDA device and
+    stream so that the work stays ordered with the caller's; the caller waits for it."""
+    global _AUTOGRAD_WORKER
+    if _AUTOGRAD_WORKER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _AUTOGRAD_WORKER = ThreadPoolExecutor(1, thread_name_prefix="headsparse-autograd")
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+    def call():
+        if stream is None:
+            return fn(*args)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            return fn(*args)
+
+    return _AUTOGRAD_WORKER.submit(call).result()
 
 
 def _head_range(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
