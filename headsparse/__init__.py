@@ -43,7 +43,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "score_heads": ".recipes.scoring", "HeadScores": ".recipes.scoring",
     "mine": ".recipes.mining", "MineResult": ".recipes.mining",
-    "tune": ".recipes.tuning", "TuneResult": ".recipes.tuning",
+    "tune": ".recipes.tuning", "TuneResult": ".recipes.tuning", "trainer_collator": ".recipes.tuning",
+    "smollm2_dir": ".recipes.tasks",
     "aer": ".recipes.metrics", "AERParts": ".recipes.metrics",
     "run_pipeline": ".recipes.pipeline", "RunConfig": ".recipes.pipeline", "Task": ".recipes.pipeline",
 }
@@ -85,5 +86,7 @@ __all__ = [
     "run_pipeline",
     "RunConfig",
     "Task",
+    "trainer_collator",
+    "smollm2_dir",
     "__version__",
 ]

@@ -48,8 +48,16 @@ class MinedDataset(torch.utils.data.Dataset):
         return self.examples[self.indices[i]]
 
 
-def trainer_collator(pad_id: int = 0):
-    """A ``data_collator`` for example dicts: right-padded input_ids, attention_mask, labels (-100 = no loss)."""
+def trainer_collator(pad_id: Optional[int] = 0):
+    """A ``data_collator`` for ``transformers.Trainer`` over example dicts (``{"input_ids": [...]}``, optional
+    ``"labels"``, -100 = no loss; without labels the loss is on every token): right-padded ``input_ids``,
+    ``attention_mask`` and ``labels`` tensors. Public as ``headsparse.trainer_collator``. ``pad_id``: the
+    tokenizer's ``pad_token_id`` (None, as for tokenizers without one, pads with 0; padding never enters the loss)."""
+    if pad_id is None:
+        pad_id = 0
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
+        raise ValueError(f"pad_id must be a non-negative int (the tokenizer's pad_token_id) or None, got {pad_id!r}")
+
     def fn(examples):
         return collate(examples, pad_id)
     return fn
