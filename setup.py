@@ -62,6 +62,16 @@ class SdistWithoutEggInfo(sdist):
         super().make_release_tree(base_dir, [f for f in files if not f.split("/")[0].endswith(".egg-info")])
 
 
+def _license():
+    """Apache-2.0 as an SPDX expression (License-Expression) where setuptools takes one (77+), else the older
+    License field: pyproject.toml's ``license`` would fail on setuptools < 77, which a --no-build-isolation install
+    may meet."""
+    import setuptools
+
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
 os.chdir(ROOT)
 cmdclass = {"build_py": BuildPyWithSources, "sdist": SdistWithoutEggInfo}
 ext_modules = []
@@ -71,4 +81,4 @@ if _B.truthy("HEADSPARSE_BUILD_EXT") and not _B.truthy("HEADSPARSE_SKIP_EXT"):
     except _B.BuildError as exc:
         sys.exit(f"headsparse: {exc}")
     cmdclass.update(ext_cmd)
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, **_license())
