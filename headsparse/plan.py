@@ -61,7 +61,8 @@ class HeadPlan:
             KV head ``h // (num_q_heads // num_kv_heads)``.
         kv_policy: "any", "all" or "none" (see the module docstring).
         model_family: the Hugging Face ``model_type`` the plan was made for
-            ("llama", "gpt2", ...), or None for any.
+            ("llama", "gpt2", ...). None is allowed for a plan under construction, but
+            :func:`headsparse.patch` refuses it (it could not check the plan fits the kind of model).
     """
 
     def __init__(

@@ -43,3 +43,16 @@ def test_callback_and_dataset_reject_bad_input():
         HeadSparseCallback(selector=object())
     with pytest.raises(ValueError, match="out of range"):
         MinedDataset([{"input_ids": [1, 2]}], [3])
+
+
+def test_the_public_collator_pads_without_loss_on_padding():
+    assert hs.trainer_collator is trainer_collator
+    batch = hs.trainer_collator(7)([{"input_ids": [5, 6, 8]}, {"input_ids": [9], "labels": [-100]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 8], [9, 7, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 8], [-100, -100, -100]]  # no labels: loss on every real token
+    assert hs.trainer_collator(None)([{"input_ids": [5]}, {"input_ids": [5, 6]}])["input_ids"].tolist() == [[5, 0],
+                                                                                                             [5, 6]]
+    for bad in (-1, "0", 1.0, True):
+        with pytest.raises(ValueError, match="pad_id must be a non-negative int"):
+            hs.trainer_collator(bad)
