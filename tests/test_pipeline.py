@@ -375,3 +375,28 @@ def test_lr_search_candidates_do_not_share_on_policy_state():
     again = run_pipeline(tiny_llama(seed=0), task, RunConfig(**base, lr_heads=chosen), quiet=True)
     assert searched["rows"][2]["correct"] == again["rows"][2]["correct"]
     assert searched["rows"][2]["answer_nll"] == pytest.approx(again["rows"][2]["answer_nll"], rel=1e-6)
+
+
+def test_head_arms_of_several_epochs_use_the_prefix_cache_by_default(monkeypatch):
+    import headsparse.recipes.pipeline as pipeline
+
+    def top_layer_scores(model, *args, **kwargs):  # heads of the top layer only: the horizon is above layer 0
+        scores = torch.zeros(model.config.num_hidden_layers, model.config.num_attention_heads)
+        scores[-1] = torch.arange(1.0, model.config.num_attention_heads + 1)
+        return scores, "top layer (test)"
+
+    monkeypatch.setattr(pipeline, "score_heads_for_pipeline", top_layer_scores)
+    task = _small_task()
+    reps = {}
+    for pc in (None, False):
+        cfg = RunConfig(methods=("p2d",), epochs=2, lr_full=1e-3, lr_heads=3e-3, head_fraction=0.25, progress=False,
+                        n_boot=50, p2d_compare=False, batch_size=2, prefix_cache=pc)
+        reps[pc] = run_pipeline(tiny_llama(seed=0), task, cfg, quiet=True)
+    on, off = reps[None]["rows"][2], reps[False]["rows"][2]
+    assert on["method"] == "p2d" and on["epochs"] == 2
+    assert off["prefix_cache"] is False
+    assert on["q"] == off["q"] and on["answer_nll"] == pytest.approx(off["answer_nll"], rel=1e-6)  # same training either way
+    assert on["prefix_cache"] is True
+    assert "frozen-prefix cache" in markdown(reps[None]) and "frozen-prefix cache" not in markdown(reps[False])
+    with pytest.raises(ValueError, match="prefix_cache"):
+        RunConfig(prefix_cache="yes").check()

@@ -221,6 +221,9 @@ class RunConfig:
     p2d_signature: str = "fwd"  # "fwd" (forward-only pooled head outputs) or "gate" (|gate gradient|, fwd + bwd)
     p2d_compare: bool = True  # also mine with the other signature, for its precision/recall and cost (not trained)
     cache_dir: Optional[str] = None  # P2D "fwd": keep every head's pool signature here (reused by later runs)
+    # head arms' frozen-prefix cache (tune(prefix_cache=...)): None = on for a sparse-mode head arm that trains
+    # more than one epoch and whose plan has a layer below its lowest trainable layer; True/False = always/never
+    prefix_cache: Optional[bool] = None
 
     def arm_keys(self) -> List[str]:
         """The names under which each arm's learning rate is searched (or looked up in ``lr_table``)."""
@@ -240,6 +243,9 @@ class RunConfig:
         if self.epochs_heads is not None and (isinstance(self.epochs_heads, bool)
                                               or not isinstance(self.epochs_heads, int) or self.epochs_heads < 1):
             raise ValueError(f"epochs_heads must be a positive int or None, got {self.epochs_heads!r}")
+        if self.prefix_cache is not None and not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True, False or None (on for head arms of more than one epoch), "
+                             f"got {self.prefix_cache!r}")
         from .scoring import METHODS as scorers
 
         if self.head_scorer not in scorers:
@@ -274,6 +280,16 @@ class RunConfig:
                 if not isinstance(e, dict) or "lr" not in e:
                     raise ValueError(f"lr_table[{k!r}] must be a dict with 'lr', got {e!r}")
                 _check_lr(f"lr_table[{k!r}]['lr']", e["lr"])
+
+
+def _prefix_cache_note(report: Dict) -> str:
+    """A sentence naming the head arms that trained with the frozen-prefix cache (none: empty)."""
+    arms = [r["method"] for r in report.get("rows", ()) if r.get("prefix_cache")]
+    if not arms:
+        return ""
+    return (f" Head arms trained with the frozen-prefix cache (layers below the gradient horizon run once per "
+            f"example, in eval mode, and later epochs start from their stored output; same losses as without it): "
+            f"{', '.join(arms)}.")
 
 
 def same_steps_label(method: str) -> str:
@@ -382,6 +398,9 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
         if plan is not None:
             kw.update(grad=cfg.grad, mode=cfg.tune_mode,
                       apt_options={"keep_final": cfg.apt_keep} if cfg.tune_mode == "apt" else None)
+            if cfg.tune_mode == "sparse":
+                auto = epochs > 1 and (plan.lowest_trainable_layer or 0) > 0
+                kw["prefix_cache"] = auto if cfg.prefix_cache is None else bool(cfg.prefix_cache)
         if plan is None or cfg.tune_mode == "sparse":  # tune_apt has its own schedule
             steps = epochs * math.ceil(n_examples / cfg.batch_size)
             kw["warmup_steps"] = math.ceil(cfg.warmup_ratio * min(steps, max_steps or steps))
@@ -517,7 +536,8 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
                "trained": trained_parts(plan, model, res.trainable_params)
                | ({"pruned_query_heads": final_plan.count("pruned")} if cfg.tune_mode == "apt" else {}),
                "t_score": t_score, "t_mine": t_mine, "steps": res.steps, "epochs": epochs, "lr": lr,
-               "seed": seed, "target_resampled": seed != cfg.seed, "reselect_s": res.reselect_time_s}
+               "seed": seed, "target_resampled": seed != cfg.seed, "reselect_s": res.reselect_time_s,
+               "prefix_cache": "prefix_cache" in res.info}
         if method == "p2d":
             row["signature"] = cfg.p2d_signature
             if "cache" in mres.info:  # the pool forward a later run on this pool and model no longer pays
@@ -714,7 +734,7 @@ def markdown(report: Dict) -> str:
            "by Q / Q_full instead and rewards doing nothing: shown for comparison only. " + (
                "Learning rates were chosen per arm on the dev split (below); epochs are as configured."
                if report.get("lr_search") else "Learning rates and epochs are as configured, not searched in this "
-               "run."), "",
+               "run.") + _prefix_cache_note(report), "",
            table(report), ""]
     lrt = lr_search_table(report)
     if lrt:
