@@ -13,6 +13,10 @@ from _hs_dist import (check_final_outputs, init_gloo, local_bytes, rank_bytes, r
                       train_steps, worker_exit)
 from _hs_models import batch, tiny_model
 
+# The single-process reference runs on one thread, as each worker does (init_gloo), so that the reductions inside
+# the kernels add in one order whatever else the machine runs.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # layer 0 frozen; layer 1 one TRAIN head and one pruned head; layer 2 two TRAIN heads (uneven shards: 1 and 3 rows
 # of heads do not split evenly over 2 ranks for every block)
 MODES = [["f"] * 4, ["f", "t", "f", "p"], ["t", "f", "f", "t"]]
@@ -62,19 +66,34 @@ def _worker(rank, world, port, out_dir):
         # rank-0-only final outputs: each rank names its own folder; only rank 0's may appear
         save_final(model, os.path.join(out_dir, f"final-rank{rank}"),
                       delta=os.path.join(out_dir, f"delta-rank{rank}.safetensors"))
+        from headsparse.ops.torch_backend import fused_path
+
         save_rank_record(out_dir, rank, {"losses": losses, "counts": counts, "state_dict": sd, "trained": trained,
-                                         "reloaded": reloaded})
+                                         "reloaded": reloaded, "path": fused_path("cpu")})
 
     worker_exit(body)
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    return run_rank_workers(_worker, tmp_path_factory, "fsdp", "FSDP2 workers")
+# "sdpa": the workers' torch backend on its path over PyTorch's public SDPA, which CUDA takes by default
+@pytest.fixture(scope="module", params=["auto", "sdpa"])
+def fsdp_run(tmp_path_factory, request):
+    from headsparse.ops.torch_backend import PATH_ENV
+
+    before = os.environ.get(PATH_ENV)
+    os.environ[PATH_ENV] = request.param  # the spawned workers inherit it
+    try:
+        return run_rank_workers(_worker, tmp_path_factory, "fsdp", "FSDP2 workers")
+    finally:
+        if before is None:
+            os.environ.pop(PATH_ENV, None)
+        else:
+            os.environ[PATH_ENV] = before
 
 
-def test_fsdp2_matches_single_process(fsdp_run):
+def test_fsdp2_matches_single_process(fsdp_run, request):
     _, ranks = fsdp_run
+    expect = {"auto": "cpu-flash", "sdpa": "sdpa"}[request.node.callspec.params["fsdp_run"]]
+    assert [r["path"] for r in ranks] == [expect] * 2
     single, losses, _ = _single_run()
     torch.testing.assert_close(ranks[0]["losses"], losses, rtol=1e-5, atol=1e-5)
     assert ranks[0]["losses"] == ranks[1]["losses"]
