@@ -211,6 +211,35 @@ def test_refuses_horizon_at_layer_zero_and_models_it_cannot_serve():
         hs.tune(tiny_model("llama", layers=4), None, _examples(2), progress=False, prefix_cache=True)
 
 
+@pytest.mark.parametrize("wrapper", ["fsdp2", "zero3"])
+def test_refuses_sharded_layers_below_the_horizon(wrapper, monkeypatch):
+    """FSDP2/ZeRO-3 gather a layer's weights with a collective in its forward: a replaying rank would skip them and
+    hang its peers, so a sharded layer below the horizon is refused before any forward work."""
+    import headsparse.patch.prefix_cache as pc
+
+    model = hs.patch(tiny_model("llama", layers=4), _plan("llama"))
+    PrefixCache().attach(model)
+    target = model.model.layers[1].mlp.up_proj.weight
+    if wrapper == "fsdp2":
+        monkeypatch.setattr(pc, "is_sharded", lambda t: t is target)
+    else:
+        target.ds_id = 7  # what DeepSpeed ZeRO-3 puts on every parameter it manages
+    ids, mask = _left_batch()
+    with pytest.raises(ValueError, match=r"layer 1: mlp.up_proj.weight is an FSDP2/ZeRO-3 parameter"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_a_failed_tune_detaches_its_own_cache():
+    model = tiny_model("llama", layers=4)
+
+    def fail(step, loss):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        hs.tune(model, _plan("llama"), _examples(4), epochs=2, progress=False, prefix_cache=True, on_step=fail)
+    assert prefix_cache_of(model) is None
+
+
 def test_dropout_below_the_horizon_runs_in_eval_mode_cached_or_not():
     torch.manual_seed(0)
     model = tiny_model("gpt2", layers=4)

@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from .core import _PATCH_ATTR, layer_states, patch_info
+from .linear import is_sharded, is_zero3
 
 _CACHE_ATTR = "_headsparse_prefix_cache"
 
@@ -433,6 +434,7 @@ class PrefixCache:
 
     def _pre(self, module, args, kwargs):
         self._check_model()
+        self._refuse_sharded_prefix()
         ctx = {"mode": "off", "training": []}
         self._ctx = ctx
         if module.training:  # determinism below the horizon: eval mode there, cached or not
@@ -478,6 +480,18 @@ class PrefixCache:
             ctx["rows"] = [(k, span, where) for (k, span, where), g in zip(rows, got) if g is None]
             ctx["row_index"] = [r for r, g in enumerate(got) if g is None]
         return None
+
+    def _refuse_sharded_prefix(self) -> None:
+        """FSDP2 and ZeRO-3 gather each layer's weights with a collective in its forward: a rank that replays would
+        skip the collectives its peers (filling, or with other examples) wait in, and the job would hang."""
+        for i in range(self._h):
+            for name, p in self._layers[i].named_parameters():
+                if is_sharded(p) or is_zero3(p):
+                    raise ValueError(
+                        f"the prefix cache cannot serve a model whose layers below the gradient horizon are sharded "
+                        f"(layer {i}: {name} is an FSDP2/ZeRO-3 parameter): replaying would skip the all-gathers "
+                        "the other ranks wait in. Use DDP (each rank caches its own examples) or train without "
+                        "the cache (tune(prefix_cache=False))")
 
     def _layer_output_kind(self, module, args, output):
         # older transformers layers return tuples (hidden_states, ...): the stand-in must return the same kind

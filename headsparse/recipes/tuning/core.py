@@ -166,45 +166,50 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
     model.train()
     t0, c0 = time.perf_counter(), time.process_time()
     epoch_s: List[float] = []
-    for epoch in range(epochs):
-        if step >= total:
-            break
-        e0 = time.perf_counter()
-        if cache is not None and epoch > 0:
-            cache.verify()  # a stale entry is never used: the prefix weights are re-hashed before a replay
-        if selector is not None:
-            if epoch == 0:
-                epoch_batches = first_batches
-            else:
-                r0 = time.perf_counter()
-                epoch_batches = selector.select(model)
-                reselect += time.perf_counter() - r0
-                model.train()
-        else:
-            order = torch.randperm(len(examples), generator=gen).tolist() if shuffle else None
-            epoch_batches = make_batches(len(examples), batch_size, order)
-        for idx in epoch_batches:
+    try:
+        for epoch in range(epochs):
             if step >= total:
                 break
-            b = collate([examples[i] for i in idx], pad, dev)
-            for g in opt.param_groups:
-                g["lr"] = scheduled_lr(lr, step, total, warmup_steps, schedule)
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            loss = per_sample_loss(out.logits, b["labels"]).mean()
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            lv = float(loss.detach())
-            losses.append(lv)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
-            if on_step is not None:
-                on_step(step, lv)
-        epoch_s.append(time.perf_counter() - e0)
+            e0 = time.perf_counter()
+            if cache is not None and epoch > 0:
+                cache.verify()  # a stale entry is never used: the prefix weights are re-hashed before a replay
+            if selector is not None:
+                if epoch == 0:
+                    epoch_batches = first_batches
+                else:
+                    r0 = time.perf_counter()
+                    epoch_batches = selector.select(model)
+                    reselect += time.perf_counter() - r0
+                    model.train()
+            else:
+                order = torch.randperm(len(examples), generator=gen).tolist() if shuffle else None
+                epoch_batches = make_batches(len(examples), batch_size, order)
+            for idx in epoch_batches:
+                if step >= total:
+                    break
+                b = collate([examples[i] for i in idx], pad, dev)
+                for g in opt.param_groups:
+                    g["lr"] = scheduled_lr(lr, step, total, warmup_steps, schedule)
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                loss = per_sample_loss(out.logits, b["labels"]).mean()
+                loss.backward()
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                lv = float(loss.detach())
+                losses.append(lv)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{lv:.3f}", epoch=epoch)
+                if on_step is not None:
+                    on_step(step, lv)
+            epoch_s.append(time.perf_counter() - e0)
+    except BaseException:  # a failed or interrupted run must not leave its own cache attached (or its memory)
+        if cache is not None and own_cache:
+            cache.detach(clear=own_entries)
+        raise
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     info: Dict = {"epoch_s": epoch_s}
     if cache is not None:
