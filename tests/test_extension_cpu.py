@@ -315,3 +315,26 @@ def test_cpu_backend_additive_mask_dtypes(mask_dtype):
     out = hs.attention(q, k, v, attention_mask=mask, causal=True, backend="cpu")
     ref = hs.attention_reference(q.double(), k.double(), v.double(), attention_mask=mask.double(), causal=True)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
+def test_without_ninja_the_extension_is_compiled_through_setuptools(fresh_loader, monkeypatch, tmp_path):
+    """No ninja (torch's load() needs it): the same sources go through setuptools and torch's BuildExtension; the
+    compile itself is faked here (it was run once by hand: same reference check)."""
+    from torch.utils import cpp_extension
+
+    from headsparse.ops import _build
+
+    built = extension.get()
+    _forget(monkeypatch)
+    monkeypatch.setenv("HEADSPARSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(extension, "_PKG_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("load() needs ninja"))
+    calls = []
+    monkeypatch.setattr(_build, "_setuptools_build", lambda sources, depends, *a: calls.append((sources, depends)) or built)
+    ok, why = extension.status()
+    assert ok and "compiled on first use" in why, why
+    assert extension.get() is built
+    (sources, depends), = calls
+    assert any(s.endswith("bind.cpp") for s in sources) and not any(s.endswith(".cu") for s in sources)
+    assert any(d.endswith("hs_cpu.h") for d in depends)

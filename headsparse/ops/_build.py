@@ -2,9 +2,10 @@
 
 headsparse compiles ``csrc/`` just in time, as DeepSpeed does its ops: on first
 use of the ``cpu`` or ``cuda`` backend (or ``headsparse build-ext``),
-``torch.utils.cpp_extension.load`` builds it with ninja into a cache directory
-keyed by the Python version, the torch version and whether CUDA is compiled in,
-so a different torch never loads a library built for another one. ``pip
+``torch.utils.cpp_extension.load`` builds it with ninja (without ninja:
+setuptools and torch's BuildExtension, one file after another) into a cache
+directory keyed by the Python version, the torch version and whether CUDA is
+compiled in, so a different torch never loads a library built for another one. ``pip
 install`` builds nothing by default (the wheel is pure Python and carries the
 sources); ``HEADSPARSE_BUILD_EXT=1`` with ``--no-build-isolation`` compiles it
 at install time instead, against the installed torch, and records that torch
@@ -191,15 +192,62 @@ def missing_tools(with_cuda: bool) -> List[str]:
         out.append("the C++ sources are not installed (headsparse/_csrc is missing: reinstall headsparse)")
     if shutil.which(compiler()) is None:
         out.append(f"no C++ compiler ({compiler()!r} is not on PATH: install g++ or set CXX)")
-    if not cpp_extension.is_ninja_available():
-        out.append("ninja is not installed (pip install ninja; or build at install time without it: "
-                   "HEADSPARSE_BUILD_EXT=1 pip install --no-build-isolation .)")
     return out
 
 
 def built_library(torch, with_cuda: bool) -> Optional[str]:
-    path = os.path.join(build_dir(torch, with_cuda), JIT_NAME + ".so")
-    return path if os.path.isfile(path) else None
+    """The library in this torch's cache directory that this machine's build would produce: ninja's
+    ``headsparse_C.so``, or without ninja the setuptools fallback's ``headsparse_C.<python tag>.so``."""
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    d = build_dir(torch, with_cuda)
+    pattern = JIT_NAME + (".so" if cpp_extension.is_ninja_available() else ".*.so")
+    found = sorted(glob.glob(os.path.join(d, pattern)))
+    return found[0] if found else None
+
+
+def _setuptools_build(sources, depends, cxx, link, cuda_flags, with_cuda, out, verbose):
+    """Without ninja: the same extension through setuptools and torch's BuildExtension (sequential compiles; only
+    what is older than its sources or headers), into ``out``, then imported from there."""
+    import contextlib
+    import importlib.util
+
+    from setuptools import Distribution
+    from torch.utils import cpp_extension
+
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(JIT_NAME, sources, depends=depends, extra_link_args=link,
+                                          extra_compile_args={"cxx": cxx, "nvcc": cuda_flags})
+    else:
+        ext = cpp_extension.CppExtension(JIT_NAME, sources, depends=depends, extra_link_args=link,
+                                         extra_compile_args={"cxx": cxx})
+    dist = Distribution({"name": JIT_NAME, "ext_modules": [ext],
+                         "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}})
+    cmd = dist.get_command_obj("build_ext")
+    cmd.build_lib, cmd.build_temp, cmd.inplace = out, os.path.join(out, "setuptools-tmp"), False
+    log = os.path.join(out, "build.log")
+    with open(log, "w") as fh, contextlib.ExitStack() as stack:
+        if not verbose:  # the compiler writes to the file descriptors, not to sys.stdout
+            saved = [os.dup(1), os.dup(2)]
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(fh.fileno(), 1), os.dup2(fh.fileno(), 2)
+
+            def restore():
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+                os.close(saved[0]), os.close(saved[1])
+
+            stack.callback(restore)
+        try:
+            dist.run_command("build_ext")
+        except BaseException as exc:  # distutils' CompileError/LinkError, SystemExit from setuptools
+            raise RuntimeError(f"{exc.__class__.__name__}: {exc} (log: {log})") from None
+    path = cmd.get_ext_fullpath(JIT_NAME)
+    spec = importlib.util.spec_from_file_location(JIT_NAME, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def jit_load(torch, with_cuda: bool, verbose: bool = False):
@@ -222,8 +270,12 @@ def jit_load(torch, with_cuda: bool, verbose: bool = False):
     out = build_dir(torch, with_cuda)
     os.makedirs(out, exist_ok=True)
     try:
-        return cpp_extension.load(name=JIT_NAME, sources=sources, extra_cflags=cxx, extra_cuda_cflags=cuda_flags,
-                                  extra_ldflags=link, build_directory=out, with_cuda=with_cuda, verbose=verbose)
+        if cpp_extension.is_ninja_available():
+            return cpp_extension.load(name=JIT_NAME, sources=sources, extra_cflags=cxx,
+                                      extra_cuda_cflags=cuda_flags, extra_ldflags=link, build_directory=out,
+                                      with_cuda=with_cuda, verbose=verbose)
+        headers = [os.path.join(src, f) for f in source_files(src) if f.endswith((".h", ".cuh"))]
+        return _setuptools_build(sources, headers, cxx, link, cuda_flags, with_cuda, out, verbose)
     except Exception as exc:  # compiler errors arrive as RuntimeError with the whole log
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise BuildError(f"compiling the extension in {out} failed ({first}); rerun `headsparse build-ext "
