@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--smoke", action="store_true", help="a random tiny Llama on the synthetic task (seconds)")
     args = ap.parse_args(argv)
-    from headsparse._optional import MissingPackageError, require
+    from headsparse.recipes._optional import MissingPackageError, require
 
     try:  # before any work: the grid's LoRA r16 column
         require("peft", "the LoRA r16 baseline")

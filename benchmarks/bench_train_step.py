@@ -380,7 +380,7 @@ def main(argv=None):
     if bad:
         ap.error(f"unknown methods {bad}; choose from {METHODS}")
     if "lora16" in methods and not args.worker:
-        from headsparse._optional import MissingPackageError, require
+        from headsparse.recipes._optional import MissingPackageError, require
 
         try:
             require("peft", "the lora16 baseline (--methods without lora16 skips it)")

@@ -62,7 +62,7 @@ def test_extras_cover_every_optional_package():
     """pyproject's extras name every package the one-line messages send users to."""
     import tomllib
 
-    from headsparse._optional import INSTALL
+    from headsparse.recipes._optional import INSTALL
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
         extras = tomllib.load(fh)["project"]["optional-dependencies"]

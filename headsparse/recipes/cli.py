@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .._optional import MissingPackageError
+    from ._optional import MissingPackageError
 
     args = build_parser().parse_args(argv)
     try:

@@ -209,7 +209,7 @@ def cmd_run(args) -> int:
         raise SystemExit(f"headsparse run: {e}{hint}") from None
     if (cfg.lr_grid_full or cfg.lr_grid_heads) and records and "dev" not in records:
         raise SystemExit("headsparse run: a learning-rate search chooses on the dev split: give --dev")
-    from .._optional import INSTALL, available
+    from ._optional import INSTALL, available
     from .tasks import cache_root, require_default_data, require_default_model
 
     # Optional packages, before any work: the embedded default's model and data (MissingPackageError: one line

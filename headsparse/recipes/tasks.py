@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._optional import require
+from ._optional import require
 from .pipeline import Task
 from .records import SHAPES, check_records, to_choice_item, to_example
 

@@ -15,7 +15,7 @@ import os
 from typing import List
 
 from ..._atomic import atomic_path
-from ..._optional import load, require
+from .._optional import load, require
 
 
 def read_texts(path: str) -> List[str]:

@@ -1,7 +1,7 @@
 """Optional packages: what each is for, which extra installs it, and a one-line error when it is missing.
 
 ``import headsparse`` needs none of them. The command line turns :class:`MissingPackageError` into one line
-and exit status 1 (``headsparse.recipes.cli.main``); library callers get the exception.
+and exit status 1 (``cli.main``); library callers get the exception.
 """
 from __future__ import annotations
 
