@@ -1,6 +1,6 @@
 """Attention speed and saved-activation memory: SDPA, FlexAttention, headsparse dense and head-sparse.
 
-Claim under test (issue 2): dense headsparse is as fast as SDPA's flash backend,
+Claim under test: dense headsparse is as fast as SDPA's flash backend,
 and the backward of a call with a fraction f of heads in ``grad_heads`` costs
 about f of the dense backward and saves about f of its activations; a call with half its heads pruned
 (``pruned0.5``, the other half trained) costs about half in both passes.
@@ -98,8 +98,9 @@ def _providers(args, heads: int, causal: bool, seq: int):
     else:
         out.append(("sdpa", 1.0, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=causal)))
-    for backend in args.backends:
-        out.append((f"hs-{backend}-dense", 1.0,
+    for name in args.backends:
+        backend = name.partition(":")[0]  # "torch:sdpa": the torch backend on one path (set by _provider_env)
+        out.append((f"hs-{name}-dense", 1.0,
                     lambda q, k, v, b=backend: hs.attention(q, k, v, causal=causal, backend=b)))
         gen = torch.Generator().manual_seed(heads)
         for frac in GRAD_FRACTIONS:
@@ -107,7 +108,7 @@ def _providers(args, heads: int, causal: bool, seq: int):
             # head masks stay on the CPU, as a patched model passes them (no device sync per call)
             mask = torch.zeros(heads, dtype=torch.bool)
             mask[torch.randperm(heads, generator=gen)[:n]] = True
-            out.append((f"hs-{backend}-grad{frac:g}", n / heads,
+            out.append((f"hs-{name}-grad{frac:g}", n / heads,
                         lambda q, k, v, b=backend, m=mask: hs.attention(q, k, v, grad_heads=m, causal=causal,
                                                                         backend=b)))
         if backend == "cuda":  # the same kernels' CUDA-core family, to show what the tensor cores bring
@@ -116,7 +117,7 @@ def _providers(args, heads: int, causal: bool, seq: int):
         pruned = torch.zeros(heads, dtype=torch.bool)
         pruned[torch.randperm(heads, generator=gen)[: heads // 2]] = True
         # half the heads pruned, the other half trained: forward and backward should both halve
-        out.append((f"hs-{backend}-pruned0.5", 1.0 - pruned.float().mean().item(),
+        out.append((f"hs-{name}-pruned0.5", 1.0 - pruned.float().mean().item(),
                     lambda q, k, v, b=backend, m=pruned: hs.attention(q, k, v, grad_heads=~m, pruned_heads=m,
                                                                       causal=causal, backend=b)))
     return out
@@ -144,8 +145,11 @@ def bench_one(args, seq: int, head_dim: int, causal: bool, timer):
 
 @contextlib.contextmanager
 def _provider_env(name: str):
-    """Environment a provider runs under (forward and backward): the CUDA-core row switches tensor cores off."""
+    """Environment a provider runs under (forward and backward): the CUDA-core row switches tensor cores off, and
+    an "hs-torch:PATH-..." row forces the torch backend's path (HEADSPARSE_TORCH_PATH)."""
     overrides = {"HEADSPARSE_CUDA_TENSOR_CORES": "0"} if name == "hs-cuda-cudacores-dense" else {}
+    if name.startswith("hs-torch:"):
+        overrides["HEADSPARSE_TORCH_PATH"] = name[len("hs-torch:"):].rsplit("-", 1)[0]
     saved = {key: os.environ.get(key) for key in overrides}
     os.environ.update(overrides)
     try:
@@ -246,7 +250,9 @@ def main(argv=None):
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per batch (batch = tokens // S)")
     ap.add_argument("--hidden", type=int, default=2048, help="heads = hidden // D")
-    ap.add_argument("--backends", nargs="+", default=None, help="headsparse backends (default: triton on GPU)")
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="headsparse backends; torch:PATH forces the torch backend's path (cpu-flash, sdpa, plain). "
+                         "Default: torch and triton on GPU, torch and torch:sdpa on CPU")
     ap.add_argument("--flex-seqs", type=int, nargs="+", default=None,
                     help="run FlexAttention only at these S (each shape compiles it anew; default: every S)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU-sized shapes, to check the script runs")
@@ -255,7 +261,7 @@ def main(argv=None):
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     if args.backends is None:
-        args.backends = ["triton"] if args.device == "cuda" else ["torch"]
+        args.backends = ["torch", "triton"] if args.device == "cuda" else ["torch", "torch:sdpa"]
     if args.quick:
         args.seqs, args.head_dims, args.tokens, args.hidden = [128, 256], [64], 512, 640
     timer = _timer(args.device)

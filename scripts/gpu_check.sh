@@ -56,13 +56,14 @@ stage build "${HS_T_BUILD:-240}" "$PY" -m pip install --no-build-isolation --no-
 stage backends 60 "$PY" -c "import headsparse as hs
 for n, b in hs.backends().items(): print(f'{n:8s} usable={b.usable}  {b.reason}')"
 
+# Every backend against the float64 reference on the GPU (torch's default sdpa path first: it is what auto runs).
 stage gpu_tests "${HS_T_TESTS:-150}" "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider \
-  tests/test_attention_backends.py tests/test_extension_gpu.py tests/test_patch_gpu.py
+  tests/test_torch_sdpa_path.py tests/test_attention_backends.py tests/test_patch_gpu.py tests/test_extension_gpu.py
 
 # FlexAttention compiles anew for every shape, so it runs at S = 4096 only. Both benchmarks write their
 # files after every shape / method, so a stage stopped at its limit keeps what it measured.
 stage attention_bench "${HS_T_ATTN:-200}" "$PY" benchmarks/bench_attention.py --seqs 1024 4096 \
-  --head-dims 64 128 --flex-seqs 4096 --backends triton --out "$OUT_DIR/attention_gpu"
+  --head-dims 64 128 --flex-seqs 4096 --backends torch triton --out "$OUT_DIR/attention_gpu"
 # The unvalidated cuda backend in a process of its own (an illegal access would poison the CUDA context of
 # every later row), at the issue's target shape only; its markdown is dropped to stay within 8 result files.
 export HEADSPARSE_ENABLE_UNVALIDATED_CUDA=1

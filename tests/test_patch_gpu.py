@@ -1,4 +1,5 @@
-"""A patched model on the GPU (the Triton backend through ``auto``) against the float64 CPU model.
+"""A patched model on the GPU (through ``auto``: the torch backend's sdpa path by default, the Triton backend with
+HEADSPARSE_ENABLE_UNVALIDATED_TRITON=1) against the float64 CPU model.
 
 Skipped without a CUDA GPU. Compares logits and the trainable slices' gradients
 by relative norm error, with a sparse plan (TRAIN, FROZEN and PRUNED heads, a
@@ -24,9 +25,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+@pytest.mark.parametrize("auto", ["torch", "triton"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_patched_model_on_gpu_matches_float64_cpu(family, dtype):
+def test_patched_model_on_gpu_matches_float64_cpu(family, dtype, auto, monkeypatch):
+    monkeypatch.setenv("HEADSPARSE_ENABLE_UNVALIDATED_TRITON", "1" if auto == "triton" else "0")
     ref = tiny_model(family, heads=4, kv_heads=2)
     nkv = getattr(ref.config, "num_key_value_heads", None) or ref.config.num_attention_heads
     plan = HeadPlan([["f", "t", "f", "p"], ["t", "f", "f", "t"], ["f", "t", "p", "f"]], num_kv_heads=nkv, model_family=family)

@@ -19,8 +19,15 @@ from test_attention_backends import HEAD_DIMS, SHAPE_CASES
 
 
 @pytest.fixture
-def sdpa_calls(monkeypatch):
+def sdpa_calls(sdpa_counts, monkeypatch):
     """Forces the sdpa path and counts the calls that reach it."""
+    monkeypatch.setenv(torch_backend.PATH_ENV, "sdpa")
+    return sdpa_counts
+
+
+@pytest.fixture
+def sdpa_counts(monkeypatch):
+    """Counts the calls that reach the sdpa path (whichever path is set)."""
     calls = {"forward": 0, "backward": 0}
     fwd, bwd = torch_backend._sdpa_forward, torch_backend._sdpa_backward
 
@@ -32,7 +39,6 @@ def sdpa_calls(monkeypatch):
 
     monkeypatch.setattr(torch_backend, "_sdpa_forward", count("forward", fwd))
     monkeypatch.setattr(torch_backend, "_sdpa_backward", count("backward", bwd))
-    monkeypatch.setenv(torch_backend.PATH_ENV, "sdpa")
     return calls
 
 
@@ -236,3 +242,39 @@ def test_auto_picks_triton_on_cuda_only_behind_the_switch(usable_fake_gpu_backen
     assert registry.auto_order("attention", "cpu") == ("torch",)
     monkeypatch.setenv(registry.TRITON_AUTO_SWITCH, "0")
     assert registry.resolve("attention", "auto", _fake_cuda_problem()).name == "torch"
+
+
+# ---------------------------------------------------------------- on a GPU: the default path, no switch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_default_is_the_sdpa_path(case, dtype, sdpa_counts, monkeypatch):
+    monkeypatch.delenv(torch_backend.PATH_ENV, raising=False)
+    run_and_compare(case, dtype, "auto", device="cuda")
+    takes = not (dtype != torch.float32 and case.mask == "additive")
+    assert (sdpa_counts["forward"] > 0) == (takes and _computes(case))
+    assert (sdpa_counts["backward"] > 0) == (takes and _differentiates(case))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", HEAD_DIMS + [256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_long_sequences_and_head_dims(d, dtype, sdpa_counts):
+    run_and_compare(Case(b=2, hq=8, hkv=2, sq=1031, skv=1031, d=d, causal=True, mask="bool_empty_rows",
+                         grad="10100100", pruned="01000001"), dtype, "torch", device="cuda")
+    assert sdpa_counts == {"forward": 1, "backward": 1}
+
+
+@pytest.mark.gpu
+def test_cuda_saved_bytes_at_one_of_eight_grad_heads(sdpa_counts):
+    case = Case(b=2, hq=8, hkv=8, sq=512, skv=512, d=128, causal=True)
+    q, k, v, _, kw = make_inputs(case, torch.bfloat16, device="cuda")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dense, _ = saved_tensor_bytes(lambda: hs.attention(q, k, v, **kw))
+    one = torch.zeros(8, dtype=torch.bool)
+    one[5] = True
+    sparse, _ = saved_tensor_bytes(lambda: hs.attention(q, k, v, grad_heads=one, **kw))
+    assert sdpa_counts["forward"] == 2
+    assert sparse <= 0.15 * dense, (sparse, dense)
