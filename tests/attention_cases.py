@@ -141,3 +141,18 @@ def run_and_compare(case: Case, dtype: torch.dtype, backend: str, seed: int = 0,
         assert torch.isfinite(g).all(), f"{case}: d{name} not finite"
         torch.testing.assert_close(g, rg, atol=atol_g, rtol=0, msg=lambda m: f"{case} d{name}: {m}")
     return out, grads
+
+
+def count_calls(monkeypatch, module, **attrs):
+    """Wraps ``module.<attr>`` for each ``key=attr`` so that every call is counted; returns ``{key: count}``."""
+    calls = {key: 0 for key in attrs}
+
+    def counting(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for key, attr in attrs.items():
+        monkeypatch.setattr(module, attr, counting(key, getattr(module, attr)))
+    return calls

@@ -9,7 +9,7 @@ which path actually ran.
 import pytest
 import torch
 
-from attention_cases import Case, bits, make_inputs, run_and_compare
+from attention_cases import Case, bits, count_calls, make_inputs, run_and_compare
 from test_attention_backends import SHAPE_CASES
 
 from headsparse.ops import torch_backend
@@ -19,18 +19,7 @@ pytestmark = pytest.mark.skipif(torch_backend._FLASH_CPU is None, reason="this t
 
 @pytest.fixture
 def path_counter(monkeypatch):
-    calls = {"forward": 0, "backward": 0}
-    fwd, bwd = torch_backend._flash_forward, torch_backend._flash_backward
-
-    def count(name, fn):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(torch_backend, "_flash_forward", count("forward", fwd))
-    monkeypatch.setattr(torch_backend, "_flash_backward", count("backward", bwd))
-    return calls
+    return count_calls(monkeypatch, torch_backend, forward="_flash_forward", backward="_flash_backward")
 
 
 def _computed(case: Case) -> torch.Tensor:

@@ -14,7 +14,7 @@ import headsparse as hs
 from headsparse.ops import registry, torch_backend
 from headsparse.ops.memory import saved_tensor_bytes
 
-from attention_cases import Case, bits, make_inputs, run_and_compare
+from attention_cases import Case, bits, count_calls, make_inputs, run_and_compare
 from test_attention_backends import HEAD_DIMS, SHAPE_CASES
 
 
@@ -28,18 +28,7 @@ def sdpa_calls(sdpa_counts, monkeypatch):
 @pytest.fixture
 def sdpa_counts(monkeypatch):
     """Counts the calls that reach the sdpa path (whichever path is set)."""
-    calls = {"forward": 0, "backward": 0}
-    fwd, bwd = torch_backend._sdpa_forward, torch_backend._sdpa_backward
-
-    def count(name, fn):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(torch_backend, "_sdpa_forward", count("forward", fwd))
-    monkeypatch.setattr(torch_backend, "_sdpa_backward", count("backward", bwd))
-    return calls
+    return count_calls(monkeypatch, torch_backend, forward="_sdpa_forward", backward="_sdpa_backward")
 
 
 def _computes(case: Case) -> bool:
