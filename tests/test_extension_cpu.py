@@ -338,3 +338,33 @@ def test_without_ninja_the_extension_is_compiled_through_setuptools(fresh_loader
     (sources, depends), = calls
     assert any(s.endswith("bind.cpp") for s in sources) and not any(s.endswith(".cu") for s in sources)
     assert any(d.endswith("hs_cpu.h") for d in depends)
+
+
+def test_cuda_is_compiled_only_where_it_can_run(monkeypatch):
+    """A CUDA torch with nvcc but no visible GPU (and no TORCH_CUDA_ARCH_LIST) compiles the C++ part only; a GPU,
+    the architecture list or HEADSPARSE_FORCE_CUDA=1 add the CUDA part; a CPU torch never does."""
+    from types import SimpleNamespace
+
+    from headsparse.ops import _build
+
+    fake = SimpleNamespace(__version__="2.14.1+cu130", version=SimpleNamespace(cuda="13.0"),
+                           cuda=SimpleNamespace(is_available=lambda: False))
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: "/usr/local/cuda")
+    for var in ("TORCH_CUDA_ARCH_LIST", "HEADSPARSE_FORCE_CUDA"):
+        monkeypatch.delenv(var, raising=False)
+    assert _build.cuda_plan(fake) == (False, "no GPU is visible and TORCH_CUDA_ARCH_LIST is unset "
+                                              "(HEADSPARSE_FORCE_CUDA=1 compiles it)")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _build.cuda_plan(fake)[0]
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    fake.cuda.is_available = lambda: True
+    assert _build.cuda_plan(fake)[0]
+    fake.cuda.is_available = lambda: False
+    monkeypatch.setenv("HEADSPARSE_FORCE_CUDA", "1")
+    assert _build.cuda_plan(fake) == (True, "HEADSPARSE_FORCE_CUDA=1")
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: None)
+    with pytest.raises(_build.BuildError, match="no CUDA toolkit"):
+        _build.cuda_plan(fake)
+    monkeypatch.delenv("HEADSPARSE_FORCE_CUDA")
+    assert _build.cuda_plan(fake) == (False, "nvcc was not found (set CUDA_HOME)")
+    assert _build.build_dir(fake, True).endswith("-torch2.14.1+cu130-cuda")  # one directory per torch and choice
