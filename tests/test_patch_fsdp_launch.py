@@ -17,6 +17,10 @@ from _hs_dist import ROOT, check_final_outputs, free_port, need_gloo, run_with_d
 from _hs_models import batch, tiny_model
 from headsparse.patch.core import PLAN_FILE
 
+# The single-process references run on one thread, as each launched worker does (OMP_NUM_THREADS=1), so that the
+# reductions inside the kernels add in one order whatever else the machine runs.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SCRIPT = os.path.join(ROOT, "tests", "_hs_launch_fsdp.py")
 ACCELERATE_FSDP2 = """compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
