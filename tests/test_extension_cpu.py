@@ -200,8 +200,11 @@ def test_loader_compiles_on_first_use_when_this_torch_has_no_build(fresh_loader,
     ok, why = extension.status()
     assert ok and "compiled on first use" in why and "build-ext" in why and str(tmp_path) in why, why
     assert not calls  # probing never compiles
+    assert "compiled on first use" in hs.backends()["cpu"].reason
     assert extension.get() is built and calls == [False]
     assert "compiling the C++ extension for torch" in capsys.readouterr().err
+    reason = hs.backends()["cpu"].reason  # the cached status is renewed after the build
+    assert "compiled on first use" not in reason and "headsparse._C" in reason, reason
 
 
 def test_loader_reports_missing_compiler_in_one_line(fresh_loader, monkeypatch, tmp_path):

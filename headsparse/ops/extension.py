@@ -148,9 +148,11 @@ def build(verbose: bool = False):
             _accept(_build.jit_load(torch, with_cuda, verbose=verbose))
         except _build.BuildError as exc:
             _error = str(exc)
-        if _module is None:
-            raise RuntimeError(f"headsparse._C is unusable: {_error}")
-        return _module
+    for backend in (CPU, CUDA):  # their cached status said "compiled on first use" (or, on failure, usable)
+        backend.reset_status()
+    if _module is None:
+        raise RuntimeError(f"headsparse._C is unusable: {_error}")
+    return _module
 
 
 def get():
