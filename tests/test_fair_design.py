@@ -1,0 +1,162 @@
+"""The fair test: every arm end to end on the tiny model, arms as data, and the fixed verdict rules against
+hand-made reports (a winning, a losing and an inconclusive one)."""
+import json
+import random
+
+import pytest
+
+from headsparse.recipes.cli import main
+from headsparse.recipes.experiment import FAIR_ARMS, ArmSpec, FairConfig, run_arms
+from headsparse.recipes.run_cli import design_of
+from headsparse.recipes.verdict import FULL, LORA_MINED, P2D, RANDOM_DATA, RANDOM_HEADS, verdict
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fair")
+    assert main(["run", "--model", "tiny", "--design", "fair", "--search", "--no-progress", "--threads", "1",
+                 "--out", str(out), "--stem", "f"]) == 0
+    return out, json.loads((out / "f.json").read_text())
+
+
+def test_every_arm_end_to_end_tiny(tiny_report):
+    out, rep = tiny_report
+    assert {r["arm"] for r in rep["rows"]} == {a.name for a in FAIR_ARMS}
+    by = {(r["arm"], r["seed"]): r for r in rep["rows"]}
+    n_eval = rep["task"]["eval"]
+    for r in rep["rows"]:
+        assert len(r["correct"]) == n_eval and 0 <= r["q_ci"]["low"] <= r["q"] <= r["q_ci"]["high"] <= 1
+    full = by[(FULL, 0)]["trained"]["trainable_params"]
+    lora = by[(LORA_MINED, 0)]["trained"]["trainable_params"]
+    heads = by[(P2D, 0)]["trained"]["trainable_params"]
+    assert 0 < heads < full and 0 < lora < full
+    for arm in (P2D, RANDOM_HEADS, RANDOM_DATA):  # three seeds for the arms the verdict compares per seed
+        assert sorted(r["seed"] for r in rep["rows"] if r["arm"] == arm) == [0, 1, 2]
+    assert by[(P2D, 0)]["indices"] == by[(RANDOM_HEADS, 0)]["indices"] == by[(LORA_MINED, 0)]["indices"]
+    assert by[(P2D, 0)]["indices"] != by[(RANDOM_DATA, 0)]["indices"]
+    assert len(by[(P2D, 0)]["indices"]) == rep["task"]["pool"] // 10
+    # every trained arm's epochs and lr were chosen on dev by this run's search, with its cost
+    for a in FAIR_ARMS[1:]:
+        s = rep["settings"][a.name]
+        assert s["source"] == "this run" and len(s["tried"]) == 2 and s["search_s"] >= 0
+        assert by[(a.name, 0)]["epochs"] == s["epochs"] and by[(a.name, 0)]["lr"] == s["lr"]
+    assert rep["composition"]["recall_ceiling"] >= 0.9 and rep["composition"]["target_share"] <= 0.15
+    md = (out / "f.md").read_text()
+    assert "## Pool composition" in md and "## Verdict" in md and "load average" in md
+    assert (out / "f.png").exists()
+    assert rep["verdict"]["claim"] in ("holds", "fails", "inconclusive")
+
+
+def test_settings_from_a_search_report(tiny_report, tmp_path):
+    out, rep = tiny_report
+    assert main(["run", "--model", "tiny", "--design", "fair", "--settings-from", str(out / "f.json"),
+                 "--no-progress", "--threads", "1", "--out", str(tmp_path), "--stem", "g", "--seeds", "1"]) == 0
+    again = json.loads((tmp_path / "g.json").read_text())
+    for name, s in again["settings"].items():
+        assert (s["epochs"], s["lr"]) == (rep["settings"][name]["epochs"], rep["settings"][name]["lr"])
+        assert str(out / "f.json") in s["source"] or "f.json" in s["source"]
+    with pytest.raises(SystemExit, match="cannot be combined"):
+        main(["run", "--model", "tiny", "--design", "fair", "--search", "--settings-from", "x.json"])
+
+
+def test_arms_are_a_table():
+    from headsparse.recipes.tasks import synthetic_task, tiny_llama
+
+    arms = (ArmSpec("base", "none", "none", seeds="one"), ArmSpec(FULL, "pool", "full", seeds="one"),
+            ArmSpec("all-new row: random heads, random 10%", "random", "heads", "random", seeds="one"))
+    settings = {FULL: {"epochs": 1, "lr": 1e-3}, arms[2].name: {"epochs": 1, "lr": 3e-3}}
+    rep = run_arms(tiny_llama(), synthetic_task(n_pool=40, n_targets=4, n_eval=10),
+                   FairConfig(arms=arms, settings=settings, n_boot=50), quiet=True)
+    assert [r["arm"] for r in rep["rows"]] == [a.name for a in arms]
+    assert rep["verdict"]["claim"] == "not measured"
+    with pytest.raises(ValueError, match="no epochs/lr"):
+        FairConfig(arms=arms, settings={}).check()
+    with pytest.raises(ValueError, match="first arm that trains"):
+        FairConfig(arms=(arms[0], arms[2], arms[1]), settings=settings).check()
+    with pytest.raises(ValueError, match="heads"):
+        ArmSpec("x", "mined", "heads").check()
+
+
+def test_default_design():
+    class A:
+        design = None
+        model = "smollm2"
+        methods = None
+    assert design_of(A, {}) == "fair"
+    A.methods = "p2d"
+    assert design_of(A, {}) == "pipeline"
+    A.methods, A.model = None, "tiny"
+    assert design_of(A, {}) == "pipeline"
+    assert design_of(A, {"pool": []}) == "pipeline"
+
+
+# ------------------------------------------------------------------ verdict rules on hand-made reports
+N = 400
+
+
+def _correct(acc, seed):
+    g = random.Random(seed)
+    k = round(acc * N)
+    c = [1] * k + [0] * (N - k)
+    g.shuffle(c)
+    return c
+
+
+def _flip(c, n_down, n_up, seed):
+    """c with n_down correct items made wrong and n_up wrong ones made right (a paired difference)."""
+    c = list(c)
+    g = random.Random(seed)
+    ones = [i for i, v in enumerate(c) if v]
+    zeros = [i for i, v in enumerate(c) if not v]
+    for i in g.sample(ones, n_down):
+        c[i] = 0
+    for i in g.sample(zeros, n_up):
+        c[i] = 1
+    return c
+
+
+def _report(p2d_vs_full, p2d_vs_random, cost_p2d, cost_lora, t_full=100.0):
+    """P2D differs from full FT by p2d_vs_full items (net), and beats the random arms by p2d_vs_random items."""
+    full = _correct(0.8, 0)
+    rows = [{"arm": FULL, "seed": 0, "correct": full, "t_select": 0.0, "t_train": t_full}]
+    for s in range(3):
+        up, down = max(0, p2d_vs_full), max(0, -p2d_vs_full)
+        p2d = _flip(full, down, up, s + 1)
+        rows.append({"arm": P2D, "seed": s, "correct": p2d, "t_select": cost_p2d / 2, "t_train": cost_p2d / 2})
+        worse = _flip(p2d, max(0, p2d_vs_random), max(0, -p2d_vs_random), s + 10)
+        rows += [{"arm": a, "seed": s, "correct": worse, "t_select": 1.0, "t_train": 5.0}
+                 for a in (RANDOM_DATA, RANDOM_HEADS)]
+        rows.append({"arm": LORA_MINED, "seed": s, "correct": _flip(p2d, 2, 0, s + 20), "t_select": cost_lora / 2,
+                     "t_train": cost_lora / 2})
+    return {"rows": rows, "settings": {FULL: {"search_s": 50.0}, P2D: {"search_s": 10.0}}}
+
+
+def test_verdict_winning():
+    v = verdict(_report(p2d_vs_full=0, p2d_vs_random=60, cost_p2d=20.0, cost_lora=30.0), n_boot=500)
+    assert v["rules"]["R1"]["result"] == "holds"
+    assert v["rules"]["R2"]["result"] == v["rules"]["R3"]["result"] == v["rules"]["R4"]["result"] == "holds"
+    assert v["rules"]["R5"]["result"] == "holds" and v["claim"] == "holds"
+    assert "the claim HOLDS" in v["text"]
+
+
+def test_verdict_losing():
+    v = verdict(_report(p2d_vs_full=-80, p2d_vs_random=-60, cost_p2d=20.0, cost_lora=10.0), n_boot=500)
+    assert v["rules"]["R1"]["result"] == "fails" and v["claim"] == "fails"
+    assert v["rules"]["R2"]["result"] == "fails" and v["rules"]["R3"]["result"] == "fails"
+    assert v["rules"]["R4"]["result"] == "fails"  # dearer than LoRA on the mined data and never better
+    assert "the claim FAILS" in v["text"]
+    # not cheaper than full fine-tuning: R5 fails and the claim with it, even at equal quality
+    v = verdict(_report(p2d_vs_full=0, p2d_vs_random=0, cost_p2d=200.0, cost_lora=300.0), n_boot=500)
+    assert v["rules"]["R1"]["result"] == "holds" and v["rules"]["R5"]["result"] == "fails" and v["claim"] == "fails"
+
+
+def test_verdict_inconclusive():
+    # P2D 3 points below full fine-tuning on 400 items: the CI straddles the -0.02 margin
+    v = verdict(_report(p2d_vs_full=-12, p2d_vs_random=0, cost_p2d=20.0, cost_lora=30.0), n_boot=500)
+    r1 = v["rules"]["R1"]
+    assert all(c["low"] < -0.02 < c["high"] for c in r1["per_seed"])
+    assert r1["result"] == "inconclusive" and v["claim"] == "inconclusive"
+    assert v["rules"]["R2"]["result"] == "inconclusive"
+    assert "INCONCLUSIVE" in v["text"]
