@@ -145,11 +145,26 @@ def cuda_plan(torch) -> Tuple[bool, str]:
     return True, f"CUDA_HOME={cuda_home}"
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported with CUDA_HOME pointing at the real toolkit when the user did not set
+    it (torch reads it once, at import, and otherwise guesses from nvcc's directory, warning when that fails)."""
+    if "torch.utils.cpp_extension" not in sys.modules and not os.environ.get("CUDA_HOME"):
+        cuda_home = find_cuda_home()
+        if cuda_home:
+            os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils import cpp_extension
+
+    return cpp_extension
+
+
 def _use_cuda_home(cpp_extension) -> None:
     cuda_home = find_cuda_home()
     if cuda_home:
         os.environ.setdefault("CUDA_HOME", cuda_home)
-        if cpp_extension.CUDA_HOME is None:  # a CPU torch, or nvcc behind a wrapper: torch did not find it
+        # torch fixes its CUDA_HOME when cpp_extension is imported, from nvcc's directory: behind a wrapper script
+        # (/usr/local/bin/nvcc) that is /usr/local, which has no CUDA headers. Use the real toolkit instead.
+        torch_home = cpp_extension.CUDA_HOME
+        if torch_home is None or not os.path.isfile(os.path.join(torch_home, "include", "cuda_runtime.h")):
             cpp_extension.CUDA_HOME = cuda_home
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         import torch
@@ -184,7 +199,7 @@ def _ninja_on_path() -> None:
 
 def missing_tools(with_cuda: bool) -> List[str]:
     """What the JIT build needs and this machine lacks, one phrase each."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     _ninja_on_path()
     out = []
@@ -198,7 +213,7 @@ def missing_tools(with_cuda: bool) -> List[str]:
 def built_library(torch, with_cuda: bool) -> Optional[str]:
     """The library in this torch's cache directory that this machine's build would produce: ninja's
     ``headsparse_C.so``, or without ninja the setuptools fallback's ``headsparse_C.<python tag>.so``."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     _ninja_on_path()
     d = build_dir(torch, with_cuda)
@@ -214,7 +229,7 @@ def _setuptools_build(sources, depends, cxx, link, cuda_flags, with_cuda, out, v
     import importlib.util
 
     from setuptools import Distribution
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     if with_cuda:
         ext = cpp_extension.CUDAExtension(JIT_NAME, sources, depends=depends, extra_link_args=link,
@@ -252,7 +267,7 @@ def _setuptools_build(sources, depends, cxx, link, cuda_flags, with_cuda, out, v
 
 def jit_load(torch, with_cuda: bool, verbose: bool = False):
     """Compile (ninja: only what changed) and import the extension; BuildError with one line on failure."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     missing = missing_tools(with_cuda)
     if missing:
@@ -278,6 +293,7 @@ def jit_load(torch, with_cuda: bool, verbose: bool = False):
         return _setuptools_build(sources, headers, cxx, link, cuda_flags, with_cuda, out, verbose)
     except Exception as exc:  # compiler errors arrive as RuntimeError with the whole log
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = first.split(": [", 1)[0]  # ninja's "Error building extension 'x': [1/7] <command line>"
         raise BuildError(f"compiling the extension in {out} failed ({first}); rerun `headsparse build-ext "
                          "--verbose` for the compiler output") from None
 
@@ -304,7 +320,7 @@ def aot_extension(root: str):
     the build environment, which must be the installed one (pip install --no-build-isolation)."""
     try:
         import torch
-        from torch.utils import cpp_extension
+        cpp_extension = _cpp_extension()
     except ImportError as exc:
         raise BuildError(f"HEADSPARSE_BUILD_EXT=1 compiles against the installed torch, but torch cannot be imported "
                          f"here ({exc}): install torch first, then pip install --no-build-isolation") from None
