@@ -27,6 +27,24 @@ from ._checks import check_int, check_number
 KV_POLICIES = ("any", "all", "none")
 _FORMAT_VERSION = 1
 
+# How to read (family, layers, query heads, KV heads) from a model. The patch layer, which knows the model
+# families, registers its reader when it is imported (``import headsparse`` always imports it), so the plan never
+# imports the layer above it.
+_model_shape_reader = None
+
+
+def register_model_shape(reader) -> None:
+    """Set the function ``model -> (family, num layers, query heads, KV heads)`` used by
+    :meth:`HeadPlan.for_model` and :meth:`HeadPlan.check_model` (the patch layer registers ``model_shape``)."""
+    global _model_shape_reader
+    _model_shape_reader = reader
+
+
+def _model_shape(model):
+    if _model_shape_reader is None:  # only when headsparse.plan was loaded without the package (never by import)
+        raise RuntimeError("no model-shape reader registered: import headsparse (its patch layer registers one)")
+    return _model_shape_reader(model)
+
 
 class HeadMode(str, Enum):
     """The role of one query head."""
@@ -202,9 +220,7 @@ class HeadPlan:
     @classmethod
     def for_model(cls, model, mode="train", kv_policy: str = "any") -> "HeadPlan":
         """A uniform plan shaped for a Hugging Face ``model``."""
-        from .patch.core import model_shape  # lazy: the plan does not need transformers otherwise
-
-        family, nl, nq, nkv = model_shape(model)
+        family, nl, nq, nkv = _model_shape(model)  # the patch layer's reader (register_model_shape)
         return cls.uniform(nl, nq, nkv, mode, kv_policy, family)
 
     @classmethod
@@ -297,9 +313,7 @@ class HeadPlan:
     # --------------------------------------------------------------- checking
     def check_model(self, model) -> None:
         """Raise ValueError naming the mismatch if this plan does not fit ``model``."""
-        from .patch.core import model_shape
-
-        family, nl, nq, nkv = model_shape(model)
+        family, nl, nq, nkv = _model_shape(model)
         problems = []
         if self.model_family is not None and self.model_family != family:
             problems.append(f"model family: plan is for {self.model_family!r}, model is {family!r}")

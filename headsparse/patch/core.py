@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..ops import attention as hs_attention
-from ..plan import HeadMode, HeadPlan
+from ..plan import HeadMode, HeadPlan, register_model_shape
 from .families import Family, find_family
 from .linear import HeadSlicedOutput, HeadSlicedProjection, is_sharded, is_zero3, is_zero3_partitioned
 
@@ -46,6 +46,7 @@ ATTN_NAME = "headsparse"
 GRAD_MODES = ("exact", "sparse")
 _STATE_ATTR = "_headsparse_layer"
 _PATCH_ATTR = "_headsparse_patch"
+PREFIX_CACHE_ATTR = "_headsparse_prefix_cache"  # where patch.prefix_cache attaches its cache to a model
 PLAN_FILE = "headsparse_plan.json"  # written beside a patched model's save_pretrained checkpoint
 _NO_GRAD_FLAG = "_headsparse_no_grad"
 
@@ -69,6 +70,9 @@ def model_shape(model) -> Tuple[str, int, int, int]:
     family, base = find_family(model)
     nq, nkv, _, _ = attention_dims(family, model.config)
     return family.name, len(family.layers(base)), nq, nkv
+
+
+register_model_shape(model_shape)  # HeadPlan.for_model / check_model read shapes through it (no plan -> patch import)
 
 
 # ------------------------------------------------------------- per-layer state
@@ -907,9 +911,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     ``save_pretrained`` / ``from_pretrained`` reproduce them.
     """
     info = patch_info(model)
-    from .prefix_cache import drop_prefix_cache  # its entries hold the patched prefix's states: drop them
-
-    drop_prefix_cache(model)
+    cache = getattr(model, PREFIX_CACHE_ATTR, None)  # a prefix cache holds the patched prefix's states: drop it
+    if cache is not None:  # (what prefix_cache.drop_prefix_cache does; read here so core does not import it)
+        cache.detach(clear=True)
     family = info.family
     base = model.base_model
     names = {id(m): n for n, m in model.named_modules()}

@@ -65,10 +65,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .core import _PATCH_ATTR, layer_states, patch_info
+from .core import _PATCH_ATTR, PREFIX_CACHE_ATTR, layer_states, patch_info
 from .linear import is_sharded, is_zero3
 
-_CACHE_ATTR = "_headsparse_prefix_cache"
+_CACHE_ATTR = PREFIX_CACHE_ATTR  # defined in core, which unpatch reads without importing this module
 
 # Modules of each family's base model that run before its first layer (the rest of the prefix is layers[:h]).
 _BEFORE = {

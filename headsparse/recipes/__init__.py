@@ -5,7 +5,8 @@ Subpackages and modules (each loads on first use, so importing one recipe does n
 - :mod:`~headsparse.recipes.scoring`: head importance scores and plans (``score_heads``, ``headsparse score``);
 - :mod:`~headsparse.recipes.mining`: data mining with the heads' signatures (P2D, SLAP, LESS-style, loss, random);
 - :mod:`~headsparse.recipes.tuning`: head-sparse tuning (``tune``), APT-style pruning during it, the Trainer callback;
-- :mod:`~headsparse.recipes.apt`: :func:`finetune_apt`, APT (Zhao et al., ICML 2024) as published, with
+- :mod:`~headsparse.recipes.apt`: :func:`finetune_apt_published` (old name ``finetune_apt``), APT (Zhao et al.,
+  ICML 2024) as published (unlike ``tuning.tune_apt_heads``, which prunes heads while tuning head slices), with
   its baselines (full fine-tuning, LoRA, LoRA+prune) through the same loop;
 - :mod:`~headsparse.recipes.data`: the one data module (examples, batching, the next-token loss) they all use;
 - :mod:`~headsparse.recipes.pipeline`, :mod:`~headsparse.recipes.tasks`, :mod:`~headsparse.recipes.metrics`,
@@ -18,13 +19,13 @@ Nothing below ``headsparse.recipes`` is imported by the kernels (``headsparse.op
 from .._lazy import lazy_attributes
 
 _LAZY = {
-    "finetune_apt": ".apt", "APTResult": ".apt", "apt_blocks": ".apt", "kurtosis_term": ".apt",
+    "finetune_apt": ".apt", "finetune_apt_published": ".apt", "APTResult": ".apt", "apt_blocks": ".apt", "kurtosis_term": ".apt",
     "time_to_fraction": ".apt",
 }
-_SUBMODULES = ("apt", "cli", "data", "demo", "metrics", "mining", "pipeline", "records", "run_cli", "scoring", "stats",
-               "tasks", "tuning")
+_SUBMODULES = ("apt", "cli", "data", "demo", "experiment", "fair_pool", "fair_report", "metrics", "mining", "pipeline",
+               "records", "run_cli", "scoring", "stats", "tasks", "tuning", "verdict")
 
-__all__ = ["finetune_apt", "APTResult", "apt_blocks", "kurtosis_term", "time_to_fraction"]
+__all__ = ["finetune_apt", "finetune_apt_published", "APTResult", "apt_blocks", "kurtosis_term", "time_to_fraction"]
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES, globals())

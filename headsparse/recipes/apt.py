@@ -684,3 +684,6 @@ def finetune_apt(model: nn.Module, data, *, keep: float = 0.4, adapters: bool = 
                      sum(p.numel() for p in model.parameters()), tuning, trained, peak, heads_kept, neurons_kept,
                      {"ranks": [a.rank for a in lora], "prune_at": prune_at, "t_warm": t_warm, "t_end": t_end,
                       "total_steps": total, "roles": list(roles) if adapters else []})
+
+
+finetune_apt_published = finetune_apt  # the name that says how it differs from tuning.tune_apt_heads (heads only)

@@ -1,5 +1,10 @@
 """APT-style adaptive pruning during head-sparse tuning (head granularity; a reduced reconstruction).
 
+:func:`tune_apt_heads` (also reachable as ``tune(..., mode="apt")`` and, by its old name, ``tune_apt``) trains
+the plan's head slices and prunes FROZEN heads; it is not APT as published, which is
+:func:`headsparse.recipes.apt.finetune_apt_published` (LoRA adapters, rank growth, FFN and head salience with
+kurtosis, hidden-state distillation).
+
 APT (Zhao et al., ICML 2024, ROIM1998/APT) prunes heads, FFN neurons and
 hidden dimensions during LoRA tuning, grows adapter ranks and self-distils.
 What this mode keeps from its code, at head granularity only:
@@ -44,7 +49,7 @@ from ...patch.core import layer_states
 from ...plan import HeadMode, HeadPlan
 from .apt_blocks import (FFNNeurons, apt_retained, compact_ffn, density_keep, neuron_cost, snapshot,
                          track_abs)
-from .core import TuneResult
+from .result import TuneResult
 from ..._checks import check_int, check_number
 
 
@@ -100,7 +105,7 @@ class _Salience:
             h.remove()
 
 
-def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings: int = 4,
+def tune_apt_heads(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings: int = 4,
              prune_start: float = 0.1, prune_end: float = 0.6, beta: float = 0.85, distill_max: float = 0.5,
              temperature: float = 2.0, epochs: int = 1, batch_size: int = 8, lr: float = 1e-4,
              weight_decay: float = 0.0, grad: str = "exact", pad_id: Optional[int] = None, seed: int = 0,
@@ -134,7 +139,7 @@ def tune_apt(model, plan: HeadPlan, data, *, keep_final: float = 0.6, n_prunings
     check_number("mask_step", mask_step, 0, 1, lo_open=True)
     examples = as_examples(data, "data")
     if is_patched(model):
-        raise ValueError("tune_apt patches the model itself; pass an unpatched model")
+        raise ValueError("tune_apt_heads patches the model itself; pass an unpatched model")
     plan.check_model(model)
     neurons = FFNNeurons(model) if ffn else None  # hooks on the MLPs, which patching leaves alone
     pad = pad_id_of(model, pad_id)
@@ -315,3 +320,6 @@ def _prune_blocks(model, cur, ema, sal, neurons, n_ema, n_keep, head_cost, n_cos
            "pruned": cur.count("pruned"),
            "ffn_neurons_kept": [int(k.sum()) for k in n_keep], "ffn_removed": bool(last)}
     return cur, ema, sal, opt, rec
+
+
+tune_apt = tune_apt_heads  # the old name, kept: heads-only APT-style tuning (not the published recipe)

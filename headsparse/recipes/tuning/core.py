@@ -29,17 +29,7 @@ from ...plan import HeadPlan
 from ..._checks import check_int, check_number
 
 
-@dataclass
-class TuneResult:
-    model: object
-    steps: int
-    epochs: int
-    losses: List[float]
-    time_s: float
-    trainable_params: int
-    reselect_time_s: float = 0.0  # SLAP on-policy re-selection inside the training time
-    info: Dict = field(default_factory=dict)
-    cpu_s: float = 0.0  # process CPU time of the training loop (all threads), beside the wall time_s
+from .result import TuneResult  # noqa: E402  (re-exported: headsparse.recipes.tuning.core.TuneResult)
 
 
 def scheduled_lr(lr: float, step: int, total: int, warmup_steps: int = 0, schedule: str = "linear") -> float:
@@ -74,7 +64,7 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
         max_steps: stop after this many optimizer steps (None: all epochs).
         on_step: called as ``on_step(step, loss)`` after every optimizer step.
         mode: "sparse" (train the plan's heads as they are) or "apt" (APT-style
-            adaptive head pruning during training, :func:`headsparse.recipes.tuning.tune_apt`,
+            adaptive head pruning during training, :func:`headsparse.recipes.tuning.tune_apt_heads`,
             with ``apt_options``; needs a plan and an unpatched model).
         prefix_cache: False (default), True, or a :class:`headsparse.PrefixCache` (e.g. one that mining
             filled): the frozen-prefix cache. Each example's hidden state at the input of the plan's lowest
@@ -91,11 +81,11 @@ def tune(model, plan: Optional[HeadPlan], data, *, epochs: int = 1, batch_size: 
         raise ValueError("prefix_cache needs a fixed head plan: plan=None trains every layer and mode='apt' changes "
                          "the plan while training, so there is no frozen prefix to cache")
     if mode == "apt":
-        from .apt import tune_apt
+        from .apt import tune_apt_heads
 
         if plan is None:
             raise ValueError("mode='apt' needs a plan")
-        return tune_apt(model, plan, data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        return tune_apt_heads(model, plan, data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                         grad=grad, pad_id=pad_id, seed=seed, max_grad_norm=max_grad_norm, progress=progress,
                         **(apt_options or {}))
     check_int("epochs", epochs, 1)
