@@ -160,3 +160,17 @@ def test_verdict_inconclusive():
     assert r1["result"] == "inconclusive" and v["claim"] == "inconclusive"
     assert v["rules"]["R2"]["result"] == "inconclusive"
     assert "INCONCLUSIVE" in v["text"]
+
+
+def test_larger_run_script_smoke(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fair.py"
+    spec = importlib.util.spec_from_file_location("bench_fair", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--model", "tiny", "--pool-size", "60", "--eval-size", "10", "--threads", "1",
+                     "--out", str(tmp_path), "--seeds", "1"]) == 0
+    rep = json.loads((tmp_path / "fair-tiny-60.json").read_text())
+    assert rep["task"]["pool"] == 60 and rep["task"]["eval"] == 10
