@@ -59,6 +59,8 @@ def test_settings_from_a_search_report(tiny_report, tmp_path):
         assert str(out / "f.json") in s["source"] or "f.json" in s["source"]
     with pytest.raises(SystemExit, match="cannot be combined"):
         main(["run", "--model", "tiny", "--design", "fair", "--search", "--settings-from", "x.json"])
+    with pytest.raises(SystemExit, match="belong to --design pipeline"):
+        main(["run", "--model", "tiny", "--design", "fair", "--epochs", "3"])
 
 
 def test_arms_are_a_table():

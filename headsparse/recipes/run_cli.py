@@ -336,6 +336,13 @@ def run_fair(args) -> int:
     from .fair_report import results_table, write_report
 
     tiny = args.model == "tiny"
+    ignored = [f for f, v in (("--epochs", args.epochs), ("--epochs-heads", args.epochs_heads),
+                              ("--lr-full", args.lr_full), ("--lr-heads", args.lr_heads), ("--lr-search", args.lr_search),
+                              ("--lr-grid-full", args.lr_grid_full), ("--lr-grid-heads", args.lr_grid_heads),
+                              ("--lr-from", args.lr_from), ("--same-steps", args.same_steps)) if v]
+    if ignored:
+        raise SystemExit(f"headsparse run: {', '.join(ignored)} belong to --design pipeline; the fair design takes each "
+                         f"arm's epochs and lr from --search or --settings-from")
     sizes = FAIR_TINY if tiny else FAIR_SMOLLM2
     n_pool, n_eval = args.pool_size or sizes["pool_size"], args.eval_size or sizes["eval_size"]
     settings, search = fair_settings(args, tiny)
