@@ -55,11 +55,18 @@ def _search_s(report: Dict, arm: str) -> float:
     return report["settings"].get(arm, {}).get("search_s") or 0.0
 
 
+def _cpu_speedup(r: Dict, cpu_full: Optional[float]) -> str:
+    cpu = r.get("cpu_select", 0.0) + r.get("cpu_train", 0.0)
+    return f"{cpu_full / cpu:.2f}x" if cpu_full and cpu > 0 else "-"
+
+
 def results_table(report: Dict) -> str:
     full = next((r for r in report["rows"] if r["data_kind"] == "pool" and r["train"] == "full"), None)
     t_full_s = full["t_train"] + _search_s(report, full["arm"]) if full else None
+    cpu_full = full.get("cpu_train") if full else None
     head = ("| arm | seed | data | trained params | steps (epochs @ lr) | Q [95% CI] | Q - Q_base [95% CI] | "
-            "Q - Q_full [95% CI] | mining P/R | T_select s | T_train s | speedup | speedup incl. search | dev Q |")
+            "Q - Q_full [95% CI] | mining P/R | T_select s | T_train s | speedup | speedup incl. search | "
+            "speedup (CPU time) | dev Q |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in report["rows"]:
         pr = f"{r['mining_precision']:.2f}/{r['mining_recall']:.2f}" if "mining_precision" in r else "-"
@@ -70,7 +77,8 @@ def results_table(report: Dict) -> str:
                      f"{_ci(r['q_ci'])} | {_ci(r['vs_base'], True)} | {_ci(r.get('vs_full'), True)} | {pr} | "
                      f"{r['t_select']:.1f} | {r['t_train']:.1f} | "
                      f"{_num(r.get('speedup'), 2) + 'x' if r.get('speedup') else '-'} | "
-                     f"{_num(sp_s, 2) + 'x' if sp_s else '-'} | {_num(r.get('q_dev'), 3)} |")
+                     f"{_num(sp_s, 2) + 'x' if sp_s else '-'} | {_cpu_speedup(r, cpu_full)} | "
+                     f"{_num(r.get('q_dev'), 3)} |")
     return "\n".join(lines)
 
 
@@ -109,7 +117,8 @@ def markdown(report: Dict) -> str:
            "Q: accuracy on the held-out items (multiple choice by log-likelihood), 95% percentile bootstrap CI over "
            "the items; differences paired over the same items. T_select = head scoring (when the arm uses the "
            "scored heads, to train or to mine) + mining; speedup = T_full / (T_select + T_train) against full "
-           "fine-tuning on the whole pool; 'incl. search' adds each arm's search cost to both sides.", "",
+           "fine-tuning on the whole pool; 'incl. search' adds each arm's search cost to both sides; 'CPU time' is the same "
+           "ratio from process CPU seconds (all threads), which other jobs on the machine inflate less.", "",
            results_table(report), ""]
     st = seed_table(report)
     if st:
