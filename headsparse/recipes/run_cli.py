@@ -347,8 +347,15 @@ def run_fair(args) -> int:
     n_pool, n_eval = args.pool_size or sizes["pool_size"], args.eval_size or sizes["eval_size"]
     settings, search = fair_settings(args, tiny)
     from ._optional import require
+    from .tasks import cache_root, require_default_data, require_default_model
+
+    # optional packages before any work, in the order a fresh install meets them: the model, its data, peft
+    if not tiny and args.model == "smollm2" and not (cache_root() / "smollm2" / "config.json").exists():
+        require_default_model()
+    if not tiny:
+        require_default_data()
+    require("peft", "the LoRA r16 arms of the fair test")
     try:
-        require("peft", "the LoRA r16 arms of the fair test")
         cfg = FairConfig(settings=settings, search=search, fraction=args.fraction, head_fraction=args.head_fraction,
                          seeds=args.seeds or 3, batch_size=args.batch_size or 8, warmup_ratio=args.warmup_ratio,
                          grad=args.grad, head_scorer=args.head_scorer, seed=args.seed, progress=not args.no_progress,
@@ -365,12 +372,8 @@ def run_fair(args) -> int:
                               n_dev=sizes["dev_size"])
     else:
         from .fair_pool import capital_mix_records, description
-        from .tasks import load_causal_lm, require_default_data, require_default_model, smollm2_dir, \
-            task_from_records, cache_root
+        from .tasks import load_causal_lm, smollm2_dir, task_from_records
 
-        if args.model == "smollm2" and not (cache_root() / "smollm2" / "config.json").exists():
-            require_default_model()
-        require_default_data()
         try:
             path = str(smollm2_dir()) if args.model == "smollm2" else args.model
             print(f"[headsparse run] loading {path}", flush=True)
