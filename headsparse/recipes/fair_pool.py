@@ -43,6 +43,7 @@ from .tasks import (PROMPT_TEMPLATE, _analogy_question, _analogy_questions, _gen
 TARGET_RELATION = "capital-world"
 TARGET_TASK = "capital-analogy"
 MAX_TARGET_SHARE = 0.15
+MAX_WORDS = 14  # news sentences of last-word questions, and text records, hold at most this many words
 # shares of the pool besides the target task (the rest is unlabelled text); sentiment and topic are capped by the
 # bundled data (200 each), the difference goes to the text
 SHARES = {"other-analogy": 0.34, "entity-question": 0.08, "sentiment": 0.12, "topic": 0.12, "last-word": 0.12}
@@ -141,12 +142,16 @@ def capital_mix_records(tok=None, *, n_pool: int = 600, target_share: float = 0.
     near = [s for s in sents if names & set(re.findall(r"\w+", s))]
     rest = [s for s in sents if not names & set(re.findall(r"\w+", s))]
     n_text = n_pool - n_target - sum(counts.values())
-    if counts["last-word"] + n_text > len(sents):
-        raise ValueError(f"n_pool={n_pool} needs {counts['last-word'] + n_text} news sentences, the bundled corpus "
-                         f"has {len(sents)}")
-    text_s = (near + rest)[:n_text]  # near-domain text first: sentences that name a capital or a country
-    used = set(text_s)
-    last_s = [s for s in sents if s not in used][:counts["last-word"]]
+    if counts["last-word"] + n_text > len(sents) or counts["last-word"] > sum(len(s.split()) <= MAX_WORDS
+                                                                             for s in sents):
+        raise ValueError(f"n_pool={n_pool} needs {counts['last-word'] + n_text} news sentences ({counts['last-word']} "
+                         f"of at most {MAX_WORDS} words), the bundled corpus has {len(sents)}")
+    # last-word questions take whole short sentences; text records are the other sentences' first words
+    # (near-domain first: sentences that name a capital or a country), so no record is longer than the others
+    short = [s for s in sents if len(s.split()) <= MAX_WORDS]
+    last_s = short[:counts["last-word"]]
+    used = set(last_s)
+    text_s = [" ".join(s.split()[:MAX_WORDS]) for s in near + rest if s not in used][:n_text]
     last = [_qa(f"What is the last word of this sentence? {s}", re.sub(r"\W+$", "", s.split()[-1]), "last-word")
             for s in last_s]
     text = [{"text": s, "task": "news"} for s in text_s]
@@ -158,7 +163,7 @@ def capital_mix_records(tok=None, *, n_pool: int = 600, target_share: float = 0.
         per_task[r["task"]] = per_task.get(r["task"], 0) + 1
     composition = {"records": per_task, "pool": len(pool), "target_task": TARGET_TASK,
                    "target_records": n_target, "target_share": n_target / len(pool),
-                   "near_domain_text": sum(1 for s in text_s if s in set(near)),
+                   "near_domain_text": min(len(text_s), sum(1 for s in near if s not in used)),
                    "fraction": fraction, "recall_ceiling": recall_ceiling(len(pool), n_target, fraction),
                    "eval": len(ev), "dev": len(dev), "target_set": n_target_set,
                    "capital_pairs": {k: len(v[TARGET_RELATION]) for k, v in splits.items()}}
