@@ -130,6 +130,12 @@ def markdown(report: Dict) -> str:
             "CIs per seed); R4 P2D against LoRA r16 on the mined data at its cost; R5 end-to-end speedup with "
             "selection, without and with searches. The claim holds when R1 and R5 hold.", "",
             report["verdict"]["text"], ""]
+    unsearched = [n for n, st in report["settings"].items() if st.get("search_s") is None]
+    if unsearched:
+        out += [f"**Caveat: the epochs and learning rates of {len(unsearched)} arm(s) were not chosen on this pool's "
+                f"dev split** ({', '.join(unsearched)}); the verdict compares arms whose settings may favour some of "
+                f"them. Run `headsparse run --search` (or pass `--settings-from` a search's report) for the verdict "
+                f"the rules intend.", ""]
     out += ["Stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["stages_s"].items()), ""]
     return "\n".join(out)
 
