@@ -52,7 +52,9 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit (capped by the
 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$LOG"
 
-stage build "${HS_T_BUILD:-240}" "$PY" -m pip install --no-build-isolation --no-deps -e .
+# HEADSPARSE_BUILD_EXT=1 compiles the C++/CUDA extension at install (otherwise it compiles on first use, inside
+# the GPU-test stage's time limit).
+stage build "${HS_T_BUILD:-240}" env HEADSPARSE_BUILD_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
 stage backends 60 "$PY" -c "import headsparse as hs
 for n, b in hs.backends().items(): print(f'{n:8s} usable={b.usable}  {b.reason}')"
 
