@@ -176,7 +176,7 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
              quiet: bool = False) -> Dict:
     """Run every arm of ``config.arms`` on ``task`` (``model`` left untouched); returns the report dict."""
     from .mining.core import mine
-    from .pipeline import bootstrap_resample, environment, evaluate, score_heads_for_pipeline, trained_parts
+    from .pipeline import _warmup, bootstrap_resample, environment, evaluate, score_heads_for_pipeline, trained_parts
     from .tuning.core import tune
     from .verdict import verdict
 
@@ -236,6 +236,9 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
         idx = sorted(random.Random(20_000 + seed).sample(range(len(pool)), k_sub))
         return idx
 
+    # one untimed forward + backward (full model and a patched probe), so lazy initialisation does not land in the
+    # first timed arm (full fine-tuning, every other arm's yardstick)
+    stages["warmup (untimed)"] = _warmup(model, task, HeadPlan.for_model(model, "train"), pad)
     base_res = ev(model, task.eval)
     base_dev = ev(model, task.dev) if task.dev else None
     full_ref: Dict = {}
