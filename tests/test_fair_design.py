@@ -67,11 +67,15 @@ def test_arms_are_a_table():
     from headsparse.recipes.tasks import synthetic_task, tiny_llama
 
     arms = (ArmSpec("base", "none", "none", seeds="one"), ArmSpec(FULL, "pool", "full", seeds="one"),
-            ArmSpec("all-new row: random heads, random 10%", "random", "heads", "random", seeds="one"))
-    settings = {FULL: {"epochs": 1, "lr": 1e-3}, arms[2].name: {"epochs": 1, "lr": 3e-3}}
+            ArmSpec("all-new row: random heads, random 10%", "random", "heads", "random", seeds="one"),
+            ArmSpec("another scorer (hifi) on P2D's data", "mined", "heads", "scored", seeds="one", scorer="hifi"))
+    settings = {FULL: {"epochs": 1, "lr": 1e-3}, arms[2].name: {"epochs": 1, "lr": 3e-3},
+                arms[3].name: {"epochs": 1, "lr": 3e-3}}
     rep = run_arms(tiny_llama(), synthetic_task(n_pool=40, n_targets=4, n_eval=10),
                    FairConfig(arms=arms, settings=settings, n_boot=50), quiet=True)
     assert [r["arm"] for r in rep["rows"]] == [a.name for a in arms]
+    hifi = rep["rows"][3]
+    assert hifi["t_score"] > 0 and hifi["trained"]["query_heads"] > 0  # its own scoring counted as selection
     assert rep["verdict"]["claim"] == "not measured"
     with pytest.raises(ValueError, match="no epochs/lr"):
         FairConfig(arms=arms, settings={}).check()
@@ -79,6 +83,9 @@ def test_arms_are_a_table():
         FairConfig(arms=(arms[0], arms[2], arms[1]), settings=settings).check()
     with pytest.raises(ValueError, match="heads"):
         ArmSpec("x", "mined", "heads").check()
+    with pytest.raises(ValueError, match="scorer must be one of"):
+        FairConfig(arms=arms[:2] + (ArmSpec("y", "mined", "heads", "scored", scorer="nope"),),
+                   settings={FULL: {"epochs": 1, "lr": 1e-3}, "y": {"epochs": 1, "lr": 1e-3}}).check()
 
 
 def test_default_design():

@@ -55,6 +55,7 @@ class ArmSpec:
     train: str
     heads: Optional[str] = None
     seeds: str = "auto"
+    scorer: Optional[str] = None  # heads="scored": a headsparse.score_heads method (None: FairConfig.head_scorer)
 
     def check(self) -> None:
         if self.data not in DATA or self.train not in TRAIN or self.heads not in HEADS or self.seeds not in SEEDS:
@@ -62,6 +63,8 @@ class ArmSpec:
                              f"{SEEDS}; got {self}")
         if (self.train == "heads") != (self.heads is not None):
             raise ValueError(f"arm {self.name!r}: heads ('scored' or 'random') goes with train='heads' only")
+        if self.scorer is not None and self.heads != "scored":
+            raise ValueError(f"arm {self.name!r}: scorer goes with heads='scored' only")
         if (self.train == "none") != (self.data == "none"):
             raise ValueError(f"arm {self.name!r}: an arm trains iff it has data")
 
@@ -116,8 +119,14 @@ class FairConfig:
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names repeat: {names}")
+        from .scoring import METHODS as scorers
+
         for a in self.arms:
             a.check()
+            if a.scorer is not None and a.scorer not in scorers:
+                raise ValueError(f"arm {a.name!r}: scorer must be one of {scorers}, got {a.scorer!r}")
+        if self.head_scorer not in scorers:
+            raise ValueError(f"head_scorer must be one of {scorers}, got {self.head_scorer!r}")
         if not any(a.data == "pool" and a.train == "full" for a in self.arms):
             raise ValueError("the arms need full fine-tuning on the whole pool (data='pool', train='full'): every cost "
                              "is measured against it")
@@ -205,17 +214,19 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
     def ev(m, items):
         return evaluate(m, items, cfg.eval_batch_size, pad, progress=cfg.progress)
 
-    plans: Dict[int, Tuple] = {}
+    plans: Dict[Tuple[str, int], Tuple] = {}
 
-    def scored_plan(seed):
-        if seed not in plans:
+    def scored_plan(seed, method: Optional[str] = None):
+        """(plan, target set, wall s, CPU s, scorer) of ``method`` (default: the config's scorer) at ``seed``."""
+        key = (method or cfg.head_scorer, seed)
+        if key not in plans:
             tgt = target if seed == cfg.seed else bootstrap_resample(target, seed)
             t0, c0 = time.perf_counter(), time.process_time()
-            scores, scorer = score_heads_for_pipeline(model, tgt, cfg.probe_batch_size, cfg.head_scorer, seed=seed)
+            scores, scorer = score_heads_for_pipeline(model, tgt, cfg.probe_batch_size, key[0], seed=seed)
             p = HeadPlan.from_scores(scores, fraction=cfg.head_fraction, num_kv_heads=ref.num_kv_heads,
                                      model_family=ref.model_family)
-            plans[seed] = (p, tgt, time.perf_counter() - t0, time.process_time() - c0, scorer)
-        return plans[seed]
+            plans[key] = (p, tgt, time.perf_counter() - t0, time.process_time() - c0, scorer)
+        return plans[key]
 
     def random_plan(seed):
         g = torch.Generator().manual_seed(10_000 + seed)
@@ -271,9 +282,11 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
                 log(f"{label}: Q {base_res.accuracy:.4f}")
                 break
             t_score = t_mine = cpu_sel = 0.0
-            uses_scored = spec.heads == "scored" or spec.data == "mined"
-            if uses_scored:
-                _, _, t_score, cpu_sel, scorer = scored_plan(seed)
+            if spec.data == "mined":  # P2D mines with the config's scorer's plan
+                _, _, t_score, cpu_sel, _ = scored_plan(seed)
+            if spec.heads == "scored" and (spec.data != "mined" or (spec.scorer or cfg.head_scorer) != cfg.head_scorer):
+                _, _, t, c, _ = scored_plan(seed, spec.scorer)
+                t_score, cpu_sel = t_score + t, cpu_sel + c
             if spec.data == "pool":
                 data, idx = pool, None
             elif spec.data == "mined":
@@ -285,7 +298,7 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
                 data = [pool[i] for i in idx]
             plan = None
             if spec.train == "heads":
-                plan = scored_plan(seed)[0] if spec.heads == "scored" else random_plan(seed)
+                plan = scored_plan(seed, spec.scorer)[0] if spec.heads == "scored" else random_plan(seed)
 
             def train(epochs, lr):
                 steps = epochs * math.ceil(len(data) / cfg.batch_size)
@@ -352,7 +365,7 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
             row["cheaper_than_tenth_of_full"] = bool(ref_cost) and cost < cfg.cheap_share * ref_cost
             if spec.seeds == "auto" and seed == cfg.seed and ref_cost and not row["cheaper_than_tenth_of_full"]:
                 break
-    p0 = plans.get(cfg.seed)
+    p0 = plans.get((cfg.head_scorer, cfg.seed))
     report = {
         "design": "fair",
         "task": {"name": task.name, "description": task.description, "pool": len(pool), "target_set": len(target),
