@@ -183,3 +183,24 @@ def test_larger_run_script_smoke(tmp_path):
                      "--out", str(tmp_path), "--seeds", "1"]) == 0
     rep = json.loads((tmp_path / "fair-tiny-60.json").read_text())
     assert rep["task"]["pool"] == 60 and rep["task"]["eval"] == 10
+
+
+def test_main_job_settings_source(tmp_path, monkeypatch):
+    """The main job takes the committed search when there is one, else the carried-over settings (named as such)."""
+    import argparse
+
+    from headsparse.recipes import run_cli
+
+    p = argparse.ArgumentParser()
+    run_cli.add_run_arguments(p)
+    args = p.parse_args([])
+    monkeypatch.setattr(run_cli, "FAIR_SEARCH_JSON", str(tmp_path / "missing.json"))
+    st, search = run_cli.fair_settings(args, tiny=False)
+    assert not search and set(st) == set(run_cli.FAIR_PRIOR_SETTINGS)
+    assert all("not searched on this pool" in v["source"] for v in st.values())
+    rep = {"settings": {k: {**v, "search_s": 1.0, "source": "this run"} for k, v in st.items()},
+           "environment": {"commit": "abcdef0123", "date_utc": "today"}}
+    (tmp_path / "s.json").write_text(json.dumps(rep))
+    monkeypatch.setattr(run_cli, "FAIR_SEARCH_JSON", str(tmp_path / "s.json"))
+    st, _ = run_cli.fair_settings(args, tiny=False)
+    assert all("abcdef0" in v["source"] and v["search_s"] == 1.0 for v in st.values())
