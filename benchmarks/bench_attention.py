@@ -207,7 +207,8 @@ def markdown(rows, meta) -> str:
         f"- date: {meta['date_utc']}, commit: {meta['commit']}",
         f"- torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, "
         f"python {meta['versions']['python']}",
-        f"- dtype {meta['dtype']}, about {meta['tokens']} tokens per batch, hidden {meta['hidden']}",
+        f"- dtype {meta['dtype']}, about {meta['tokens']} tokens per batch, hidden {meta['hidden']}; "
+        f"load average at the end {meta.get('load_average')}, torch threads {meta.get('torch_threads')}",
         "- times in ms; saved = bytes the autograd graph keeps for the backward; "
         "TFLOP/s count only the backward work a grad fraction needs",
         "",
