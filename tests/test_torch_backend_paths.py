@@ -74,9 +74,11 @@ def test_paths_agree_with_each_other(case, monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, equal_nan=True)
 
 
-@pytest.mark.parametrize("mask_shape", [(1, 1, 13, 21), (13, 21), (21,), (2, 4, 13, 21), (1, 4, 1, 21)], ids=str)
-def test_flash_path_broadcast_masks(mask_shape, path_counter):
-    # Masks broadcast over batch and/or heads reach the kernel one batch/head wide (stride-0 dims collapsed).
+BROADCAST_MASK_SHAPES = [(1, 1, 13, 21), (13, 21), (21,), (2, 4, 13, 21), (1, 4, 1, 21)]
+
+
+def check_broadcast_mask(mask_shape, grad_heads=None):
+    """A causal call whose bool mask is broadcast over batch and/or heads, against the float64 reference."""
     import headsparse as hs
 
     gen = torch.Generator().manual_seed(5)
@@ -85,15 +87,22 @@ def test_flash_path_broadcast_masks(mask_shape, path_counter):
     v = torch.randn(2, 2, 21, 32, generator=gen, requires_grad=True)
     mask = torch.rand(mask_shape, generator=gen) > 0.3
     do = torch.randn(2, 4, 13, 32, generator=gen)
-    out = hs.attention(q, k, v, attention_mask=mask, causal=True, backend="torch")
+    kw = dict(attention_mask=mask, causal=True, grad_heads=grad_heads)
+    out = hs.attention(q, k, v, backend="torch", **kw)
     grads = torch.autograd.grad(out, (q, k, v), do)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = hs.attention_reference(*leaves, attention_mask=mask, causal=True)
+    ref = hs.attention_reference(*leaves, **kw)
     ref_grads = torch.autograd.grad(ref, leaves, do.double())
-    assert path_counter["forward"] == 1 and path_counter["backward"] == 1
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mask_shape", BROADCAST_MASK_SHAPES, ids=str)
+def test_flash_path_broadcast_masks(mask_shape, path_counter):
+    # Masks broadcast over batch and/or heads reach the kernel one batch/head wide (stride-0 dims collapsed).
+    check_broadcast_mask(mask_shape)
+    assert path_counter["forward"] == 1 and path_counter["backward"] == 1
 
 
 def test_empty_query_sequence_takes_the_plain_path():
@@ -111,10 +120,9 @@ def test_empty_query_sequence_takes_the_plain_path():
     assert res.stdout.split() == ["(1,", "2,", "0,", "8)", "0.0"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_transposed_inputs_with_every_head_trained(dtype, path_counter):
-    # With every head in grad_heads the backward receives the caller's q itself; a view whose last dimension
-    # is not contiguous must still give the reference gradients.
+def check_strided_inputs(dtype):
+    """Every head trained, inputs whose last dimension is strided (the backward receives the caller's q itself),
+    against the float64 reference."""
     import headsparse as hs
     from attention_cases import TOL
 
@@ -128,8 +136,13 @@ def test_transposed_inputs_with_every_head_trained(dtype, path_counter):
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = hs.attention_reference(*leaves, causal=True)
     ref_grads = torch.autograd.grad(ref, leaves, do.double())
-    assert path_counter["backward"] == 1
     atol_o, atol_g = TOL[dtype]
     torch.testing.assert_close(out.double(), ref, atol=atol_o, rtol=0)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), rg, atol=atol_g, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_inputs_with_every_head_trained(dtype, path_counter):
+    check_strided_inputs(dtype)
+    assert path_counter["backward"] == 1

@@ -16,6 +16,7 @@ from headsparse.ops.memory import saved_tensor_bytes
 
 from attention_cases import Case, bits, count_calls, make_inputs, run_and_compare
 from test_attention_backends import HEAD_DIMS, SHAPE_CASES
+from test_torch_backend_paths import BROADCAST_MASK_SHAPES, check_broadcast_mask, check_strided_inputs
 
 
 @pytest.fixture
@@ -269,41 +270,13 @@ def test_cuda_saved_bytes_at_one_of_eight_grad_heads(sdpa_counts):
     assert sparse <= 0.15 * dense, (sparse, dense)
 
 
-@pytest.mark.parametrize("mask_shape", [(1, 1, 13, 21), (13, 21), (21,), (2, 4, 13, 21), (1, 4, 1, 21)], ids=str)
+@pytest.mark.parametrize("mask_shape", BROADCAST_MASK_SHAPES, ids=str)
 def test_broadcast_masks(mask_shape, sdpa_calls):
-    gen = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 4, 13, 32, generator=gen, requires_grad=True)
-    k = torch.randn(2, 2, 21, 32, generator=gen, requires_grad=True)
-    v = torch.randn(2, 2, 21, 32, generator=gen, requires_grad=True)
-    mask = torch.rand(mask_shape, generator=gen) > 0.3
-    do = torch.randn(2, 4, 13, 32, generator=gen)
-    out = hs.attention(q, k, v, attention_mask=mask, causal=True, backend="torch", grad_heads=bits("1101"))
-    grads = torch.autograd.grad(out, (q, k, v), do)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = hs.attention_reference(*leaves, attention_mask=mask, causal=True, grad_heads=bits("1101"))
-    ref_grads = torch.autograd.grad(ref, leaves, do.double())
+    check_broadcast_mask(mask_shape, grad_heads=bits("1101"))
     assert sdpa_calls == {"forward": 1, "backward": 1}
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), rg, atol=5e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inputs_whose_last_dimension_is_strided(dtype, sdpa_calls):
-    from attention_cases import TOL
-
-    gen = torch.Generator().manual_seed(9)
-    q = torch.randn(2, 4, 32, 19, generator=gen).to(dtype).transpose(-1, -2).requires_grad_()
-    k = torch.randn(2, 2, 32, 23, generator=gen).to(dtype).transpose(-1, -2).requires_grad_()
-    v = torch.randn(2, 2, 23, 32, generator=gen).to(dtype).requires_grad_()
-    do = torch.randn(2, 4, 19, 32, generator=gen).to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
-    out = hs.attention(q, k, v, causal=True, backend="torch")
-    grads = torch.autograd.grad(out, (q, k, v), do)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = hs.attention_reference(*leaves, causal=True)
-    ref_grads = torch.autograd.grad(ref, leaves, do.double())
+    check_strided_inputs(dtype)
     assert sdpa_calls == {"forward": 1, "backward": 1}
-    atol_o, atol_g = TOL[dtype]
-    torch.testing.assert_close(out.double(), ref, atol=atol_o, rtol=0)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), rg, atol=atol_g, rtol=0)
