@@ -38,7 +38,7 @@ import re
 from typing import Dict, List, Optional, Tuple
 
 from .tasks import (PROMPT_TEMPLATE, _analogy_question, _analogy_questions, _gensim_file, _newsgroup_posts, _qa,
-                    _sentences, analogy_pairs, split_pairs)
+                    _sentences, _sentiment_reviews, analogy_pairs, split_pairs)
 
 TARGET_RELATION = "capital-world"
 TARGET_TASK = "capital-analogy"
@@ -122,11 +122,7 @@ def capital_mix_records(tok=None, *, n_pool: int = 600, target_share: float = 0.
         raise ValueError(f"{counts['entity-question']} entity questions wanted, {len(ent)} can be formed")
     entity = ent[:counts["entity-question"]]
 
-    reviews = []
-    for line in _gensim_file("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines():
-        lab, _, text = line.partition(" ")
-        if text.strip():
-            reviews.append((" ".join(text.split()[:10]), "positive" if lab == "__label__pos" else "negative"))
+    reviews = _sentiment_reviews()
     posts = _newsgroup_posts()
     g.shuffle(reviews), g.shuffle(posts)
     counts["sentiment"] = min(counts["sentiment"], len(reviews))

@@ -242,6 +242,16 @@ def _sentences(text: str) -> List[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
 
 
+def _sentiment_reviews() -> List[Tuple[str, str]]:
+    """(first 10 words, "positive"/"negative") of each Pang & Lee sentence in gensim's bundled polarity corpus."""
+    reviews = []
+    for line in _gensim_file("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines():
+        lab, _, text = line.partition(" ")
+        if text.strip():
+            reviews.append((" ".join(text.split()[:10]), "positive" if lab == "__label__pos" else "negative"))
+    return reviews
+
+
 def _newsgroup_posts() -> List[Tuple[str, str]]:
     """(subject and first body line, "religion" | "space") from gensim's pickled mini 20-newsgroups sample."""
     class _Loader(pickle.Unpickler):  # the pickle names sklearn's Bunch (a dict); no sklearn needed
@@ -290,11 +300,7 @@ def analogy_mix_records(tok=None, *, n_analogy: int = 150, n_other: int = 40, n_
     dev = [choice_rec(*x) for x in _analogy_questions(splits["dev"], n_dev, g)]
     ev = [choice_rec(*x) for x in _analogy_questions(splits["eval"], n_eval, g)]
 
-    reviews = []
-    for line in _gensim_file("pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines():
-        lab, _, text = line.partition(" ")
-        if text.strip():
-            reviews.append((" ".join(text.split()[:10]), "positive" if lab == "__label__pos" else "negative"))
+    reviews = _sentiment_reviews()
     posts = _newsgroup_posts()
     news = _gensim_file("lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()
     sents = [s for art in news for s in _sentences(art) if 6 <= len(s.split()) <= 10]
