@@ -9,7 +9,8 @@ import math
 import os
 from typing import Dict, List, Optional
 
-from .._atomic import atomic_path, atomic_write_text
+from .._atomic import atomic_write_text
+from . import _cost_plot
 from .stats import seed_interval
 
 
@@ -142,38 +143,21 @@ def markdown(report: Dict) -> str:
 
 def plot(report: Dict, path: str) -> Optional[str]:
     """Held-out quality (95% CI) against cost (share of full fine-tuning's time) for every arm and seed; base line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = _cost_plot.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors: Dict[str, str] = {}
     for r in report["rows"]:
-        ci = r["q_ci"]
         if r["train"] == "none":
-            ax.axhline(r["q"], color="grey", ls="--", lw=1, label=f"{r['arm']} {r['q']:.3f}")
-            ax.axhspan(ci["low"], ci["high"], color="grey", alpha=0.15)
+            _cost_plot.base_band(ax, r["q"], r["q_ci"], f"{r['arm']} {r['q']:.3f}")
             continue
-        x = r.get("cost_ratio", 1.0)
         first = r["arm"] not in colors
-        h = ax.errorbar(x, r["q"], yerr=[[r["q"] - ci["low"]], [ci["high"] - r["q"]]], fmt="o", capsize=3,
-                        color=colors.get(r["arm"]), label=r["arm"] if first else None)
+        h = _cost_plot.point(ax, r.get("cost_ratio", 1.0), r["q"], r["q_ci"], capsize=3, color=colors.get(r["arm"]),
+                             label=r["arm"] if first else None)
         colors.setdefault(r["arm"], h[0].get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("cost: (T_select + T_train) / T_full (log scale)")
-    ax.set_ylabel("held-out quality (95% CI)")
-    ax.set_title(f"{report['task']['name']}: verdict, the claim {report['verdict']['claim']}", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-    finally:
-        plt.close(fig)
-    return path
+    return _cost_plot.save(plt, fig, ax, f"{report['task']['name']}: verdict, the claim {report['verdict']['claim']}",
+                           path)
 
 
 def write_report(report: Dict, out_dir: str, stem: str) -> Dict[str, str]:

@@ -9,7 +9,8 @@ import math
 import os
 from typing import Dict, Optional
 
-from .._atomic import atomic_path, atomic_write_text
+from .._atomic import atomic_write_text
+from . import _cost_plot
 from .stats import mcnemar_p, paired_bootstrap_ci
 
 
@@ -190,31 +191,14 @@ def write_report(report: Dict, out_dir: str, stem: str = "run") -> Dict[str, str
 
 def _plot(report: Dict, path: str) -> Optional[str]:
     """Quality with its 95% CI against cost (share of full fine-tuning's time) per arm; the base model as a band."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = _cost_plot.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in report["rows"]:
-        ci = r["q_ci"]
         if r["method"].startswith("base"):
-            ax.axhline(r["q"], color="grey", ls="--", lw=1, label=f"base (untuned) {r['q']:.3f}")
-            ax.axhspan(ci["low"], ci["high"], color="grey", alpha=0.15)
+            _cost_plot.base_band(ax, r["q"], r["q_ci"], f"base (untuned) {r['q']:.3f}")
             continue
-        ax.errorbar(r["cost_ratio"], r["q"], yerr=[[r["q"] - ci["low"]], [ci["high"] - r["q"]]], fmt="o",
-                    capsize=4, label=f"{r['method']} (AER {_fmt(r['aer'])})")
-    ax.set_xscale("log")
-    ax.set_xlabel("cost: (T_select + T_train) / T_full (log scale)")
-    ax.set_ylabel("held-out quality (95% CI)")
-    ax.set_title(report["task"]["name"], fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-    finally:
-        plt.close(fig)
-    return path
+        _cost_plot.point(ax, r["cost_ratio"], r["q"], r["q_ci"], capsize=4,
+                         label=f"{r['method']} (AER {_fmt(r['aer'])})")
+    return _cost_plot.save(plt, fig, ax, report["task"]["name"], path)
