@@ -37,7 +37,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 METHODS = ("full", "lora16", "hs-exact-spread", "hs-sparse-spread", "hs-exact-top", "hs-sparse-top",
@@ -105,54 +104,6 @@ def _setup(method: str, model):
     plan = _plan(model, where)
     hs.patch(model, plan, grad=grad)
     return model, plan
-
-
-class _CpuPeak:
-    """Peak RSS via /proc (VmHWM after clear_refs), with a sampling thread as the fallback."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.use_hwm = False
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.use_hwm = self._hwm() is not None
-        except OSError:
-            pass
-        self.samples = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _hwm():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return None
-
-    def start(self):
-        self.base = self.proc.memory_info().rss
-        if self.use_hwm:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        else:
-            self._peak = self.base
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self._peak = max(self._peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def stop(self) -> int:
-        if self.use_hwm:
-            return self._hwm() - self.base
-        self._stop.set()
-        self._thread.join()
-        return self._peak - self.base
 
 
 def _sparse_vs_exact_cosine(args, model, plan, ids) -> float:
@@ -223,8 +174,9 @@ def worker(args) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        meter = _CpuPeak()
-        meter.start()
+        from _rss import RssMeter
+
+        meter = RssMeter(interval_s=0.002).start()
     times, epoch1_times, cache, cache_stats = [], [], None, None
     if cached:
         import headsparse as hs
@@ -260,7 +212,7 @@ def worker(args) -> dict:
         "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_all": times,
         "peak_mem_bytes": int(peak),
         "peak_mem_kind": "cuda max_memory_allocated delta" if device.type == "cuda" else
-        ("RSS VmHWM delta" if meter.use_hwm else "RSS sampled delta"),
+        f"RSS {meter.method} delta",
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
         "grad_plus_adam_bytes": grad_bytes + state_bytes,

@@ -8,7 +8,8 @@ import pytest
 from headsparse.recipes.cli import main
 from headsparse.recipes.experiment import FAIR_ARMS, ArmSpec, FairConfig, run_arms
 from headsparse.recipes.run_cli import design_of
-from headsparse.recipes.verdict import FULL, LORA_MINED, P2D, RANDOM_DATA, RANDOM_HEADS, verdict
+from headsparse.recipes.verdict import (FULL, FULL_MINED, LORA_MINED, LORA_POOL, P2D, RANDOM_DATA, RANDOM_HEADS,
+                                        verdict, why)
 
 pytest.importorskip("peft")
 
@@ -57,6 +58,9 @@ def test_settings_from_a_search_report(tiny_report, tmp_path):
     for name, s in again["settings"].items():
         assert (s["epochs"], s["lr"]) == (rep["settings"][name]["epochs"], rep["settings"][name]["lr"])
         assert str(out / "f.json") in s["source"] or "f.json" in s["source"]
+    # dev is read only to choose: with settings given no arm is evaluated on it again; the search did each time
+    assert all("q_dev" not in r for r in again["rows"]) and all("q_dev" in r for r in rep["rows"])
+    assert "dev Q per candidate" in (tmp_path / "g.md").read_text()
     with pytest.raises(SystemExit, match="cannot be combined"):
         main(["run", "--model", "tiny", "--design", "fair", "--search", "--settings-from", "x.json"])
     with pytest.raises(SystemExit, match="belong to --design pipeline"):
@@ -169,6 +173,30 @@ def test_verdict_inconclusive():
     assert r1["result"] == "inconclusive" and v["claim"] == "inconclusive"
     assert v["rules"]["R2"]["result"] == "inconclusive"
     assert "INCONCLUSIVE" in v["text"]
+
+
+def test_why_reads_the_grid():
+    """The diagnostics say where P2D's gap comes from: here the mined data hold the task (full FT on it matches full
+    FT on the pool) and training only the heads loses 15 points on the same data."""
+    rep = _report(p2d_vs_full=-60, p2d_vs_random=0, cost_p2d=20.0, cost_lora=30.0)
+    full = next(r for r in rep["rows"] if r["arm"] == FULL)
+    rep["rows"].append({**full, "arm": FULL_MINED, "correct": _flip(full["correct"], 1, 1, 99)})
+    rep["rows"].append({**full, "arm": LORA_POOL})
+    for r in rep["rows"]:
+        if r["arm"] == P2D:
+            r["mining_recall"] = 0.9
+    rep["composition"] = {"recall_ceiling": 1.0}
+    w = why(rep, n_boot=500)
+    by = {p["a"] + " | " + p["b"]: p for p in w["pairs"]}
+    assert [c["outcome"] for c in by[f"{FULL_MINED} | {FULL}"]["per_seed"]] == ["no difference shown"]
+    assert [c["outcome"] for c in by[f"{P2D} | {FULL_MINED}"]["per_seed"]] == ["worse"] * 3
+    assert all(-0.2 < c["estimate"] < -0.1 for c in by[f"{P2D} | {FULL_MINED}"]["per_seed"])
+    assert w["p2d_mining_recall"] == pytest.approx(0.9)
+    assert "P2D: scored heads, mined 10% worse in every seed" in w["text"] and "ceiling at this fraction 1.00" in w["text"]
+    assert verdict(rep, n_boot=500)["why"]["pairs"][0]["per_seed"] == w["pairs"][0]["per_seed"]
+    # arms that did not run are left out, never read as "no difference"
+    rep["rows"] = [r for r in rep["rows"] if r["arm"] != LORA_POOL]
+    assert all(p["b"] != LORA_POOL for p in why(rep, n_boot=200)["pairs"])
 
 
 def test_larger_run_script_smoke(tmp_path):

@@ -400,3 +400,18 @@ def test_head_arms_of_several_epochs_use_the_prefix_cache_by_default(monkeypatch
     assert "frozen-prefix cache" in markdown(reps[None]) and "frozen-prefix cache" not in markdown(reps[False])
     with pytest.raises(ValueError, match="prefix_cache"):
         RunConfig(prefix_cache="yes").check()
+
+
+def test_pipeline_arms_are_a_table():
+    """The pipeline design's mined arms, in run order: every method at the first seed, the same-steps arm, then the
+    further seeds; each seed of a method shares its learning-rate search, the same-steps arm has its own."""
+    from headsparse.recipes.pipeline import pipeline_arms
+
+    arms = pipeline_arms(RunConfig(methods=("p2d", "random"), seeds=3, seed=5, same_steps=True))
+    assert [(a.label, a.seed, a.same_steps) for a in arms] == [
+        ("p2d", 5, False), ("random", 5, False), ("p2d (same steps as full)", 5, True),
+        ("p2d (seed 6)", 6, False), ("random (seed 6)", 6, False), ("p2d (seed 7)", 7, False),
+        ("random (seed 7)", 7, False)]
+    assert [a.search_key for a in arms] == ["p2d", "random", "p2d (same steps as full)", "p2d", "random", "p2d",
+                                            "random"]
+    assert [a.label for a in pipeline_arms(RunConfig(methods=("less",)))] == ["less"]

@@ -25,15 +25,16 @@ def base_band(ax, q: float, ci: Dict, label: str) -> None:
     ax.axhspan(ci["low"], ci["high"], color="grey", alpha=0.15)
 
 
-def point(ax, x: float, q: float, ci: Dict, **kwargs):
+def point(ax, x: float, q: float, ci: Dict, fmt: str = "o", **kwargs):
     """One arm's quality with its 95% CI as an error bar at cost ``x``."""
-    return ax.errorbar(x, q, yerr=[[q - ci["low"]], [ci["high"] - q]], fmt="o", **kwargs)
+    return ax.errorbar(x, q, yerr=[[q - ci["low"]], [ci["high"] - q]], fmt=fmt, **kwargs)
 
 
-def save(plt, fig, ax, title: str, path: str) -> str:
+def save(plt, fig, ax, title: str, path: str,
+         xlabel: str = "cost: (T_select + T_train) / T_full (log scale)") -> str:
     """Log-scale cost axis, labels, legend; written to ``path`` atomically."""
     ax.set_xscale("log")
-    ax.set_xlabel("cost: (T_select + T_train) / T_full (log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out quality (95% CI)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="best")

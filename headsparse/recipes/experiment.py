@@ -103,6 +103,8 @@ class FairConfig:
     fraction: float = 0.1
     head_fraction: float = 0.1
     seeds: int = 3
+    eval_dev: Optional[bool] = None  # evaluate every arm on dev too; None: only when searching (settings given: the
+    # search's report holds each candidate's dev quality, and a second dev pass would only add cost)
     cheap_share: float = 0.1  # "auto" arms run every seed when seed 0 cost less than this share of T_full
     batch_size: int = 8
     warmup_ratio: float = 0.1
@@ -251,7 +253,8 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
     # first timed arm (full fine-tuning, every other arm's yardstick)
     stages["warmup (untimed)"] = _warmup(model, task, HeadPlan.for_model(model, "train"), pad)
     base_res = ev(model, task.eval)
-    base_dev = ev(model, task.dev) if task.dev else None
+    eval_dev = bool(task.dev) and (cfg.search if cfg.eval_dev is None else cfg.eval_dev)
+    base_dev = ev(model, task.dev) if eval_dev else None
     full_ref: Dict = {}
 
     def quality(res, dev_res):
@@ -334,7 +337,7 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
                 m, res = train(epochs, lr)
             t0 = time.perf_counter()
             out = ev(m, task.eval)
-            dev = search_dev if search_dev is not None else (ev(m, task.dev) if task.dev else None)
+            dev = search_dev if search_dev is not None else (ev(m, task.dev) if eval_dev else None)
             stages[f"{label} eval"] = time.perf_counter() - t0
             del m
             if spec.data == "pool" and spec.train == "full":

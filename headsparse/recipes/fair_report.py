@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 from .._atomic import atomic_write_text
 from . import _cost_plot
 from .stats import seed_interval
+from .verdict import why
 
 
 def _ci(d: Optional[Dict], signed: bool = False) -> str:
@@ -106,6 +107,8 @@ def markdown(report: Dict) -> str:
            f"in the JSON, or rerun on a quiet machine). Run wall time {report['wall_s'] / 60:.1f} min.", "",
            f"{env['date_utc']}, {env['torch_threads']} torch threads, Python {env['python']}, torch {env['torch']}, "
            f"transformers {env['transformers']}, headsparse {env['headsparse']}, commit {env['commit']}.", "",
+           *([f"Rendered again from this run's JSON at commit {report['rendered']['commit']} "
+              f"({report['rendered']['why']}); every number is the run's.", ""] if report.get("rendered") else []),
            task["description"], "",
            f"Target set {task['target_set']} (head scoring, P2D's prototypes), dev {task['dev']} (every choice), "
            f"held-out eval {task['eval']} (every arm, the same items). Head scorer: {report.get('head_scorer')}.",
@@ -119,7 +122,9 @@ def markdown(report: Dict) -> str:
            "the items; differences paired over the same items. T_select = head scoring (when the arm uses the "
            "scored heads, to train or to mine) + mining; speedup = T_full / (T_select + T_train) against full "
            "fine-tuning on the whole pool; 'incl. search' adds each arm's search cost to both sides; 'CPU time' is the same "
-           "ratio from process CPU seconds (all threads), which other jobs on the machine inflate less.", "",
+           "ratio from process CPU seconds (all threads), which other jobs on the machine inflate less. 'dev Q' is the "
+           "trained model's dev accuracy, measured when the run searched (with settings given, the search's dev Q "
+           "per candidate is in the table above).", "",
            results_table(report), ""]
     st = seed_table(report)
     if st:
@@ -131,6 +136,10 @@ def markdown(report: Dict) -> str:
             "CIs per seed); R4 P2D against LoRA r16 on the mined data at its cost; R5 end-to-end speedup with "
             "selection, without and with searches. The claim holds when R1 and R5 hold.", "",
             report["verdict"]["text"], ""]
+    # reports written before the diagnostics existed: read them from the same per-item outcomes now
+    w = report["verdict"].get("why") or why(report, report.get("config", {}).get("n_boot", 2000),
+                                            report.get("config", {}).get("seed", 0))
+    out += [w["text"], ""]
     unsearched = [n for n, st in report["settings"].items() if st.get("search_s") is None]
     if unsearched:
         out += [f"**Caveat: the epochs and learning rates of {len(unsearched)} arm(s) were not chosen on this pool's "

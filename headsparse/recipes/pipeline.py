@@ -335,13 +335,37 @@ def _quality_stats(res: EvalResult, base: EvalResult, full: Optional[EvalResult]
     return out
 
 
-def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet: bool = False) -> Dict:
-    """Run every stage on ``model`` (left untouched: each variant trains a deep copy); returns the report dict."""
-    cfg = config or RunConfig()
-    cfg.check()
-    vocab = vocab_size_of(model)
-    pool = as_examples(task.pool, "pool", vocab)
-    target = as_examples(task.target, "target", vocab)
+@dataclass(frozen=True)
+class PipelineArm:
+    """One mined arm of the pipeline design, after the two baselines (the base model, full fine-tuning).
+
+    ``method`` mines the data (or ``"all"``: the whole pool), ``seed`` scores the
+    heads and orders the data, ``same_steps`` trains as many optimizer steps as
+    full fine-tuning; ``label`` names the arm in the report.
+    """
+
+    method: str
+    seed: int
+    label: str
+    same_steps: bool = False
+
+    @property
+    def search_key(self) -> str:
+        """The name its learning rate is searched under: one search per method, shared by its seeds."""
+        return self.label if self.same_steps else self.method
+
+
+def pipeline_arms(cfg: RunConfig) -> List[PipelineArm]:
+    """The arms of one run in run order: every method at the first seed, the same-steps arm, the further seeds."""
+    arms = [PipelineArm(m, cfg.seed, m) for m in cfg.methods]
+    if cfg.same_steps:
+        arms.append(PipelineArm(cfg.methods[0], cfg.seed, same_steps_label(cfg.methods[0]), same_steps=True))
+    arms += [PipelineArm(m, cfg.seed + k, f"{m} (seed {cfg.seed + k})") for k in range(1, cfg.seeds)
+             for m in cfg.methods]
+    return arms
+
+
+def _check_inputs(task: Task, pool: List, vocab: Optional[int], cfg: RunConfig) -> None:
     if task.is_target is not None and len(task.is_target) != len(pool):
         raise ValueError(f"task.is_target has {len(task.is_target)} entries for a pool of {len(pool)}")
     if not task.eval:
@@ -354,32 +378,49 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
     if (cfg.lr_grid_full or cfg.lr_grid_heads) and not task.dev:
         raise ValueError("a learning-rate search (lr_grid_full / lr_grid_heads) needs task.dev: it chooses on the dev "
                          "split, never on eval")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    epochs_heads = cfg.epochs_heads or cfg.epochs
-    env = environment()  # commit and date as the run starts; the load average is taken again at the end
-    env["load_average_start"] = env.pop("load_average")
-    pad = pad_id_of(model, None)
-    stages: Dict[str, float] = {}
-    rows: List[Dict] = []
-    searches: Dict[str, Dict] = {}
-    nl_plan = HeadPlan.for_model(model, "train")
-    stages["warmup"] = _warmup(model, task, nl_plan, pad)
 
-    def assess(m, label: str, dev_done: Optional[EvalResult] = None):
+
+class _PipelineRun:
+    """What the stages of one :func:`run_pipeline` share: inputs, stage times, learning-rate searches, rows."""
+
+    def __init__(self, model, task: Task, cfg: RunConfig, quiet: bool):
+        vocab = vocab_size_of(model)
+        self.model, self.task, self.cfg, self.quiet = model, task, cfg, quiet
+        self.pool = as_examples(task.pool, "pool", vocab)
+        self.target = as_examples(task.target, "target", vocab)
+        _check_inputs(task, self.pool, vocab, cfg)
+        self.pad = pad_id_of(model, None)
+        self.ref_plan = HeadPlan.for_model(model, "train")
+        self.stages: Dict[str, float] = {}
+        self.rows: List[Dict] = []
+        self.searches: Dict[str, Dict] = {}
+        self.loads: Dict[str, Optional[float]] = {}
+        self.plans: Dict[int, tuple] = {}  # seed -> (plan, target set, score s, score CPU s, scorer)
+        self.mined: Dict[tuple, tuple] = {}  # (method, seed) -> (mine s, subset, precision/recall, MiningResult)
+
+    def log(self, msg: str) -> None:
+        _log(msg, self.quiet)
+
+    def evaluate(self, m, items) -> EvalResult:
+        return evaluate(m, items, self.cfg.eval_batch_size, self.pad, progress=self.cfg.progress)
+
+    def assess(self, m, label: str, dev_done: Optional[EvalResult] = None):
+        """(eval result, dev result) of ``m``; the dev pass is skipped when a search already made it."""
         t0 = time.perf_counter()
-        res = evaluate(m, task.eval, cfg.eval_batch_size, pad, progress=cfg.progress)
+        res = self.evaluate(m, self.task.eval)
         dev = dev_done
-        if dev is None and task.dev:
-            dev = evaluate(m, task.dev, cfg.eval_batch_size, pad, progress=cfg.progress)
-        stages[f"{label}_eval"] = time.perf_counter() - t0
+        if dev is None and self.task.dev:
+            dev = self.evaluate(m, self.task.dev)
+        self.stages[f"{label}_eval"] = time.perf_counter() - t0
         return res, dev
 
-    def fit(key: str, plan: Optional[HeadPlan], data, n_examples: int, epochs: int, seed: int,
+    # ------------------------------------------------------------- training
+    def fit(self, key: str, plan: Optional[HeadPlan], data, n_examples: int, epochs: int, seed: int,
             max_steps: Optional[int] = None):
-        """Train a copy of ``model`` for arm ``key``. The lr is searched on dev the first time ``key`` is seen
+        """Train a copy of the model for arm ``key``. The lr is searched on dev the first time ``key`` is seen
         (when its grid holds >= 2 values; the candidate chosen on dev is the arm), taken from ``cfg.lr_table``, or
         fixed. Returns (model, TuneResult, lr, dev result of the search or None)."""
+        cfg = self.cfg
         kw = dict(epochs=epochs, batch_size=cfg.batch_size, seed=seed, progress=cfg.progress)
         if max_steps is not None:
             kw["max_steps"] = max_steps
@@ -394,143 +435,163 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
             kw["warmup_steps"] = math.ceil(cfg.warmup_ratio * min(steps, max_steps or steps))
 
         def train(lr):
-            m = copy.deepcopy(model)
+            m = copy.deepcopy(self.model)
             d = data
             if getattr(data, "selector", None) is not None:  # on-policy state (SLAP's rounds) per training
                 d = dataclasses.replace(data, selector=copy.copy(data.selector))
             return m, tune(m, plan, d, lr=lr, **kw)
 
         grid = tuple(cfg.lr_grid_full if plan is None else cfg.lr_grid_heads)
-        if cfg.lr_table is not None and key not in searches:
-            searches[key] = dict(cfg.lr_table[key])
-            searches[key].setdefault("source", "lr_table")
-        if key in searches or not grid:
-            lr = searches[key]["lr"] if key in searches else (cfg.lr_full if plan is None else cfg.lr_heads)
+        if cfg.lr_table is not None and key not in self.searches:
+            self.searches[key] = dict(cfg.lr_table[key])
+            self.searches[key].setdefault("source", "lr_table")
+        if key in self.searches or not grid:
+            lr = self.searches[key]["lr"] if key in self.searches else (cfg.lr_full if plan is None else cfg.lr_heads)
             return (*train(lr), lr, None)
+        return self.search_lr(key, grid, train)
+
+    def search_lr(self, key: str, grid: tuple, train):
+        """Train every lr of ``grid``, keep the best on dev; the others' training and the dev passes are the
+        search's cost (the chosen candidate's training is the arm's T_train)."""
         t0, c0 = time.perf_counter(), time.process_time()
         best, tried = None, []
         for lr in grid:
             m, res = train(lr)
-            d = evaluate(m, task.dev, cfg.eval_batch_size, pad, progress=cfg.progress)
+            d = self.evaluate(m, self.task.dev)
             tried.append({"lr": lr, "dev_q": d.accuracy, "dev_answer_nll": d.answer_nll, "train_s": res.time_s,
                           "steps": res.steps})
-            _log(f"lr search {key}: lr {lr:g} -> dev quality {d.accuracy:.4f} ({res.time_s:.1f} s)", quiet)
+            self.log(f"lr search {key}: lr {lr:g} -> dev quality {d.accuracy:.4f} ({res.time_s:.1f} s)")
             if best is None or (d.accuracy, -d.answer_nll) > (best[3].accuracy, -best[3].answer_nll):
                 best = (m, res, lr, d)  # ties on dev accuracy go to the lower dev answer NLL
             del m
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        # the chosen candidate's training is the arm's T_train; the rest (other candidates, dev evals) is search
-        searches[key] = {"grid": list(grid), "tried": tried, "lr": best[2], "search_s": wall - best[1].time_s,
-                         "search_cpu_s": cpu - best[1].cpu_s, "source": "this run"}
-        stages[f"{key}_lr_search"] = searches[key]["search_s"]
+        self.searches[key] = {"grid": list(grid), "tried": tried, "lr": best[2], "search_s": wall - best[1].time_s,
+                              "search_cpu_s": cpu - best[1].cpu_s, "source": "this run"}
+        self.stages[f"{key}_lr_search"] = self.searches[key]["search_s"]
         return best
 
-    base, base_dev = assess(model, "base")
-    _log(f"base model: quality {base.accuracy:.4f}, answer NLL {base.answer_nll:.3f} "
-         f"({stages['base_eval']:.1f} s)", quiet)
-
-    # full-data full-parameter baseline
-    full_model, res_full, lr_full, full_dev = fit("full", None, pool, len(pool), cfg.epochs, cfg.seed)
-    t_full, cpu_full = res_full.time_s, res_full.cpu_s
-    stages["full_train"] = t_full
-    loads = {"full": _load1()}
-    full, full_dev = assess(full_model, "full", full_dev)
-    del full_model
-    _log(f"full fine-tuning: {res_full.steps} steps at lr {lr_full:g} in {t_full:.1f} s, quality {full.accuracy:.4f}",
-         quiet)
-
-    def finish(row, res, dev, t_select, t_train, cpu_select=0.0, cpu_train=0.0):
-        row.update(_quality_stats(res, base, full if row["method"] != "full" else None, cfg))
-        parts = aer(t_select, t_train, t_full, res.accuracy, full.accuracy, base.accuracy)
+    # ------------------------------------------------------------- rows
+    def finish(self, row, res, dev, t_select, t_train, cpu_select=0.0, cpu_train=0.0):
+        """Add ``row`` with its quality, its paired comparisons and its cost ratios against full fine-tuning."""
+        row.update(_quality_stats(res, self.base, self.full if row["method"] != "full" else None, self.cfg))
+        parts = aer(t_select, t_train, self.t_full, res.accuracy, self.full.accuracy, self.base.accuracy)
         row.update(parts.as_dict())
-        if cpu_full > 0:  # the same ratios from process CPU time, which other jobs on the machine do not inflate
-            c = aer(cpu_select, cpu_train, cpu_full, res.accuracy, full.accuracy, base.accuracy)
-            row.update(cpu_select=cpu_select, cpu_train=cpu_train, cpu_full=cpu_full, speedup_cpu=c.speedup,
+        if self.cpu_full > 0:  # the same ratios from process CPU time, which other jobs on the machine do not inflate
+            c = aer(cpu_select, cpu_train, self.cpu_full, res.accuracy, self.full.accuracy, self.base.accuracy)
+            row.update(cpu_select=cpu_select, cpu_train=cpu_train, cpu_full=self.cpu_full, speedup_cpu=c.speedup,
                        aer_cpu=c.aer)
         if dev is not None:
             row["q_dev"] = dev.accuracy
-        rows.append(row)
+        self.rows.append(row)
         return parts
 
-    finish({"method": "base (untuned)", "data": "none", "trained": trained_parts(None, model, 0) | {
-        "query_heads": 0, "kv_heads": 0, "other_modules": "none"}, "steps": 0}, base, base_dev, 0.0, 0.0)
-    finish({"method": "full", "data": f"{len(pool)} of {len(pool)}", "search_key": "full",
-            "trained": trained_parts(None, model, res_full.trainable_params), "steps": res_full.steps,
-            "epochs": cfg.epochs, "lr": lr_full}, full, full_dev, 0.0, t_full, 0.0, cpu_full)
+    def baselines(self) -> None:
+        """The untuned model and full-data, full-parameter fine-tuning: the yardsticks of every other arm."""
+        model, pool, cfg = self.model, self.pool, self.cfg
+        self.stages["warmup"] = _warmup(model, self.task, self.ref_plan, self.pad)
+        self.base, base_dev = self.assess(model, "base")
+        self.log(f"base model: quality {self.base.accuracy:.4f}, answer NLL {self.base.answer_nll:.3f} "
+                 f"({self.stages['base_eval']:.1f} s)")
+        full_model, self.res_full, lr_full, full_dev = self.fit("full", None, pool, len(pool), cfg.epochs, cfg.seed)
+        self.t_full, self.cpu_full = self.res_full.time_s, self.res_full.cpu_s
+        self.stages["full_train"] = self.t_full
+        self.loads["full"] = _load1()
+        self.full, full_dev = self.assess(full_model, "full", full_dev)
+        del full_model
+        self.log(f"full fine-tuning: {self.res_full.steps} steps at lr {lr_full:g} in {self.t_full:.1f} s, quality "
+                 f"{self.full.accuracy:.4f}")
+        self.finish({"method": "base (untuned)", "data": "none", "trained": trained_parts(None, model, 0) | {
+            "query_heads": 0, "kv_heads": 0, "other_modules": "none"}, "steps": 0}, self.base, base_dev, 0.0, 0.0)
+        self.finish({"method": "full", "data": f"{len(pool)} of {len(pool)}", "search_key": "full",
+                     "trained": trained_parts(None, model, self.res_full.trainable_params),
+                     "steps": self.res_full.steps, "epochs": cfg.epochs, "lr": lr_full},
+                    self.full, full_dev, 0.0, self.t_full, 0.0, self.cpu_full)
 
-    # head scoring: the first seed on the target set; every further seed on a bootstrap resample of it
-    plans: Dict[int, tuple] = {}
-
-    def plan_for(seed: int):
-        if seed not in plans:
-            tgt = target if seed == cfg.seed else bootstrap_resample(target, seed)
+    # ------------------------------------------------------------- selection
+    def plan_for(self, seed: int):
+        """Head scoring: the first seed on the target set, every further seed on a bootstrap resample of it."""
+        cfg = self.cfg
+        if seed not in self.plans:
+            tgt = self.target if seed == cfg.seed else bootstrap_resample(self.target, seed)
             t0, c0 = time.perf_counter(), time.process_time()
-            scores, scorer = score_heads_for_pipeline(model, tgt, cfg.probe_batch_size, cfg.head_scorer, seed=seed)
+            scores, scorer = score_heads_for_pipeline(self.model, tgt, cfg.probe_batch_size, cfg.head_scorer,
+                                                      seed=seed)
             t, c = time.perf_counter() - t0, time.process_time() - c0
-            stages["score" if seed == cfg.seed else f"score (seed {seed})"] = t
-            p = HeadPlan.from_scores(scores, fraction=cfg.head_fraction, num_kv_heads=nl_plan.num_kv_heads,
-                                     model_family=nl_plan.model_family)
-            plans[seed] = (p, tgt, t, c, scorer)
-            _log(f"head scoring ({scorer}, seed {seed}): {t:.1f} s; training {p.count('train')} of "
-                 f"{p.num_layers * p.num_q_heads} heads, lowest trainable layer {p.lowest_trainable_layer}", quiet)
-        return plans[seed]
+            self.stages["score" if seed == cfg.seed else f"score (seed {seed})"] = t
+            p = HeadPlan.from_scores(scores, fraction=cfg.head_fraction, num_kv_heads=self.ref_plan.num_kv_heads,
+                                     model_family=self.ref_plan.model_family)
+            self.plans[seed] = (p, tgt, t, c, scorer)
+            self.log(f"head scoring ({scorer}, seed {seed}): {t:.1f} s; training {p.count('train')} of "
+                     f"{p.num_layers * p.num_q_heads} heads, lowest trainable layer {p.lowest_trainable_layer}")
+        return self.plans[seed]
 
-    seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    arms_to_run = [(m, cfg.seed, False) for m in cfg.methods]
-    arms_to_run += [(cfg.methods[0], cfg.seed, True)] if cfg.same_steps else []
-    arms_to_run += [(m, s, False) for s in seeds[1:] for m in cfg.methods]
-    mined: Dict[tuple, tuple] = {}
-    for method, seed, same in arms_to_run:
-        plan, tgt, t_score, cpu_score, _ = plan_for(seed)
-        label = same_steps_label(method) if same else (method if seed == cfg.seed else f"{method} (seed {seed})")
-        loads[label] = _load1()
+    def mine_for(self, arm: PipelineArm, plan: HeadPlan, tgt):
+        """(mine s, subset, precision/recall, MiningResult, other signature's comparison) of ``arm``'s data."""
+        cfg, pool, task = self.cfg, self.pool, self.task
+        if (arm.method, arm.seed) in self.mined:  # the same-steps arm trains on its method's data (cost counted again)
+            return (*self.mined[(arm.method, arm.seed)], None)
         compare = None
-        if (method, seed) in mined:  # the same-steps arm trains on the data its method mined (its cost counted again)
-            t_mine, subset, pr, mres = mined[(method, seed)]
-        elif method == "all":
-            t_mine, subset, pr, mres = 0.0, pool, None, None
+        if arm.method == "all":
+            out = (0.0, pool, None, None)
         else:
-            mres = mine(model, pool, plan, method=method, fraction=cfg.fraction, target=tgt,
-                        batch_size=cfg.probe_batch_size if method != "slap" else cfg.batch_size, seed=seed,
+            mres = mine(self.model, pool, plan, method=arm.method, fraction=cfg.fraction, target=tgt,
+                        batch_size=cfg.probe_batch_size if arm.method != "slap" else cfg.batch_size, seed=arm.seed,
                         progress=cfg.progress,
-                        **({"signature": cfg.p2d_signature, "cache_dir": cfg.cache_dir} if method == "p2d" else {}))
-            t_mine = mres.time_s
-            subset = mres.subset(pool)
+                        **({"signature": cfg.p2d_signature, "cache_dir": cfg.cache_dir} if arm.method == "p2d"
+                           else {}))
             pr = mres.precision_recall(task.is_target) if task.is_target is not None else None
-            if method == "p2d" and cfg.p2d_compare and seed == cfg.seed:
-                other = "gate" if cfg.p2d_signature == "fwd" else "fwd"
-                alt = mine(model, pool, plan, method="p2d", fraction=cfg.fraction, target=tgt,
-                           batch_size=cfg.probe_batch_size, seed=seed, progress=cfg.progress, signature=other)
-                stages[f"{label}_mine_{other}_untrained"] = alt.time_s
-                compare = {"signature": other, "mine_s": alt.time_s,
-                           "overlap": len(set(alt.indices) & set(mres.indices)) / len(mres.indices)}
-                if task.is_target is not None:
-                    apr = alt.precision_recall(task.is_target)
-                    compare.update(precision=apr["precision"], recall=apr["recall"])
-        mined[(method, seed)] = (t_mine, subset, pr, mres)
-        stages[f"{label}_mine"] = t_mine
+            out = (mres.time_s, mres.subset(pool), pr, mres)
+            if arm.method == "p2d" and cfg.p2d_compare and arm.seed == cfg.seed:
+                compare = self.other_signature(arm, plan, tgt, mres)
+        self.mined[(arm.method, arm.seed)] = out
+        return (*out, compare)
+
+    def other_signature(self, arm: PipelineArm, plan: HeadPlan, tgt, mres) -> Dict:
+        """P2D mined again with the signature not used (not trained): its overlap, precision/recall and cost."""
+        cfg = self.cfg
+        other = "gate" if cfg.p2d_signature == "fwd" else "fwd"
+        alt = mine(self.model, self.pool, plan, method="p2d", fraction=cfg.fraction, target=tgt,
+                   batch_size=cfg.probe_batch_size, seed=arm.seed, progress=cfg.progress, signature=other)
+        self.stages[f"{arm.label}_mine_{other}_untrained"] = alt.time_s
+        compare = {"signature": other, "mine_s": alt.time_s,
+                   "overlap": len(set(alt.indices) & set(mres.indices)) / len(mres.indices)}
+        if self.task.is_target is not None:
+            apr = alt.precision_recall(self.task.is_target)
+            compare.update(precision=apr["precision"], recall=apr["recall"])
+        return compare
+
+    # ------------------------------------------------------------- one arm
+    def run_arm(self, arm: PipelineArm) -> None:
+        """Score (or reuse) the heads, mine, tune the plan's heads on the mined data, evaluate, add the row."""
+        cfg, model = self.cfg, self.model
+        plan, tgt, t_score, cpu_score, _ = self.plan_for(arm.seed)
+        label = arm.label
+        self.loads[label] = _load1()
+        t_mine, subset, pr, mres, compare = self.mine_for(arm, plan, tgt)
+        self.stages[f"{label}_mine"] = t_mine
         data = mres if (mres is not None and mres.selector is not None) else subset
         if cfg.tune_mode == "apt" and not isinstance(data, list):
             data = subset  # APT trains on the mined subset (no on-policy re-selection)
-        epochs = math.ceil(cfg.epochs * len(pool) / len(subset)) if same else epochs_heads
-        key = same_steps_label(method) if same else method
+        epochs = (math.ceil(cfg.epochs * len(self.pool) / len(subset)) if arm.same_steps
+                  else cfg.epochs_heads or cfg.epochs)
         # the same-steps arm stops at full fine-tuning's step count (whole epochs could overshoot it)
-        m, res, lr, search_dev = fit(key, plan, data, len(subset), epochs, seed,
-                                     max_steps=res_full.steps if same and cfg.tune_mode == "sparse" else None)
-        stages[f"{label}_train"] = res.time_s
-        ev, ev_dev = assess(m, label, search_dev)
+        max_steps = self.res_full.steps if arm.same_steps and cfg.tune_mode == "sparse" else None
+        m, res, lr, search_dev = self.fit(arm.search_key, plan, data, len(subset), epochs, arm.seed, max_steps)
+        self.stages[f"{label}_train"] = res.time_s
+        ev, ev_dev = self.assess(m, label, search_dev)
+        del m
         final_plan = res.info.get("plan", plan)
-        row = {"method": label, "data": f"{len(subset)} of {len(pool)}", "search_key": key,
+        row = {"method": label, "data": f"{len(subset)} of {len(self.pool)}", "search_key": arm.search_key,
                "trained": trained_parts(plan, model, res.trainable_params)
                | ({"pruned_query_heads": final_plan.count("pruned")} if cfg.tune_mode == "apt" else {}),
                "t_score": t_score, "t_mine": t_mine, "steps": res.steps, "epochs": epochs, "lr": lr,
-               "seed": seed, "target_resampled": seed != cfg.seed, "reselect_s": res.reselect_time_s,
+               "seed": arm.seed, "target_resampled": arm.seed != cfg.seed, "reselect_s": res.reselect_time_s,
                "prefix_cache": "prefix_cache" in res.info}
-        if method == "p2d":
+        if arm.method == "p2d":
             row["signature"] = cfg.p2d_signature
             if "cache" in mres.info:  # the pool forward a later run on this pool and model no longer pays
-                amortised = aer(t_score + t_mine - mres.info["signature_s"], res.time_s, t_full, ev.accuracy,
-                                full.accuracy, base.accuracy)
+                amortised = aer(t_score + t_mine - mres.info["signature_s"], res.time_s, self.t_full, ev.accuracy,
+                                self.full.accuracy, self.base.accuracy)
                 row.update(cache=mres.info["cache"], signature_s=mres.info["signature_s"],
                            t_select_amortised=amortised.t_select, speedup_amortised=amortised.speedup,
                            aer_amortised=amortised.aer)
@@ -540,38 +601,61 @@ def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet
             row.update({"mining_precision": pr["precision"], "mining_recall": pr["recall"]})
         if mres is not None:
             row["mined_indices"] = sorted(int(i) for i in mres.indices)
-        del m
-        parts = finish(row, ev, ev_dev, t_score + t_mine, res.time_s, cpu_score + (mres.cpu_s if mres else 0.0),
-                       res.cpu_s)
-        _log(f"{label}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps at lr {lr:g}), "
-             f"quality {ev.accuracy:.4f}; {parts}", quiet)
+        parts = self.finish(row, ev, ev_dev, t_score + t_mine, res.time_s,
+                            cpu_score + (mres.cpu_s if mres else 0.0), res.cpu_s)
+        self.log(f"{label}: mine {t_mine:.1f} s, train {res.time_s:.1f} s ({res.steps} steps at lr {lr:g}), "
+                 f"quality {ev.accuracy:.4f}; {parts}")
 
-    if searches:  # every arm's cost with the learning-rate search it needed; full fine-tuning's search included
-        t_search_full = searches.get("full", {}).get("search_s", 0.0)
-        for r in rows[1:]:
-            t_search = searches.get(r["search_key"], {}).get("search_s", 0.0)
-            w = aer(r["t_select"] + t_search, r["t_train"], t_full + t_search_full, r["q"], full.accuracy,
-                    base.accuracy)
+    def add_search_costs(self) -> None:
+        """Every arm's cost with the learning-rate search it needed; full fine-tuning's search included."""
+        if not self.searches:
+            return
+        t_search_full = self.searches.get("full", {}).get("search_s", 0.0)
+        for r in self.rows[1:]:
+            t_search = self.searches.get(r["search_key"], {}).get("search_s", 0.0)
+            w = aer(r["t_select"] + t_search, r["t_train"], self.t_full + t_search_full, r["q"], self.full.accuracy,
+                    self.base.accuracy)
             r.update(t_search=t_search, speedup_with_search=w.speedup, aer_with_search=w.aer)
 
-    first = plans[cfg.seed]
-    return {
-        "task": {"name": task.name, "description": task.description, "pool": len(pool), "target_set": len(target),
-                 "eval": len(task.eval), "dev": len(task.dev) if task.dev else 0,
-                 "pool_targets": sum(task.is_target) if task.is_target is not None else None},
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "head_scorer": first[4],
-        "plan": first[0].to_dict(),
-        "plans_by_seed": {str(s): p[0].to_dict() for s, p in plans.items() if s != cfg.seed},
-        "base_quality": base.accuracy,
-        "lr_search": searches,
-        "stages_s": stages,
-        "load_1min_at_start_of": loads,
-        "load_changed": _load_changed(loads),
-        "seed_summary": _seed_summary(rows),
-        "rows": rows,
-        "environment": {**env, "load_average_end": environment()["load_average"]},
-    }
+    def report(self, env: Dict) -> Dict:
+        task, cfg, first = self.task, self.cfg, self.plans[self.cfg.seed]
+        return {
+            "task": {"name": task.name, "description": task.description, "pool": len(self.pool),
+                     "target_set": len(self.target), "eval": len(task.eval), "dev": len(task.dev) if task.dev else 0,
+                     "pool_targets": sum(task.is_target) if task.is_target is not None else None},
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "head_scorer": first[4],
+            "plan": first[0].to_dict(),
+            "plans_by_seed": {str(s): p[0].to_dict() for s, p in self.plans.items() if s != cfg.seed},
+            "base_quality": self.base.accuracy,
+            "lr_search": self.searches,
+            "stages_s": self.stages,
+            "load_1min_at_start_of": self.loads,
+            "load_changed": _load_changed(self.loads),
+            "seed_summary": _seed_summary(self.rows),
+            "rows": self.rows,
+            "environment": {**env, "load_average_end": environment()["load_average"]},
+        }
+
+
+def run_pipeline(model, task: Task, config: Optional[RunConfig] = None, *, quiet: bool = False) -> Dict:
+    """Run every stage on ``model`` (left untouched: each variant trains a deep copy); returns the report dict.
+
+    The base model and full fine-tuning first (every cost and quality is measured
+    against them), then each arm of :func:`pipeline_arms` in turn.
+    """
+    cfg = config or RunConfig()
+    cfg.check()
+    run = _PipelineRun(model, task, cfg, quiet)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    env = environment()  # commit and date as the run starts; the load average is taken again at the end
+    env["load_average_start"] = env.pop("load_average")
+    run.baselines()
+    for arm in pipeline_arms(cfg):
+        run.run_arm(arm)
+    run.add_search_costs()
+    return run.report(env)
 
 
 def bootstrap_resample(examples: Sequence, seed: int) -> List:

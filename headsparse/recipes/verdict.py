@@ -127,6 +127,7 @@ def verdict(report: Dict, n_boot: int = 2000, seed: int = 0) -> Dict:
         claim = "holds" if r1r == "holds" and r5 == "holds" else "inconclusive"
     out["claim"] = claim
     out["text"] = verdict_text(out)
+    out["why"] = why(report, n_boot, seed)
     return out
 
 
@@ -153,4 +154,60 @@ def verdict_text(v: Dict) -> str:
     failed = [k for k in RULES if r[k]["result"] == "fails"]
     lines += ["", f"Holds: {', '.join(held) or 'none'}. Fails: {', '.join(failed) or 'none'}. "
               f"Inconclusive or not measured: {', '.join(k for k in RULES if k not in held + failed) or 'none'}."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ why
+# Not rules: the grid's other paired comparisons, read to say *why* the claim holds or fails. Each is (question,
+# arm a, arm b); a pair is read only when both arms ran.
+FULL_MINED = "full FT, mined 10%"
+LORA_POOL = "LoRA r16, whole pool"
+WHY_PAIRS = (
+    ("Does the mined 10% hold the task? (full fine-tuning on it against full fine-tuning on the whole pool)",
+     FULL_MINED, FULL),
+    ("What does training only the scored heads cost on the same data? (P2D against full fine-tuning on the mined "
+     "10%)", P2D, FULL_MINED),
+    ("Do random heads do as well on the same data? (random heads against full fine-tuning on the mined 10%)",
+     RANDOM_HEADS, FULL_MINED),
+    ("Does LoRA lose anything on the mined 10%? (LoRA r16 mined against LoRA r16 on the whole pool)",
+     LORA_MINED, LORA_POOL),
+)
+
+
+def _mean(xs: List[float]) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None
+
+
+def why(report: Dict, n_boot: int = 2000, seed: int = 0) -> Dict:
+    """The grid's diagnostic comparisons (paired CIs per seed, read as better / worse / no difference shown) and
+    P2D's mining recall against its ceiling: where the gap to full fine-tuning comes from."""
+    pairs = []
+    for question, a, b in WHY_PAIRS:
+        cs = _pairs(report, a, b, n_boot, seed)
+        for c in cs:
+            c["outcome"] = _better(c)
+        if cs:
+            pairs.append({"question": question, "a": a, "b": b, "per_seed": cs})
+    p2d = list(_rows(report, P2D).values())
+    recall = _mean([r["mining_recall"] for r in p2d if "mining_recall" in r])
+    ceiling = report.get("composition", {}).get("recall_ceiling")
+    out = {"pairs": pairs, "p2d_mining_recall": recall, "recall_ceiling": ceiling}
+    out["text"] = why_text(out)
+    return out
+
+
+def why_text(w: Dict) -> str:
+    """The diagnostic comparisons in sentences (markdown)."""
+    lines = ["**Why, from the grid** (diagnostics, not rules; paired 95% CIs of Q_a - Q_b per seed):", ""]
+    if w.get("p2d_mining_recall") is not None:
+        ceil = w.get("recall_ceiling")
+        lines.append(f"- P2D's mining found {w['p2d_mining_recall']:.2f} of the pool's target records on average "
+                     f"(ceiling at this fraction {ceil:.2f})." if ceil is not None else
+                     f"- P2D's mining found {w['p2d_mining_recall']:.2f} of the pool's target records on average.")
+    for p in w["pairs"]:
+        outcomes = [c["outcome"] for c in p["per_seed"]]
+        summary = ("no difference shown in any seed" if all(o == "no difference shown" for o in outcomes) else
+                   f"{p['a']} better in every seed" if all(o == "better" for o in outcomes) else
+                   f"{p['a']} worse in every seed" if all(o == "worse" for o in outcomes) else "mixed across seeds")
+        lines.append(f"- {p['question']}: {summary} (" + "; ".join(_fmt_ci(c) for c in p["per_seed"]) + ").")
     return "\n".join(lines)
