@@ -485,6 +485,9 @@ def markdown(s: Dict, args) -> str:
                  f"{p} commit {str(v['commit'])[:7]} {v['date_utc']} {v['wall_s'] / 60:.1f} min, load "
                  f"{v['load_average_start']} -> {v['load_average_end']}" for p, v in s["parts"].items()) + ".",
              f"Total wall time of the parts: {s['total_wall_s'] / 60:.1f} min.", "",
+             *([f"**Partial: parts not run yet: {', '.join(p for p in PARTS if p not in s['parts'])}** "
+                f"(`--part all` runs them and rewrites this report).", ""]
+               if any(p not in s["parts"] for p in PARTS) else []),
              f"Untuned base model: Q {s['base']['q']:.3f} [{s['base']['q_ci']['low']:.3f}, "
              f"{s['base']['q_ci']['high']:.3f}]. P2D's mined 10% (gradient scorer's heads): "
              f"{s['setup']['key']['pool'] // 10} records, target recall {_num2(s['setup']['mining_recall'])}. "

@@ -77,8 +77,14 @@ def test_smoke_every_part_and_report(tmp_path):
     rec = s["peft_records"][0]
     assert {"run_info", "train_info"} <= set(rec) and "num_trainable_params" in rec["train_info"]
     md = (tmp_path / "frontier-tiny.md").read_text()
-    assert "Pareto front" in md and "Scorers against random heads" in md
+    assert "Pareto front" in md and "Scorers against random heads" in md and "Partial" not in md
     # resumable: a second run finds every part done and only rewrites the report
     before = (tmp_path / "frontier-tiny-lora.json").stat().st_mtime_ns
     assert mod.main(["--model", "tiny", "--part", "all", "--out", str(tmp_path), "--threads", "1"]) == 0
     assert (tmp_path / "frontier-tiny-lora.json").stat().st_mtime_ns == before
+    # a report over the parts run so far says which are missing
+    (tmp_path / "frontier-tiny-pool.json").unlink()
+    assert mod.main(["--model", "tiny", "--part", "report", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "frontier-tiny.md").read_text()
+    assert "Partial: parts not run yet: pool" in md
+    assert not any(r["data"] == "pool" for r in json.loads((tmp_path / "frontier-tiny.json").read_text())["rows"])
