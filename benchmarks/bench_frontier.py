@@ -35,7 +35,6 @@ Pareto front drawn).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import math
@@ -134,7 +133,7 @@ def build(args):
     return model, task, pad_id_of(model, None)
 
 
-def setup(args, model, task) -> Dict:
+def setup(args, model, task, pad: int) -> Dict:
     """Every scorer's head scores on the target set and P2D's mined 10% (gradient scorer's heads); cached."""
     path = os.path.join(args.out, f"frontier-{args.model}-setup.json")
     key = {"pool": len(task.pool), "eval": len(task.eval), "dev": len(task.dev), "model": args.model}
@@ -166,10 +165,9 @@ def setup(args, model, task) -> Dict:
     idx = sorted(int(i) for i in mres.indices)
     recall = (sum(1 for i in idx if task.is_target[i]) / max(1, sum(task.is_target))
               if task.is_target is not None else None)
-    from headsparse.recipes.data import pad_id_of
     from headsparse.recipes.pipeline import evaluate
 
-    base = evaluate(model, task.eval, 32, pad_id_of(model, None))
+    base = evaluate(model, task.eval, 32, pad)
     s = {"key": key, "scores": scores, "score_s": times, "mined_indices": idx, "mine_s": mres.time_s,
          "mining_recall": recall, "base": {"q": base.accuracy, "correct": [int(c) for c in base.correct]},
          "environment": environment()}
@@ -206,16 +204,16 @@ def head_plan(model, setup_: Dict, p: Point, seed: int):
 
 
 def train_one(model, p: Point, data, plan, epochs: int, lr: float, seed: int, curve_items=None, evaluate=None):
-    """Train a copy for one (point, seed, epochs, lr); returns (model, TuneResult, cost dict, dev curve)."""
+    """Train a copy for one (point, seed, epochs, lr) as the fair test trains its arms (experiment.trainee and
+    tune_arm); returns (model, TuneResult, cost dict, dev curve)."""
     import torch
 
-    from headsparse.recipes.experiment import lora_wrap
-    from headsparse.recipes.tuning.core import tune
+    from headsparse.recipes.experiment import trainee, tune_arm
     from _rss import RssMeter
 
     steps = epochs * math.ceil(len(data) / 8)
-    kw = dict(epochs=epochs, batch_size=8, lr=lr, seed=seed, progress=False, warmup_steps=math.ceil(0.1 * steps))
     curve, spent = [], {"wall": 0.0, "cpu": 0.0}
+    on_step = None
     if curve_items is not None:
         marks = {max(1, round(steps * q / 4)) for q in (1, 2, 3, 4)}
 
@@ -228,22 +226,15 @@ def train_one(model, p: Point, data, plan, epochs: int, lr: float, seed: int, cu
                 m.train()
                 curve.append({"step": step, "train_s": time.perf_counter() - t0 - spent["wall"], "dev_q": q})
 
-        kw["on_step"] = on_step
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
     with RssMeter() as mem:
-        if p.family == "lora":
-            m = lora_wrap(model, p.rank)
-            t0 = time.perf_counter()
-            res = tune(m, None, data, keep_requires_grad=True, **kw)
-        else:
-            m = copy.deepcopy(model)
-            if plan is not None:
-                kw.update(grad=p.grad, prefix_cache=epochs > 1 and (plan.lowest_trainable_layer or 0) > 0)
-            t0 = time.perf_counter()
-            res = tune(m, plan, data, **kw)
+        m = trainee(model, p.family, p.rank or 16)
+        t0 = time.perf_counter()
+        res = tune_arm(m, p.family, plan, data, epochs=epochs, lr=lr, seed=seed, batch_size=8, warmup_ratio=0.1,
+                       grad=p.grad, progress=False, on_step=on_step)
     train_s, cpu_s = res.time_s - spent["wall"], res.cpu_s - spent["cpu"]
     cost = {"train_s": train_s, "cpu_s": cpu_s, "steps": res.steps, "s_per_step": train_s / max(1, res.steps),
             "cpu_s_per_step": cpu_s / max(1, res.steps), "trainable_params": res.trainable_params,
@@ -353,12 +344,12 @@ def run_part(args, part: str, model, task, pad, setup_) -> Dict:
     settings: Dict[str, Dict] = {}
     if part == "pool" and args.model == "smollm2" and os.path.exists(FAIR_SEARCH):
         with open(FAIR_SEARCH, encoding="utf-8") as f:
-            fair = json.load(f)["settings"]
-        src = f"fair-search-smollm2.json (commit {fair_commit()})"
-        for name, arm in (("LoRA r16, whole pool", "LoRA r16, whole pool"), ("full FT, whole pool",
-                                                                              "full FT, whole pool")):
-            settings[name] = {"epochs": fair[arm]["epochs"], "lr": fair[arm]["lr"], "source": src,
-                              "search_s": fair[arm].get("search_s")}
+            fair = json.load(f)
+        src = f"fair-search-smollm2.json (commit {str(fair['environment'].get('commit', '?'))[:7]})"
+        for name in ("LoRA r16, whole pool", "full FT, whole pool"):  # the fair test's arms of the same name
+            arm = fair["settings"][name]
+            settings[name] = {"epochs": arm["epochs"], "lr": arm["lr"], "source": src,
+                              "search_s": arm.get("search_s")}
     out = []
     shared = None
     for p in pts:
@@ -378,14 +369,6 @@ def run_part(args, part: str, model, task, pad, setup_) -> Dict:
            "sizes": {"pool": len(task.pool), "eval": len(task.eval), "dev": len(task.dev)}, "threads": args.threads}
     _write_json(part_path(args, part), rep)
     return rep
-
-
-def fair_commit() -> str:
-    try:
-        with open(FAIR_SEARCH, encoding="utf-8") as f:
-            return str(json.load(f)["environment"].get("commit", "?"))[:7]
-    except (OSError, KeyError, json.JSONDecodeError):
-        return "?"
 
 
 # ------------------------------------------------------------------ report
@@ -599,7 +582,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if args.part != "report":
         model, task, pad = build(args)
-        setup_ = setup(args, model, task)
+        setup_ = setup(args, model, task, pad)
         todo = PARTS if args.part == "all" else (args.part,)
         for part in todo:
             if os.path.exists(part_path(args, part)) and not args.force:

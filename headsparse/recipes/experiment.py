@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,6 @@ import torch
 
 from ..plan import HeadPlan
 from .data import as_examples, pad_id_of
-from .stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci
 
 DATA = ("none", "pool", "mined", "random")
 TRAIN = ("none", "full", "lora", "heads")
@@ -176,19 +174,34 @@ def composition_of(task) -> Dict:
             "recall_ceiling": recall_ceiling(n, t) if t is not None else None, "fraction": 0.1}
 
 
-def _load1() -> Optional[float]:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:  # pragma: no cover
-        return None
+def trainee(model, train: str, lora_r: int = 16):
+    """The copy an arm trains: ``model`` wrapped with LoRA r on q/k/v/o for ``train="lora"``, else a deep copy."""
+    return lora_wrap(model, lora_r) if train == "lora" else copy.deepcopy(model)
+
+
+def tune_arm(m, train: str, plan: Optional[HeadPlan], data, *, epochs: int, lr: float, seed: int, batch_size: int = 8,
+             warmup_ratio: float = 0.1, grad: str = "exact", progress: bool = False, on_step=None):
+    """One arm's training of its copy ``m`` (from :func:`trainee`): AdamW with linear warm-up over ``warmup_ratio``
+    of the steps, then linear decay. LoRA trains its adapters only; a head plan trains its heads with ``grad`` and the
+    frozen-prefix cache when it runs more than one epoch with no trainable head in layer 0."""
+    from .tuning.core import tune
+
+    steps = epochs * math.ceil(len(data) / batch_size)
+    kw = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+              warmup_steps=math.ceil(warmup_ratio * steps), on_step=on_step)
+    if train == "lora":
+        return tune(m, None, data, keep_requires_grad=True, **kw)
+    if plan is not None:
+        kw.update(grad=grad, prefix_cache=epochs > 1 and (plan.lowest_trainable_layer or 0) > 0)
+    return tune(m, plan, data, **kw)
 
 
 def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: Optional[Dict] = None,
              quiet: bool = False) -> Dict:
     """Run every arm of ``config.arms`` on ``task`` (``model`` left untouched); returns the report dict."""
     from .mining.core import mine
-    from .pipeline import _warmup, bootstrap_resample, environment, evaluate, score_heads_for_pipeline, trained_parts
-    from .tuning.core import tune
+    from .pipeline import _load1, _quality_stats, _warmup, environment, evaluate, trained_parts
+    from .pipeline import scored_plan as score_plan
     from .verdict import verdict
 
     cfg = config or FairConfig()
@@ -222,12 +235,8 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
         """(plan, target set, wall s, CPU s, scorer) of ``method`` (default: the config's scorer) at ``seed``."""
         key = (method or cfg.head_scorer, seed)
         if key not in plans:
-            tgt = target if seed == cfg.seed else bootstrap_resample(target, seed)
-            t0, c0 = time.perf_counter(), time.process_time()
-            scores, scorer = score_heads_for_pipeline(model, tgt, cfg.probe_batch_size, key[0], seed=seed)
-            p = HeadPlan.from_scores(scores, fraction=cfg.head_fraction, num_kv_heads=ref.num_kv_heads,
-                                     model_family=ref.model_family)
-            plans[key] = (p, tgt, time.perf_counter() - t0, time.process_time() - c0, scorer)
+            plans[key] = score_plan(model, target, seed, cfg.seed, key[0], cfg.probe_batch_size, cfg.head_fraction,
+                                    ref)
         return plans[key]
 
     def random_plan(seed):
@@ -258,15 +267,7 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
     full_ref: Dict = {}
 
     def quality(res, dev_res):
-        n, s = cfg.n_boot, cfg.seed
-        out = {"q": res.accuracy, "q_ci": bootstrap_ci(res.correct, n_boot=n, seed=s).as_dict(),
-               "answer_nll": res.answer_nll, "n_eval": len(res.correct),
-               "vs_base": paired_bootstrap_ci(res.correct, base_res.correct, n_boot=n, seed=s).as_dict(),
-               "vs_base_mcnemar_p": mcnemar_p(res.correct, base_res.correct),
-               "correct": [int(c) for c in res.correct]}
-        if "res" in full_ref:
-            out["vs_full"] = paired_bootstrap_ci(res.correct, full_ref["res"].correct, n_boot=n, seed=s).as_dict()
-            out["vs_full_mcnemar_p"] = mcnemar_p(res.correct, full_ref["res"].correct)
+        out = _quality_stats(res, base_res, full_ref.get("res"), cfg)
         if dev_res is not None:
             out["q_dev"] = dev_res.accuracy
         return out
@@ -304,16 +305,10 @@ def run_arms(model, task, config: Optional[FairConfig] = None, *, composition: O
                 plan = scored_plan(seed, spec.scorer)[0] if spec.heads == "scored" else random_plan(seed)
 
             def train(epochs, lr):
-                steps = epochs * math.ceil(len(data) / cfg.batch_size)
-                kw = dict(epochs=epochs, batch_size=cfg.batch_size, lr=lr, seed=seed, progress=cfg.progress,
-                          warmup_steps=math.ceil(cfg.warmup_ratio * steps))
-                if spec.train == "lora":
-                    m = lora_wrap(model, cfg.lora_r)
-                    return m, tune(m, None, data, keep_requires_grad=True, **kw)
-                m = copy.deepcopy(model)
-                if plan is not None:
-                    kw.update(grad=cfg.grad, prefix_cache=epochs > 1 and (plan.lowest_trainable_layer or 0) > 0)
-                return m, tune(m, plan, data, **kw)
+                m = trainee(model, spec.train, cfg.lora_r)
+                return m, tune_arm(m, spec.train, plan, data, epochs=epochs, lr=lr, seed=seed,
+                                   batch_size=cfg.batch_size, warmup_ratio=cfg.warmup_ratio, grad=cfg.grad,
+                                   progress=cfg.progress)
 
             search_dev = None
             if cfg.search and spec.name not in settings:

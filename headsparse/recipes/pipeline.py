@@ -188,6 +188,20 @@ def score_heads_for_pipeline(model, data, batch_size: int = 8, method: str = "gr
     return hs_scores.scores.float(), f"headsparse.score_heads(method={method!r})"
 
 
+def scored_plan(model, target, seed: int, first_seed: int, method: str, batch_size: int, head_fraction: float,
+                ref: HeadPlan) -> tuple:
+    """(plan, target set, scoring wall s, CPU s, scorer) of both designs' scored heads: ``method``'s scores on the
+    target set at ``first_seed``, on a bootstrap resample of it (seeded) at any other seed; the top
+    ``head_fraction`` of heads TRAIN, shaped like ``ref`` (the model's all-TRAIN plan)."""
+    tgt = target if seed == first_seed else bootstrap_resample(target, seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    scores, scorer = score_heads_for_pipeline(model, tgt, batch_size, method, seed=seed)
+    t, c = time.perf_counter() - t0, time.process_time() - c0
+    plan = HeadPlan.from_scores(scores, fraction=head_fraction, num_kv_heads=ref.num_kv_heads,
+                                model_family=ref.model_family)
+    return plan, tgt, t, c, scorer
+
+
 # ------------------------------------------------------------------ config
 @dataclass
 class RunConfig:
@@ -512,14 +526,9 @@ class _PipelineRun:
         """Head scoring: the first seed on the target set, every further seed on a bootstrap resample of it."""
         cfg = self.cfg
         if seed not in self.plans:
-            tgt = self.target if seed == cfg.seed else bootstrap_resample(self.target, seed)
-            t0, c0 = time.perf_counter(), time.process_time()
-            scores, scorer = score_heads_for_pipeline(self.model, tgt, cfg.probe_batch_size, cfg.head_scorer,
-                                                      seed=seed)
-            t, c = time.perf_counter() - t0, time.process_time() - c0
+            p, tgt, t, c, scorer = scored_plan(self.model, self.target, seed, cfg.seed, cfg.head_scorer,
+                                               cfg.probe_batch_size, cfg.head_fraction, self.ref_plan)
             self.stages["score" if seed == cfg.seed else f"score (seed {seed})"] = t
-            p = HeadPlan.from_scores(scores, fraction=cfg.head_fraction, num_kv_heads=self.ref_plan.num_kv_heads,
-                                     model_family=self.ref_plan.model_family)
             self.plans[seed] = (p, tgt, t, c, scorer)
             self.log(f"head scoring ({scorer}, seed {seed}): {t:.1f} s; training {p.count('train')} of "
                      f"{p.num_layers * p.num_q_heads} heads, lowest trainable layer {p.lowest_trainable_layer}")
