@@ -429,6 +429,8 @@ def summarise(args) -> Dict:
                           "wall_s": rep["wall_s"], "load_average_start": rep["load_average_start"],
                           "load_average_end": rep["load_average_end"], "threads": rep["threads"]}
                       for p, rep in parts.items()},
+            "environment": {k: next(iter(parts.values()))["environment"].get(k)
+                            for k in ("device", "python", "torch", "transformers", "headsparse")},
             "total_wall_s": sum(rep["wall_s"] for rep in parts.values()),
             "peft_records": [peft_record(r) for r in rows]}
 
@@ -469,7 +471,9 @@ def markdown(s: Dict, args) -> str:
              "Parts (each its own process and provenance): " + "; ".join(
                  f"{p} commit {str(v['commit'])[:7]} {v['date_utc']} {v['wall_s'] / 60:.1f} min, load "
                  f"{v['load_average_start']} -> {v['load_average_end']}" for p, v in s["parts"].items()) + ".",
-             f"Total wall time of the parts: {s['total_wall_s'] / 60:.1f} min.", "",
+             f"Total wall time of the parts: {s['total_wall_s'] / 60:.1f} min. Device {s['environment']['device']}; "
+             f"Python {s['environment']['python']}, torch {s['environment']['torch']}, transformers "
+             f"{s['environment']['transformers']}, headsparse {s['environment']['headsparse']}.", "",
              *([f"**Partial: parts not run yet: {', '.join(p for p in PARTS if p not in s['parts'])}** "
                 f"(`--part all` runs them and rewrites this report).", ""]
                if any(p not in s["parts"] for p in PARTS) else []),
